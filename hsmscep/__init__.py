@@ -1,0 +1,3 @@
+"""hsmscep: an HSM-backed SCEP server (RFC 8894)."""
+
+__version__ = "0.1.0"

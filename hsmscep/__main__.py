@@ -1,0 +1,3 @@
+from hsmscep.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,222 @@
+"""The HTTP edge (Starlette): routes, request decoding, limits, and the error -> HTTP mapping.
+
+The only module that knows status codes. Before a pkiMessage's signature verifies, problems
+are a 4xx with a short plain-text reason; after, the service answers with a signed CertRep.
+503 with Retry-After is the only 5xx a client should ever see (overload, HSM or store down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from cryptography import x509
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from hsmscep.config import Settings, load_settings
+from hsmscep.errors import (
+    ConfigError,
+    HsmBusy,
+    HsmError,
+    MessageError,
+    PayloadTooLarge,
+    StoreError,
+)
+from hsmscep.hsm import TokenLogin
+from hsmscep.keyring import Keyring, KeySource
+from hsmscep.pool import SigningPool
+from hsmscep.service import ScepService, default_policy
+from hsmscep.store import CertStore
+
+log = logging.getLogger(__name__)
+
+PKI_MESSAGE = "application/x-pki-message"
+RETRY_AFTER = {"Retry-After": "1"}
+
+
+def create_app(settings: Settings) -> Starlette:
+    """Build the ASGI app; the lifespan opens the HSM pool and the store in this process."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        async with _running_service(settings) as service:
+            yield {"service": service, "max_body": settings.max_body}
+
+    routes = [
+        Route("/scep", scep_endpoint, methods=_ALL_METHODS),
+        Route("/scep/{suffix:path}", scep_endpoint, methods=_ALL_METHODS),
+        Route("/cgi-bin/pkiclient.exe", scep_endpoint, methods=_ALL_METHODS),
+        Route("/healthz", health, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def app_from_env() -> Starlette:
+    """uvicorn factory for worker processes: the config path travels in HSMSCEP_CONFIG."""
+    return create_app(load_settings(os.environ["HSMSCEP_CONFIG"]))
+
+
+_ALL_METHODS = ["GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"]
+
+
+@asynccontextmanager
+async def _running_service(settings: Settings) -> AsyncIterator[ScepService]:
+    ca_cert = _load_cert(settings.ca_cert, "ca.cert")
+    ra_sign = _load_cert(settings.ra_sign_cert, "ra.cert")
+    ra_decrypt = _load_cert(settings.ra_decrypt_cert, "ra_decrypt.cert")
+    chain = (
+        x509.load_pem_x509_certificates(settings.ca_chain.read_bytes())
+        if settings.ca_chain is not None and settings.ca_chain.exists()
+        else []
+    )
+    source = KeySource(
+        ca_key=settings.ca_key,
+        ca_cert=ca_cert,
+        ra_sign_key=settings.ra_sign_key,
+        ra_sign_cert=ra_sign,
+        decrypt=[(settings.ra_decrypt_key, ra_decrypt)],
+    )
+    logins = TokenLogin()
+    size = settings.pool_size or max(2, os.cpu_count() or 1)
+    pool: SigningPool[Keyring] = SigningPool(
+        lambda: Keyring.open(source, logins),
+        size=size,
+        max_pending=settings.max_pending,
+        close_context=Keyring.close,
+    )
+    store: CertStore | None = None
+    try:
+        await pool.start()
+        await pool.run(Keyring.check_certificates)
+        store = await CertStore.open(settings.db_path, synchronous=settings.db_synchronous)
+        ra_certs = [ra_sign] if ra_decrypt == ra_sign else [ra_sign, ra_decrypt]
+        yield ScepService(
+            pool=pool,
+            store=store,
+            ca_cert=ca_cert,
+            ra_certs=ra_certs,
+            chain=chain,
+            policy=default_policy(settings.challenge, settings.validity_days),
+            caps=settings.caps,
+        )
+    finally:
+        await pool.aclose()
+        if store is not None:
+            await store.close()
+        await asyncio.to_thread(logins.close)
+
+
+def _load_cert(path: Path, key: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: {path} does not exist (run `hsmscep init` first)") from None
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {path} is not a PEM certificate: {exc}") from None
+
+
+# ---- handlers ---------------------------------------------------------------------------
+
+
+async def health(request: Request) -> Response:
+    return PlainTextResponse("ok\n")
+
+
+async def scep_endpoint(request: Request) -> Response:
+    try:
+        return await _scep(request)
+    except MessageError as exc:
+        return PlainTextResponse(f"{exc}\n", status_code=400)
+    except PayloadTooLarge as exc:
+        return PlainTextResponse(f"{exc}\n", status_code=413)
+    except ClientDisconnect:
+        return PlainTextResponse("client disconnected\n", status_code=400)
+    except HsmBusy:
+        return PlainTextResponse("busy, retry later\n", status_code=503, headers=RETRY_AFTER)
+    except (HsmError, StoreError) as exc:
+        log.error("request failed: %s", exc)
+        return PlainTextResponse("temporarily unavailable\n", status_code=503, headers=RETRY_AFTER)
+
+
+async def _scep(request: Request) -> Response:
+    if request.method not in ("GET", "POST"):
+        return PlainTextResponse(
+            "method not allowed\n", status_code=405, headers={"Allow": "GET, POST"}
+        )
+    params = _query_params(request.scope.get("query_string", b""))
+    operations = params.get(b"operation", [])
+    if len(operations) != 1:
+        reason = "operation parameter missing" if not operations else "operation given twice"
+        raise MessageError(reason)
+    operation = unquote_to_bytes(operations[0]).decode("latin-1")
+    service: ScepService = request.state.service
+    if operation == "GetCACaps":
+        return Response(service.ca_caps, media_type="text/plain")
+    if operation == "GetCACert":
+        # Any message= value is fine: CA identifiers, "default", Apple instance names.
+        return Response(service.ca_cert_body, media_type=service.ca_cert_type)
+    if operation != "PKIOperation":
+        raise MessageError(f"unknown operation {operation[:40]!r}")
+    if request.method == "POST":
+        der = await _read_body(request, request.state.max_body)
+    else:
+        messages = params.get(b"message", [])
+        if len(messages) != 1:
+            raise MessageError("PKIOperation over GET needs exactly one message parameter")
+        if len(messages[0]) > request.state.max_body * 2:
+            raise PayloadTooLarge("message parameter too large")
+        der = decode_message_param(messages[0])
+    client = request.client.host if request.client else "-"
+    reply = await service.pki_operation(der, client)
+    return Response(reply, media_type=PKI_MESSAGE)
+
+
+def _query_params(query: bytes) -> dict[bytes, list[bytes]]:
+    # Parsed by hand from the raw bytes: form decoding would turn a raw '+' in a base64
+    # message into a space (interop-quirks #1).
+    params: dict[bytes, list[bytes]] = {}
+    for part in query.split(b"&"):
+        if part:
+            name, _, value = part.partition(b"=")
+            params.setdefault(name, []).append(value)
+    return params
+
+
+_WHITESPACE = bytes.maketrans(b"", b"")
+
+
+def decode_message_param(raw: bytes) -> bytes:
+    """Decode a GET message= value in every base64 variant clients send (interop-quirks #1)."""
+    text = unquote_to_bytes(raw).replace(b" ", b"+")
+    text = text.translate(_WHITESPACE, b"\r\n\t").replace(b"-", b"+").replace(b"_", b"/")
+    text = text.rstrip(b"=")
+    text += b"=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise MessageError("message parameter is not base64") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

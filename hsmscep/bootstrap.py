@@ -1,0 +1,228 @@
+"""`hsmscep init` and `hsmscep import-ca`: keys generated in the token, certificates on disk.
+
+Private keys are created inside the HSM (CKA_SENSITIVE, not CKA_EXTRACTABLE) and signing
+happens there; only certificates and CSRs are written to disk. Existing keys are never
+replaced unless the caller says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from hsmscep import hsm
+from hsmscep.config import Settings
+from hsmscep.errors import ConfigError
+from hsmscep.hsm import KeyRef, KeySpec, TokenLogin
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class InitOptions:
+    ca_key: KeySpec = "rsa2048"
+    ra_key_bits: int = 2048
+    subject: str = "CN=hsmscep dev CA"
+    validity_days: int = 3650
+    ra_validity_days: int = 730
+    csr_out: Path | None = None
+    force: bool = False
+
+
+def init(settings: Settings, options: InitOptions) -> list[str]:
+    """Create the CA and RA keys and certificates; return what was done, line by line."""
+    if options.ra_key_bits < 2048:
+        raise ConfigError("--ra-key-size must be at least 2048")
+    try:
+        subject = x509.Name.from_rfc4514_string(options.subject)
+    except ValueError as exc:
+        raise ConfigError(f"--subject {options.subject!r}: {exc}") from None
+    done: list[str] = []
+    logins = TokenLogin()
+    try:
+        existing = [
+            ref for ref in _all_keys(settings) if hsm.private_key_exists(_rw(logins, ref), ref)
+        ]
+        if existing and not options.force:
+            names = ", ".join(ref.describe() for ref in existing)
+            raise ConfigError(
+                f"keys already exist in the token ({names}); pass --force to replace them"
+            )
+        for ref in existing:
+            hsm.destroy_key(_rw(logins, ref), ref)
+            done.append(f"destroyed old key {ref.describe()}")
+        hsm.generate_key(
+            _rw(logins, settings.ca_key), settings.ca_key, options.ca_key, usage="sign"
+        )
+        done.append(f"generated CA key {settings.ca_key.describe()} ({options.ca_key})")
+        ra_spec: KeySpec = f"rsa{options.ra_key_bits}"  # type: ignore[assignment]
+        for ref, usage in _ra_keys(settings):
+            hsm.generate_key(_rw(logins, ref), ref, ra_spec, usage=usage)
+            done.append(f"generated RA {usage} key {ref.describe()} (rsa{options.ra_key_bits})")
+        ca_key = _signing_key(logins, settings.ca_key)
+        if options.csr_out is not None:
+            csr = (
+                x509.CertificateSigningRequestBuilder()
+                .subject_name(subject)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .sign(ca_key, hashes.SHA256())
+            )
+            _write(options.csr_out, csr.public_bytes(Encoding.PEM))
+            done.append(f"wrote CA CSR to {options.csr_out}; sign it, then run import-ca")
+            return done
+        now = datetime.now(UTC)
+        ca_cert = _ca_certificate(subject, ca_key, now, options.validity_days)
+        _write(settings.ca_cert, ca_cert.public_bytes(Encoding.PEM))
+        done.append(f"wrote self-signed CA certificate to {settings.ca_cert}")
+        done += _issue_ra_certificates(settings, logins, ca_cert, options.ra_validity_days)
+        return done
+    finally:
+        logins.close()
+
+
+def import_ca(
+    settings: Settings, cert_path: Path, chain_path: Path | None, ra_days: int
+) -> list[str]:
+    """Install an externally signed CA certificate (and chain), then issue the RA certificates."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read a PEM certificate from {cert_path}: {exc}") from None
+    chain: list[x509.Certificate] = []
+    if chain_path is not None:
+        try:
+            chain = x509.load_pem_x509_certificates(chain_path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read PEM certificates from {chain_path}: {exc}") from None
+    logins = TokenLogin()
+    try:
+        session = _rw(logins, settings.ca_key)
+        token_key = hsm.public_key_of(session, settings.ca_key)
+        if token_key.public_bytes(
+            Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+        ) != cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo):
+            raise ConfigError(f"{cert_path} does not certify the CA key in the token")
+        if chain and cert.issuer != chain[0].subject:
+            raise ConfigError(f"the first certificate in {chain_path} did not issue {cert_path}")
+        _write(settings.ca_cert, cert.public_bytes(Encoding.PEM))
+        done = [f"installed CA certificate {cert.subject.rfc4514_string()}"]
+        if chain:
+            if settings.ca_chain is None:
+                raise ConfigError("set ca.chain in the config file to install a chain")
+            _write(settings.ca_chain, b"".join(c.public_bytes(Encoding.PEM) for c in chain))
+            done.append(f"installed a chain of {len(chain)} certificate(s)")
+        return done + _issue_ra_certificates(settings, logins, cert, ra_days)
+    finally:
+        logins.close()
+
+
+def _all_keys(settings: Settings) -> list[KeyRef]:
+    return list(dict.fromkeys([settings.ca_key, *(ref for ref, _ in _ra_keys(settings))]))
+
+
+def _ra_keys(settings: Settings) -> list[tuple[KeyRef, str]]:
+    if settings.ra_split:
+        return [(settings.ra_sign_key, "sign"), (settings.ra_decrypt_key, "decrypt")]
+    return [(settings.ra_sign_key, "both")]
+
+
+def _rw(logins: TokenLogin, ref: KeyRef) -> Any:
+    return logins.open_session(ref.token, rw=True)
+
+
+def _signing_key(logins: TokenLogin, ref: KeyRef) -> Any:
+    session = _rw(logins, ref)
+    return hsm.signing_key(session, ref, hsm.public_key_of(session, ref))
+
+
+def _ca_certificate(subject: x509.Name, key: Any, now: datetime, days: int) -> x509.Certificate:
+    public_key = key.public_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True, digital_signature=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _issue_ra_certificates(
+    settings: Settings, logins: TokenLogin, ca_cert: x509.Certificate, days: int
+) -> list[str]:
+    ca_key = _signing_key(logins, settings.ca_key)
+    ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    now = datetime.now(UTC)
+    ca_cn = ca_cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    base = str(ca_cn[0].value) if ca_cn else "hsmscep"
+    done = []
+    for ref, usage in _ra_keys(settings):
+        public_key = hsm.public_key_of(_rw(logins, ref), ref)
+        role = {"sign": "RA signing", "decrypt": "RA encryption", "both": "RA"}[usage]
+        path = settings.ra_decrypt_cert if usage == "decrypt" else settings.ra_sign_cert
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name.from_rfc4514_string(f"CN={_escape(base)} SCEP {role}"))
+            .issuer_name(ca_cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(min(now + timedelta(days=days), ca_cert.not_valid_after_utc))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            # Apple checks the RA key usage (interop-quirks #3): signing certs need
+            # digitalSignature, encryption certs keyEncipherment.
+            .add_extension(
+                _key_usage(
+                    digital_signature=usage in ("sign", "both"),
+                    key_encipherment=usage in ("decrypt", "both"),
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        _write(path, cert.public_bytes(Encoding.PEM))
+        done.append(f"wrote {role} certificate to {path}")
+    return done
+
+
+def _escape(value: str) -> str:
+    return x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, value)]).rfc4514_string()[3:]
+
+
+def _key_usage(
+    *, cert_sign: bool = False, digital_signature: bool = False, key_encipherment: bool = False
+) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)

@@ -1,0 +1,109 @@
+"""CertRep construction (RFC 8894 §3.3.2): the signed reply to every verified request. No I/O.
+
+Signed attributes always carry contentType, messageDigest, messageType, pkiStatus,
+transactionID, senderNonce and recipientNonce (plus failInfo on FAILURE): BouncyCastle,
+Windows and iOS each fail on a missing one (interop-quirks #8).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from hsmscep import asn1, cms
+from hsmscep.algorithms import ContentCipher
+from hsmscep.keys import ExternalRsaKey
+from hsmscep.message import FailInfo, MessageType, PkiRequest, PkiStatus
+
+_RSA_SIGNATURE = asn1.algorithm_identifier(asn1.OID_RSA_ENCRYPTION)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseSigner:
+    """The RA signing certificate with its key, prepared once per worker."""
+
+    cert_der: bytes
+    signer_id: bytes  # IssuerAndSerialNumber DER
+    key: ExternalRsaKey
+
+    @classmethod
+    def of(cls, cert: x509.Certificate, key: ExternalRsaKey) -> ResponseSigner:
+        der = cert.public_bytes(Encoding.DER)
+        cert_id = cms.CertId.of(der)
+        return cls(der, cms.issuer_and_serial(cert_id.issuer.dump(), cert_id.serial), key)
+
+
+def build_cert_rep(
+    request: PkiRequest,
+    signer: ResponseSigner,
+    *,
+    status: PkiStatus,
+    fail_info: FailInfo | None = None,
+    envelope: bytes | None = None,
+    sender_nonce: bytes,
+) -> bytes:
+    """Sign a CertRep for `request`; `envelope` is the sealed degenerate PKCS#7 on SUCCESS."""
+    digest = request.digest
+    content = envelope or b""
+    attrs = [
+        asn1.attribute(asn1.OID_CONTENT_TYPE, asn1.oid(asn1.OID_DATA)),
+        asn1.attribute(
+            asn1.OID_MESSAGE_DIGEST, asn1.octet_string(hashlib.new(digest.name, content).digest())
+        ),
+        asn1.attribute(asn1.OID_MESSAGE_TYPE, asn1.printable_string(MessageType.CERT_REP.value)),
+        asn1.attribute(asn1.OID_PKI_STATUS, asn1.printable_string(status.value)),
+        asn1.attribute(asn1.OID_TRANSACTION_ID, _transaction_id(request.transaction_id)),
+        asn1.attribute(asn1.OID_SENDER_NONCE, asn1.octet_string(sender_nonce)),
+    ]
+    if request.sender_nonce is not None:
+        attrs.append(
+            asn1.attribute(asn1.OID_RECIPIENT_NONCE, asn1.octet_string(request.sender_nonce))
+        )
+    if fail_info is not None:
+        attrs.append(asn1.attribute(asn1.OID_FAIL_INFO, asn1.printable_string(fail_info.value)))
+    signed_attrs = asn1.set_of(*attrs)
+    to_sign = digest.digest_info_prefix + hashlib.new(digest.name, signed_attrs).digest()
+    return cms.signed_data(
+        content=envelope,
+        digest=digest,
+        signed_attrs=signed_attrs,
+        signature=signer.key.sign_digest_info(to_sign),
+        signature_algorithm=_RSA_SIGNATURE,
+        signer_id=signer.signer_id,
+        certs_der=(signer.cert_der,),
+    )
+
+
+def _transaction_id(value: str) -> bytes:
+    # RFC 8894 says PrintableString, but clients send hex, base64 ('+', '/', '=') and more;
+    # echo the exact value, as UTF8String when PrintableString cannot carry it.
+    if all(c in _PRINTABLE for c in value):
+        return asn1.printable_string(value)
+    return asn1.tlv(0x0C, value.encode())
+
+
+_PRINTABLE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?")
+
+
+def seal_certificates(
+    certs_der: list[bytes],
+    request: PkiRequest,
+    cipher: ContentCipher,
+    oaep: cms.OaepParams | None,
+) -> bytes:
+    """Encrypt a degenerate PKCS#7 of `certs_der` to the requester's signer certificate."""
+    public_key = request.signer_cert.public_key()
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        raise TypeError("the requester's key cannot receive an RSA key transport")
+    recipient = cms.issuer_and_serial(request.signer_issuer_der, request.signer_serial)
+    return cms.seal(
+        cms.certs_only(certs_der),
+        recipient_key=public_key,
+        recipient_id=recipient,
+        cipher=cipher,
+        oaep=oaep,
+    )

@@ -1,0 +1,216 @@
+"""The `hsmscep` command: init, import-ca, serve, dev.
+
+Flags override the config file by setting the matching HSMSCEP_* variables, so uvicorn's
+spawned worker processes see the same settings. Secrets never come from argv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from hsmscep import __version__
+from hsmscep.config import Settings, load_settings
+from hsmscep.errors import ConfigError, HsmError
+from hsmscep.hsm import KEY_SPECS
+
+DEFAULT_CONFIG = "hsmscep.toml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, HsmError) as exc:
+        print(f"hsmscep: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hsmscep", description="HSM-backed SCEP server")
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config",
+            default=os.environ.get("HSMSCEP_CONFIG", DEFAULT_CONFIG),
+            help="TOML config file (default: $HSMSCEP_CONFIG or ./hsmscep.toml)",
+        )
+
+    init = sub.add_parser("init", help="generate CA and RA keys in the HSM and their certificates")
+    with_config(init)
+    init.add_argument("--ca-key", choices=KEY_SPECS, default="rsa2048")
+    init.add_argument("--ra-key-size", type=int, default=2048, choices=(2048, 3072, 4096))
+    init.add_argument("--subject", default="CN=hsmscep CA", help="CA subject, RFC 4514")
+    init.add_argument("--validity-days", type=int, default=3650, help="CA validity")
+    init.add_argument("--ra-validity-days", type=int, default=730)
+    init.add_argument(
+        "--csr", type=Path, help="write a CA CSR for an external root instead of self-signing"
+    )
+    init.add_argument("--force", action="store_true", help="destroy and replace existing keys")
+    init.set_defaults(func=_init)
+
+    imp = sub.add_parser("import-ca", help="install an externally signed CA certificate")
+    with_config(imp)
+    imp.add_argument("--cert", type=Path, required=True, help="signed CA certificate (PEM)")
+    imp.add_argument("--chain", type=Path, help="issuer chain (PEM), nearest issuer first")
+    imp.add_argument("--ra-validity-days", type=int, default=730)
+    imp.set_defaults(func=_import_ca)
+
+    serve = sub.add_parser("serve", help="run the SCEP server")
+    with_config(serve)
+    _server_flags(serve)
+    serve.set_defaults(func=_serve)
+
+    dev = sub.add_parser("dev", help="SoftHSM2 dev CA in a local directory, then serve")
+    dev.add_argument("--dir", type=Path, default=Path(".dev"), help="state directory (.dev)")
+    dev.add_argument("--ca-key", choices=KEY_SPECS, default="rsa2048")
+    _server_flags(dev)
+    dev.set_defaults(func=_dev)
+    return parser
+
+
+def _server_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="bind address (default from config: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default from config: 8080)")
+    p.add_argument("--workers", help="processes: a number or 'auto' (one per core)")
+    p.add_argument("--pool-size", type=int, help="signing threads (HSM sessions) per process")
+
+
+def _apply_overrides(args: argparse.Namespace) -> None:
+    for flag, key in (
+        ("host", "HOST"),
+        ("port", "PORT"),
+        ("workers", "WORKERS"),
+        ("pool_size", "POOL_SIZE"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            os.environ[f"HSMSCEP_SERVER_{key}"] = str(value)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from hsmscep.bootstrap import InitOptions, init
+
+    settings = load_settings(args.config)
+    options = InitOptions(
+        ca_key=args.ca_key,
+        ra_key_bits=args.ra_key_size,
+        subject=args.subject,
+        validity_days=args.validity_days,
+        ra_validity_days=args.ra_validity_days,
+        csr_out=args.csr,
+        force=args.force,
+    )
+    for line in init(settings, options):
+        print(line)
+    return 0
+
+
+def _import_ca(args: argparse.Namespace) -> int:
+    from hsmscep.bootstrap import import_ca
+
+    settings = load_settings(args.config)
+    for line in import_ca(settings, args.cert, args.chain, args.ra_validity_days):
+        print(line)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    _apply_overrides(args)
+    config = str(Path(args.config).resolve())
+    settings = load_settings(config)
+    return run_server(config, settings)
+
+
+def run_server(config: str, settings: Settings) -> int:
+    """Run uvicorn with `settings.workers` processes, each opening its own HSM pool."""
+    import uvicorn
+
+    for path, key in ((settings.ca_cert, "ca.cert"), (settings.ra_sign_cert, "ra.cert")):
+        if not path.exists():
+            raise ConfigError(f"{key}: {path} does not exist (run `hsmscep init` first)")
+    os.environ["HSMSCEP_CONFIG"] = config
+    workers = settings.workers or os.cpu_count() or 1
+    logging.getLogger("hsmscep").setLevel(settings.log_level)
+    uvicorn.run(
+        "hsmscep.app:app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=workers if workers > 1 else None,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level=settings.log_level.lower(),
+        backlog=4096,
+        timeout_keep_alive=15,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from hsmscep import devtoken
+    from hsmscep.bootstrap import InitOptions, init
+
+    directory: Path = args.dir.resolve()
+    token = devtoken.ensure_token(directory)
+    challenge_file = directory / "challenge"
+    if not challenge_file.exists():
+        challenge_file.write_text(secrets.token_urlsafe(12) + "\n")
+        challenge_file.chmod(0o600)
+    config = directory / "hsmscep.toml"
+    if not config.exists():
+        config.write_text(dev_config(token.module, token.label, "pin", "challenge"))
+    _apply_overrides(args)
+    settings = load_settings(config)
+    if not settings.ca_cert.exists():
+        for line in init(settings, InitOptions(ca_key=args.ca_key, subject="CN=hsmscep dev CA")):
+            print(line)
+    host = "[::1]" if ":" in settings.host else settings.host
+    print(f"SCEP URL:  http://{host}:{settings.port}/scep")
+    print(f"challenge: {challenge_file.read_text().strip()}")
+    print(f"config:    {config}  (SOFTHSM2_CONF={token.conf})", flush=True)
+    return run_server(str(config), settings)
+
+
+def dev_config(module: str, label: str, pin_file: str, challenge_file: str) -> str:
+    """A config file for a SoftHSM2 dev token (also used by the tests)."""
+    return f"""\
+# hsmscep development CA: keys in a project-local SoftHSM2 token.
+[server]
+host = "127.0.0.1"
+port = 8080
+
+[pkcs11]
+module = "{module}"
+token_label = "{label}"
+pin_file = "{pin_file}"
+
+[ca]
+key_label = "hsmscep-ca"
+cert = "ca.pem"
+
+[ra]
+key_label = "hsmscep-ra"
+cert = "ra.pem"
+
+[enroll]
+challenge_file = "{challenge_file}"
+validity_days = 365
+
+[store]
+path = "hsmscep.db"
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The one exception tree of hsmscep; HTTP and SCEP mapping happens at the edges only.
+
+* ScepError
+  + MessageError          malformed or unverifiable input: HTTP 400 before the client's
+  |                       signature has verified, signed CertRep badMessageCheck after
+  + Rejected              policy said no: signed CertRep FAILURE with its fail_info
+  + PayloadTooLarge       request body over the cap: HTTP 413
+  + HsmError              the PKCS#11 module failed: HTTP 503 (we may not be able to sign)
+  |  - HsmBusy            signing queue full: HTTP 503 with Retry-After
+  + StoreError            the database failed: HTTP 503
+  |  - DuplicateSerial    serial already taken (retry with a new one)
+  |  - DuplicateTransaction  transactionID already has a certificate
+* ConfigError(ValueError) bad settings; the message names the key
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hsmscep.message import FailInfo
+
+
+class ScepError(Exception):
+    """Base of every error hsmscep raises on purpose."""
+
+
+class MessageError(ScepError):
+    """The request is malformed or does not verify; the text is safe to show the client."""
+
+
+class Rejected(ScepError):
+    """A verified request that policy refuses; answered with a signed FAILURE."""
+
+    def __init__(self, fail_info: FailInfo, reason: str) -> None:
+        super().__init__(reason)
+        self.fail_info = fail_info
+        self.reason = reason
+
+
+class PayloadTooLarge(ScepError):
+    """The request body exceeds the configured cap."""
+
+
+class HsmError(ScepError):
+    """The PKCS#11 module failed or is unreachable."""
+
+
+class HsmBusy(HsmError):
+    """The signing queue is full; the client should retry later."""
+
+
+class StoreError(ScepError):
+    """The certificate store failed."""
+
+
+class DuplicateSerial(StoreError):
+    """A certificate with this serial number is already stored."""
+
+
+class DuplicateTransaction(StoreError):
+    """A certificate for this transactionID is already stored."""
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the offending key."""

@@ -1,0 +1,292 @@
+"""Issuance policy: check a decrypted CSR and build the certificate (RFC 5280). No I/O.
+
+The CA key is a parameter: on the server it is an HSM-backed key object and `sign()` runs
+on a signing worker thread.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from asn1crypto import core
+from asn1crypto import csr as asn1_csr
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
+
+from hsmscep import asn1
+from hsmscep.algorithms import DIGESTS_BY_NAME
+from hsmscep.errors import Rejected
+from hsmscep.keys import SigningKey
+from hsmscep.message import FailInfo
+
+_CURVES = {"secp256r1": 256, "secp384r1": 384}
+MAX_SUBJECT_BYTES = 2048
+MAX_SANS = 64
+_UPN_OID = x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
+# Extensions a CSR may ask for that we either copy (SAN) or knowingly replace with our own.
+_KNOWN_EXTENSIONS = {
+    ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+    ExtensionOID.KEY_USAGE,
+    ExtensionOID.EXTENDED_KEY_USAGE,
+    ExtensionOID.BASIC_CONSTRAINTS,
+    ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+    x509.ObjectIdentifier(asn1.OID_MS_CERT_TEMPLATE_NAME),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class IssuancePolicy:
+    """What a certificate request must satisfy and what the certificate looks like."""
+
+    challenge: bytes | None  # None: no challenge required (only when configured so)
+    validity: timedelta = timedelta(days=365)
+    backdate: timedelta = timedelta(minutes=5)
+    min_rsa_bits: int = 2048
+    signature_hash: str = "sha256"
+
+
+@dataclass(frozen=True, slots=True)
+class Issuer:
+    """The CA certificate's parts every issued certificate needs, computed once."""
+
+    certificate: x509.Certificate
+    authority_key_id: x509.AuthorityKeyIdentifier
+
+    @classmethod
+    def of(cls, certificate: x509.Certificate) -> Issuer:
+        try:
+            ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+            aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
+        except x509.ExtensionNotFound:
+            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                certificate.public_key()  # type: ignore[arg-type]
+            )
+        return cls(certificate, aki)
+
+
+@dataclass(frozen=True, slots=True)
+class CertRequest:
+    """A CSR whose signature, key, challenge and extensions passed the policy."""
+
+    subject: x509.Name
+    public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+    sans: x509.SubjectAlternativeName | None
+
+
+def load_csr(der: bytes) -> x509.CertificateSigningRequest:
+    """Parse a PKCS#10 request and verify its self-signature; refuse with badMessageCheck."""
+    try:
+        csr = x509.load_der_x509_csr(der)
+    except x509.InvalidVersion:
+        csr = _load_csr_with_bad_version(der)
+    except ValueError:
+        raise Rejected(FailInfo.BAD_MESSAGE_CHECK, "CSR does not parse") from None
+    else:
+        try:
+            valid = csr.is_signature_valid
+        except Exception:
+            valid = False
+        if not valid:
+            raise Rejected(FailInfo.BAD_MESSAGE_CHECK, "CSR signature does not verify")
+    return csr
+
+
+def _load_csr_with_bad_version(der: bytes) -> x509.CertificateSigningRequest:
+    # Some Apple devices send version 2 (interop-quirks #12): verify the signature over the
+    # request info as sent, then let cryptography parse a copy with the version set to 0.
+    try:
+        req = asn1_csr.CertificationRequest.load(der, strict=True)
+        info = req["certification_request_info"]
+        public_key = serialization.load_der_public_key(info["subject_pk_info"].dump())
+        signed = info.dump()
+        signature = req["signature"].native
+        hash_name = req["signature_algorithm"].hash_algo
+        algorithm = DIGESTS_BY_NAME[hash_name].hash()
+        if isinstance(public_key, rsa.RSAPublicKey):
+            public_key.verify(signature, signed, padding.PKCS1v15(), algorithm)
+        elif isinstance(public_key, ec.EllipticCurvePublicKey):
+            public_key.verify(signature, signed, ec.ECDSA(algorithm))
+        else:
+            raise ValueError("unsupported key")
+        fixed = asn1_csr.CertificationRequestInfo.load(signed).copy()
+        fixed["version"] = 0
+        req_fixed = asn1_csr.CertificationRequest(
+            {
+                "certification_request_info": fixed,
+                "signature_algorithm": req["signature_algorithm"],
+                "signature": signature,
+            }
+        )
+        return x509.load_der_x509_csr(req_fixed.dump())
+    except InvalidSignature:
+        raise Rejected(FailInfo.BAD_MESSAGE_CHECK, "CSR signature does not verify") from None
+    except Exception:
+        raise Rejected(FailInfo.BAD_MESSAGE_CHECK, "CSR does not parse") from None
+
+
+def check_csr(csr: x509.CertificateSigningRequest, policy: IssuancePolicy) -> CertRequest:
+    """Apply the policy to a verified CSR; raise Rejected with the fitting failInfo."""
+    _check_challenge(csr, policy.challenge)
+    public_key = csr.public_key()
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < policy.min_rsa_bits:
+            raise Rejected(
+                FailInfo.BAD_REQUEST,
+                f"RSA key of {public_key.key_size} bits; at least {policy.min_rsa_bits} required",
+            )
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        if public_key.curve.name not in _CURVES:
+            raise Rejected(FailInfo.BAD_REQUEST, f"curve {public_key.curve.name} not allowed")
+    else:
+        raise Rejected(FailInfo.BAD_REQUEST, "only RSA and EC P-256/P-384 keys are accepted")
+
+    try:
+        extensions = csr.extensions
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        raise Rejected(FailInfo.BAD_REQUEST, "CSR extension request is malformed") from None
+    sans: x509.SubjectAlternativeName | None = None
+    for ext in extensions:
+        if ext.oid == ExtensionOID.SUBJECT_ALTERNATIVE_NAME:
+            sans = ext.value
+        elif ext.oid == ExtensionOID.BASIC_CONSTRAINTS and ext.value.ca:
+            raise Rejected(FailInfo.BAD_REQUEST, "CA certificates are not issued over SCEP")
+        elif ext.critical and ext.oid not in _KNOWN_EXTENSIONS:
+            raise Rejected(
+                FailInfo.BAD_REQUEST, f"unknown critical extension {ext.oid.dotted_string}"
+            )
+    if sans is not None and len(sans) > MAX_SANS:
+        raise Rejected(FailInfo.BAD_REQUEST, f"more than {MAX_SANS} subject alternative names")
+
+    subject = csr.subject
+    if len(subject.public_bytes()) > MAX_SUBJECT_BYTES:
+        raise Rejected(FailInfo.BAD_REQUEST, "subject too long")
+    for rdn_attr in subject:
+        value = rdn_attr.value
+        if isinstance(value, str) and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise Rejected(FailInfo.BAD_REQUEST, "control characters in the subject")
+    if not len(subject) and sans is None:
+        raise Rejected(FailInfo.BAD_REQUEST, "empty subject and no subject alternative name")
+    return CertRequest(subject, public_key, sans)
+
+
+def _check_challenge(csr: x509.CertificateSigningRequest, expected: bytes | None) -> None:
+    values = [
+        attr.value
+        for attr in csr.attributes
+        if attr.oid.dotted_string == asn1.OID_CHALLENGE_PASSWORD
+    ]
+    if expected is None:
+        return
+    if len(values) != 1:
+        reason = "challengePassword missing" if not values else "several challengePasswords"
+        raise Rejected(FailInfo.BAD_REQUEST, reason)
+    # PrintableString and UTF8String both arrive as their raw octets here.
+    if not hmac.compare_digest(values[0], expected):
+        raise Rejected(FailInfo.BAD_REQUEST, "challengePassword does not match")
+
+
+def build_certificate(
+    request: CertRequest,
+    *,
+    issuer: Issuer,
+    issuer_key: SigningKey,
+    serial: int,
+    now: datetime,
+    policy: IssuancePolicy,
+) -> x509.Certificate:
+    """Build and sign an end-entity certificate (clientAuth) for a checked request."""
+    not_after = min(now + policy.validity, issuer.certificate.not_valid_after_utc)
+    if isinstance(request.public_key, rsa.RSAPublicKey):
+        key_usage = _KU_RSA
+    else:
+        key_usage = _KU_EC
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(request.subject)
+        .issuer_name(issuer.certificate.subject)
+        .public_key(request.public_key)
+        .serial_number(serial)
+        .not_valid_before(now - policy.backdate)
+        .not_valid_after(not_after)
+        .add_extension(_BASIC_CONSTRAINTS, critical=True)
+        .add_extension(key_usage, critical=True)
+        .add_extension(_EKU_CLIENT_AUTH, critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(request.public_key), False)
+        .add_extension(issuer.authority_key_id, critical=False)
+    )
+    if request.sans is not None:
+        # RFC 5280 §4.2.1.6: the SAN is critical when the subject is empty.
+        builder = builder.add_extension(request.sans, critical=not len(request.subject))
+    return builder.sign(issuer_key, _CERT_HASHES[policy.signature_hash]())
+
+
+def describe_sans(sans: x509.SubjectAlternativeName | None) -> tuple[str, ...]:
+    """SANs as 'TYPE:value' strings for the store and logs."""
+    if sans is None:
+        return ()
+    out: list[str] = []
+    for name in sans:
+        out.append(_describe_name(name))
+    return tuple(out)
+
+
+def _describe_name(name: x509.GeneralName) -> str:
+    if isinstance(name, x509.DNSName):
+        return f"DNS:{name.value}"
+    if isinstance(name, x509.IPAddress):
+        return f"IP:{name.value}"
+    if isinstance(name, x509.RFC822Name):
+        return f"email:{name.value}"
+    if isinstance(name, x509.UniformResourceIdentifier):
+        return f"URI:{name.value}"
+    if isinstance(name, x509.OtherName) and name.type_id == _UPN_OID:
+        return f"UPN:{_upn_value(name.value)}"
+    if isinstance(name, x509.OtherName):
+        return f"otherName:{name.type_id.dotted_string}"
+    if isinstance(name, x509.DirectoryName):
+        return f"dirName:{name.value.rfc4514_string()}"
+    return f"other:{type(name).__name__}"
+
+
+def _upn_value(der: bytes) -> str:
+    # OtherName.value is the DER of the [0] EXPLICIT content: usually a UTF8String.
+    try:
+        return str(core.UTF8String.load(der).native)
+    except Exception:
+        return der.hex()
+
+
+_CERT_HASHES: dict[str, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+_BASIC_CONSTRAINTS = x509.BasicConstraints(ca=False, path_length=None)
+_EKU_CLIENT_AUTH = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+_KU_RSA = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=True,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+_KU_EC = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)

@@ -1,0 +1,161 @@
+"""The signing pool: worker threads that each own one HSM context for life.
+
+The aiosqlite pattern applied to PKCS#11: callers queue `(future, job)` pairs, a worker thread
+runs `job(context)` with its own sessions and key handles, and hands the result back to the
+event loop. python-pkcs11 releases the GIL inside C_* calls, so N threads keep N operations
+in flight. Admission is bounded: past `max_pending` jobs the caller gets HsmBusy at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar, cast
+
+from hsmscep.errors import HsmBusy, HsmError
+
+log = logging.getLogger(__name__)
+
+C = TypeVar("C")
+T = TypeVar("T")
+
+_STOP = object()
+
+
+class SigningPool(Generic[C]):
+    """`size` threads; each builds its context with `open_context()` on its own thread."""
+
+    def __init__(
+        self,
+        open_context: Callable[[], C],
+        *,
+        size: int,
+        max_pending: int,
+        close_context: Callable[[C], None] | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError("pool size must be at least 1")
+        self._open_context = open_context
+        self._close_context = close_context
+        self._size = size
+        self._max_pending = max_pending
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._pending = 0
+        self._closed = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def start(self) -> None:
+        """Start the threads and wait until every one has opened its context."""
+        loop = asyncio.get_running_loop()
+        ready: list[asyncio.Future[None]] = []
+        for index in range(self._size):
+            fut: asyncio.Future[None] = loop.create_future()
+            thread = threading.Thread(
+                target=self._work, args=(loop, fut), name=f"hsm-worker-{index}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+            ready.append(fut)
+        results = await asyncio.gather(*ready, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.aclose()
+            raise errors[0]
+
+    async def run(self, job: Callable[[C], T]) -> T:
+        """Run `job(context)` on a worker thread; raise HsmBusy when the pool is saturated."""
+        if self._closed:
+            raise HsmError("signing pool is shut down")
+        if self._pending >= self._max_pending:
+            raise HsmBusy("signing queue full")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._pending += 1
+        self._idle.clear()
+        try:
+            self._queue.put((fut, job))
+            return await fut
+        finally:
+            self._pending -= 1
+            if not self._pending:
+                self._idle.set()
+
+    async def aclose(self) -> None:
+        """Stop admitting work, let queued jobs finish, then close every context."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._idle.wait()
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        await asyncio.gather(*(asyncio.to_thread(t.join) for t in self._threads))
+        self._threads.clear()
+
+    def _work(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
+        try:
+            context: C | None = self._open_context()
+        except BaseException as exc:  # report to start(); the thread has nothing to do
+            loop.call_soon_threadsafe(_settle, ready, None, exc)
+            return
+        loop.call_soon_threadsafe(_settle, ready, None, None)
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            fut, job = cast(tuple[asyncio.Future[object], Callable[[C], object]], item)
+            error: BaseException | None
+            result: object
+            if context is None:
+                context = self._reopen()
+            if context is None:
+                result, error = None, HsmError("HSM session unavailable")
+            else:
+                try:
+                    result, error = job(context), None
+                except HsmError as exc:
+                    # The session may be dead (device removed, token logged out): drop it and
+                    # reopen before the next job instead of failing every request after this.
+                    result, error = None, exc
+                    self._discard(context)
+                    context = None
+                except BaseException as exc:
+                    result, error = None, exc
+            loop.call_soon_threadsafe(_settle, fut, result, error)
+        if context is not None:
+            self._discard(context)
+
+    def _reopen(self) -> C | None:
+        try:
+            return self._open_context()
+        except Exception as exc:
+            log.warning("reopening HSM context failed: %s", exc)
+            return None
+
+    def _discard(self, context: C) -> None:
+        if self._close_context is not None:
+            try:
+                self._close_context(context)
+            except Exception as exc:
+                log.debug("closing HSM context failed: %s", exc)
+
+
+def _settle(fut: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)  # type: ignore[arg-type]
