@@ -88,15 +88,15 @@ def printable_string(value: str) -> bytes:
 
 
 def integer(value: int) -> bytes:
-    length = value.bit_length() // 8 + 1  # room for the sign bit
+    length = (~value if value < 0 else value).bit_length() // 8 + 1  # room for the sign bit
     return tlv(0x02, value.to_bytes(length, "big", signed=True))
 
 
 def oid(dotted: str) -> bytes:
     """Encode an OBJECT IDENTIFIER."""
     arcs = [int(a) for a in dotted.split(".")]
-    body = bytearray((arcs[0] * 40 + arcs[1],))
-    for arc in arcs[2:]:
+    body = bytearray()
+    for arc in [arcs[0] * 40 + arcs[1], *arcs[2:]]:
         chunk = [arc & 0x7F]
         arc >>= 7
         while arc:
@@ -104,6 +104,12 @@ def oid(dotted: str) -> bytes:
             arc >>= 7
         body.extend(reversed(chunk))
     return tlv(0x06, bytes(body))
+
+
+def oid_content(dotted: str) -> bytes:
+    """The content octets of an OBJECT IDENTIFIER, as der.oid_bytes returns them."""
+    encoded = oid(dotted)
+    return encoded[1 + len(der_length(len(encoded) - 2)) :]
 
 
 def explicit(tag_number: int, content: bytes) -> bytes:

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from asn1crypto import cms, parser
+from asn1crypto import cms as asn1_cms
 from asn1crypto import x509 as asn1_x509
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from hsmscep import asn1
+from hsmscep import asn1, der
 from hsmscep.algorithms import CIPHERS, DIGESTS_BY_NAME, ContentCipher, Digest, digest_by_oid
 from hsmscep.errors import MessageError
 
@@ -42,28 +42,34 @@ class CertId:
     """The identifiers a RecipientInfo may use for one of our certificates."""
 
     issuer: Any  # asn1crypto x509.Name: its equality is the RFC 5280 §7.1 comparison
+    issuer_der: bytes
     serial: int
     subject_key_id: bytes | None
 
     @classmethod
     def of(cls, cert_der: bytes) -> CertId:
         cert = asn1_x509.Certificate.load(cert_der)
-        return cls(cert.issuer, cert.serial_number, cert.key_identifier)
+        issuer = cert.issuer
+        return cls(issuer, issuer.dump(), cert.serial_number, cert.key_identifier)
 
 
 @dataclass(frozen=True, slots=True)
 class Recipient:
     """Who a KeyTransRecipientInfo is addressed to: issuer+serial, or a subject key id."""
 
-    issuer: Any
+    issuer_der: bytes | None
     serial: int | None
     subject_key_id: bytes | None
 
     def matches(self, cert: CertId) -> bool:
         if self.subject_key_id is not None:
             return cert.subject_key_id == self.subject_key_id
+        if cert.serial != self.serial or self.issuer_der is None:
+            return False
         # Clients re-encode the issuer (PrintableString vs UTF8String): compare semantically.
-        return cert.serial == self.serial and cert.issuer == self.issuer
+        return self.issuer_der == cert.issuer_der or (
+            asn1_x509.Name.load(self.issuer_der) == cert.issuer
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,10 +96,10 @@ class UnsupportedAlgorithm(MessageError):
     """The envelope uses an algorithm we refuse (answered with badAlg, not badMessageCheck)."""
 
 
-def decode_envelope(der: bytes) -> Envelope:
+def decode_envelope(data: bytes) -> Envelope:
     """Parse a pkcsPKIEnvelope (ContentInfo of EnvelopedData)."""
     try:
-        return _decode_envelope(der)
+        return _decode_envelope(data)
     except MessageError:
         raise
     except RecursionError:
@@ -102,78 +108,64 @@ def decode_envelope(der: bytes) -> Envelope:
         raise MessageError(f"malformed envelope ({type(exc).__name__})") from None
 
 
-def _decode_envelope(der: bytes) -> Envelope:
-    info = cms.ContentInfo.load(der, strict=True)
-    if info["content_type"].dotted != asn1.OID_ENVELOPED_DATA:
+_OID_ENVELOPED_DATA = asn1.oid_content(asn1.OID_ENVELOPED_DATA)
+
+
+def _decode_envelope(data: bytes) -> Envelope:
+    if not data:
+        raise MessageError("no envelope in the message")
+    info = der.expect(data, der.read(data), der.SEQUENCE, "ContentInfo")
+    if info.end != len(data):
+        raise MessageError("trailing data after the envelope")
+    parts = der.children(data, info)
+    if len(parts) != 2 or der.oid_bytes(data, parts[0], "contentType") != _OID_ENVELOPED_DATA:
         raise MessageError("pkcsPKIEnvelope is not EnvelopedData")
-    enveloped = info["content"]
+    wrapper = der.children(data, der.expect(data, parts[1], 0xA0, "content"))
+    fields = der.children(data, der.expect(data, wrapper[0], der.SEQUENCE, "EnvelopedData"))
+    fields = [f for f in fields if f.tag not in (0xA0, 0xA1)]  # originatorInfo, unprotected
+    if len(fields) != 3:
+        raise MessageError("EnvelopedData is incomplete")
     recipients: list[KeyTransport] = []
-    for ri in enveloped["recipient_infos"]:
-        if ri.name != "ktri":
-            continue  # KARI/KEKRI/PWRI: nothing of ours can open them
-        ktri = ri.chosen
-        rid = ktri["rid"]
-        if rid.name == "issuer_and_serial_number":
-            ias = rid.chosen
-            recipient = Recipient(ias["issuer"], ias["serial_number"].native, None)
+    for ri in der.children(data, der.expect(data, fields[1], der.SET, "recipientInfos")):
+        if ri.tag != der.SEQUENCE:
+            continue  # KARI/KEKRI/PWRI/other: nothing of ours can open them
+        version, rid, key_alg, encrypted_key = der.children(data, ri)[:4]
+        if rid.tag == der.SEQUENCE:
+            issuer, serial = der.children(data, rid)[:2]
+            serial_value = int.from_bytes(der.value(data, serial), "big", signed=True)
+            recipient = Recipient(der.raw(data, issuer), serial_value, None)
         else:
-            recipient = Recipient(None, None, rid.chosen.native)
-        recipients.append(
-            KeyTransport(recipient, ktri["encrypted_key"].native, _key_transport(ktri))
-        )
+            recipient = Recipient(None, None, der.value(data, rid))
+        key = der.value(data, der.expect(data, encrypted_key, der.OCTET_STRING, "encryptedKey"))
+        recipients.append(KeyTransport(recipient, key, _key_transport(data, key_alg)))
     if not recipients:
         raise MessageError("envelope has no key-transport recipient")
-    eci = enveloped["encrypted_content_info"]
-    alg = eci["content_encryption_algorithm"]
-    cipher = CIPHERS.get(alg["algorithm"].dotted)
+    eci = der.children(data, der.expect(data, fields[2], der.SEQUENCE, "EncryptedContentInfo"))
+    if len(eci) != 3:
+        raise MessageError("encrypted content missing")
+    alg = der.children(data, der.expect(data, eci[1], der.SEQUENCE, "contentEncryptionAlgorithm"))
+    cipher_oid = der.dotted(der.oid_bytes(data, alg[0], "content cipher"))
+    cipher = CIPHERS.get(cipher_oid)
     if cipher is None:
-        raise UnsupportedAlgorithm(f"unsupported content encryption {alg['algorithm'].dotted}")
-    iv = alg["parameters"].native
-    if not isinstance(iv, bytes):
+        raise UnsupportedAlgorithm(f"unsupported content encryption {cipher_oid}")
+    if len(alg) != 2 or alg[1].tag != der.OCTET_STRING:
         raise MessageError("content encryption IV missing")
-    ciphertext = _encrypted_content(eci.contents)
-    return Envelope(tuple(recipients), cipher, iv, ciphertext)
+    if eci[2].tag & ~0x20 != 0x80:
+        raise MessageError("encrypted content missing")
+    # Go's pkcs7 (micromdm's scepclient) sends [0] constructed, holding OCTET STRING
+    # segments, as BER allows; der.value concatenates them.
+    ciphertext = der.value(data, eci[2])
+    return Envelope(tuple(recipients), cipher, der.value(data, alg[1]), ciphertext)
 
 
-def _encrypted_content(eci_contents: bytes) -> bytes:
-    """The [0] encryptedContent of an EncryptedContentInfo, primitive or constructed.
-
-    Go's pkcs7 (micromdm's scepclient) sends it constructed, as BER allows: a [0] holding
-    OCTET STRING segments, which asn1crypto's IMPLICIT OCTET STRING refuses to parse.
-    """
-    pointer = 0
-    while pointer < len(eci_contents):
-        rest = eci_contents[pointer:]
-        cls, method, tag, _, contents, _ = parser.parse(rest)
-        pointer += parser.peek(rest)
-        if cls == 2 and tag == 0:  # context-specific [0]
-            return contents if method == 0 else _octet_segments(contents, depth=0)
-    raise MessageError("encrypted content missing")
-
-
-def _octet_segments(data: bytes, depth: int) -> bytes:
-    if depth > 8:
-        raise MessageError("encrypted content nests too deeply")
-    out = bytearray()
-    pointer = 0
-    while pointer < len(data):
-        rest = data[pointer:]
-        cls, method, tag, _, contents, _ = parser.parse(rest)
-        pointer += parser.peek(rest)
-        if (cls, tag) != (0, 4):
-            raise MessageError("encrypted content segment is not an OCTET STRING")
-        out += contents if method == 0 else _octet_segments(contents, depth + 1)
-    return bytes(out)
-
-
-def _key_transport(ktri: cms.KeyTransRecipientInfo) -> OaepParams | None:
-    alg = ktri["key_encryption_algorithm"]
-    dotted = alg["algorithm"].dotted
+def _key_transport(data: bytes, key_alg: der.Tlv) -> OaepParams | None:
+    parts = der.children(data, der.expect(data, key_alg, der.SEQUENCE, "keyEncryptionAlgorithm"))
+    dotted = der.dotted(der.oid_bytes(data, parts[0], "key transport"))
     if dotted == asn1.OID_RSA_ENCRYPTION:
         return None
     if dotted != asn1.OID_RSAES_OAEP:
         raise UnsupportedAlgorithm(f"unsupported key transport {dotted}")
-    params = alg["parameters"]
+    params = asn1_cms.KeyEncryptionAlgorithm.load(der.raw(data, key_alg))["parameters"]
     if params.native is None:
         return OaepParams()
     hash_name = digest_by_oid(params["hash_algorithm"]["algorithm"].dotted).name

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
 from hsmscep import asn1
-from hsmscep.algorithms import DIGESTS_BY_NAME
+from hsmscep.algorithms import DIGESTS_BY_NAME, ECDSA_SIGNATURE_DIGESTS, RSA_SIGNATURE_DIGESTS
 from hsmscep.errors import Rejected
 from hsmscep.keys import SigningKey
 from hsmscep.message import FailInfo
@@ -83,17 +83,36 @@ def load_csr(der: bytes) -> x509.CertificateSigningRequest:
     try:
         csr = x509.load_der_x509_csr(der)
     except x509.InvalidVersion:
-        csr = _load_csr_with_bad_version(der)
+        return _load_csr_with_bad_version(der)
     except ValueError:
         raise Rejected(FailInfo.BAD_MESSAGE_CHECK, "CSR does not parse") from None
-    else:
-        try:
-            valid = csr.is_signature_valid
-        except Exception:
-            valid = False
-        if not valid:
-            raise Rejected(FailInfo.BAD_MESSAGE_CHECK, "CSR signature does not verify")
+    # Verified by hand rather than with is_signature_valid, which refuses SHA-1: old Cisco
+    # IOS signs nothing else, and a SHA-1 self-signature only proves possession of the key.
+    _verify_csr_signature(
+        csr.public_key(),
+        csr.signature_algorithm_oid.dotted_string,
+        csr.tbs_certrequest_bytes,
+        csr.signature,
+    )
     return csr
+
+
+def _verify_csr_signature(
+    public_key: object, sig_oid: str, signed: bytes, signature: bytes
+) -> None:
+    try:
+        if isinstance(public_key, rsa.RSAPublicKey) and sig_oid in RSA_SIGNATURE_DIGESTS:
+            algorithm = DIGESTS_BY_NAME[RSA_SIGNATURE_DIGESTS[sig_oid]].hash()
+            public_key.verify(signature, signed, padding.PKCS1v15(), algorithm)
+        elif (
+            isinstance(public_key, ec.EllipticCurvePublicKey) and sig_oid in ECDSA_SIGNATURE_DIGESTS
+        ):
+            algorithm = DIGESTS_BY_NAME[ECDSA_SIGNATURE_DIGESTS[sig_oid]].hash()
+            public_key.verify(signature, signed, ec.ECDSA(algorithm))
+        else:
+            raise Rejected(FailInfo.BAD_ALG, f"unsupported CSR signature algorithm {sig_oid}")
+    except InvalidSignature:
+        raise Rejected(FailInfo.BAD_MESSAGE_CHECK, "CSR signature does not verify") from None
 
 
 def _load_csr_with_bad_version(der: bytes) -> x509.CertificateSigningRequest:
@@ -105,14 +124,11 @@ def _load_csr_with_bad_version(der: bytes) -> x509.CertificateSigningRequest:
         public_key = serialization.load_der_public_key(info["subject_pk_info"].dump())
         signed = info.dump()
         signature = req["signature"].native
-        hash_name = req["signature_algorithm"].hash_algo
-        algorithm = DIGESTS_BY_NAME[hash_name].hash()
-        if isinstance(public_key, rsa.RSAPublicKey):
-            public_key.verify(signature, signed, padding.PKCS1v15(), algorithm)
-        elif isinstance(public_key, ec.EllipticCurvePublicKey):
-            public_key.verify(signature, signed, ec.ECDSA(algorithm))
-        else:
-            raise ValueError("unsupported key")
+        sig_oid = req["signature_algorithm"]["algorithm"].dotted
+    except Exception:
+        raise Rejected(FailInfo.BAD_MESSAGE_CHECK, "CSR does not parse") from None
+    _verify_csr_signature(public_key, sig_oid, signed, signature)
+    try:
         fixed = asn1_csr.CertificationRequestInfo.load(signed).copy()
         fixed["version"] = 0
         req_fixed = asn1_csr.CertificationRequest(
@@ -123,8 +139,6 @@ def _load_csr_with_bad_version(der: bytes) -> x509.CertificateSigningRequest:
             }
         )
         return x509.load_der_x509_csr(req_fixed.dump())
-    except InvalidSignature:
-        raise Rejected(FailInfo.BAD_MESSAGE_CHECK, "CSR signature does not verify") from None
     except Exception:
         raise Rejected(FailInfo.BAD_MESSAGE_CHECK, "CSR does not parse") from None
 

@@ -11,16 +11,16 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
-from asn1crypto import cms, core
+from asn1crypto import algos
+from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from hsmscep import asn1
+from hsmscep import asn1, der
 from hsmscep.algorithms import (
     ECDSA_SIGNATURE_DIGESTS,
     RSA_SIGNATURE_DIGESTS,
@@ -87,169 +87,236 @@ def decode_pki_message(der: bytes) -> PkiRequest:
         raise MessageError(f"malformed pkiMessage ({type(exc).__name__})") from None
 
 
-def _decode(der: bytes) -> PkiRequest:
-    if not der:
+_OID_SIGNED_DATA = asn1.oid_content(asn1.OID_SIGNED_DATA)
+_OID_DATA = asn1.oid_content(asn1.OID_DATA)
+_STRING_ATTRS = {
+    asn1.oid_content(asn1.OID_MESSAGE_TYPE): "messageType",
+    asn1.oid_content(asn1.OID_TRANSACTION_ID): "transactionID",
+}
+_OCTET_ATTRS = {
+    asn1.oid_content(asn1.OID_MESSAGE_DIGEST): "messageDigest",
+    asn1.oid_content(asn1.OID_SENDER_NONCE): "senderNonce",
+}
+_CONTENT_TYPE = asn1.oid_content(asn1.OID_CONTENT_TYPE)
+
+
+def _decode(data: bytes) -> PkiRequest:
+    if not data:
         raise MessageError("empty message")
-    info = cms.ContentInfo.load(der, strict=True)
-    if info["content_type"].dotted != asn1.OID_SIGNED_DATA:
+    info = der.expect(data, der.read(data), der.SEQUENCE, "ContentInfo")
+    if info.end != len(data):
+        raise MessageError("trailing data after the pkiMessage")
+    parts = der.children(data, info)
+    if len(parts) != 2 or der.oid_bytes(data, parts[0], "contentType") != _OID_SIGNED_DATA:
         raise MessageError("pkiMessage is not SignedData")
-    signed_data = info["content"]
-    signer_infos = signed_data["signer_infos"]
+    wrapper = der.children(data, der.expect(data, parts[1], 0xA0, "content"))
+    if len(wrapper) != 1:
+        raise MessageError("malformed ContentInfo content")
+    fields = der.children(data, der.expect(data, wrapper[0], der.SEQUENCE, "SignedData"))
+    if len(fields) < 4:
+        raise MessageError("SignedData is incomplete")
+    encap, rest = fields[2], fields[3:]
+    certs = [
+        [c for c in der.children(data, f) if c.tag == der.SEQUENCE] for f in rest if f.tag == 0xA0
+    ]
+    signer_infos = der.children(data, der.expect(data, rest[-1], der.SET, "signerInfos"))
     if len(signer_infos) != 1:
         raise MessageError(f"expected one signerInfo, found {len(signer_infos)}")
-    signer_info = signer_infos[0]
+    content = _encapsulated_content(data, encap)
 
-    signed_attrs = signer_info["signed_attrs"]
-    if not signed_attrs:
+    si = der.children(data, der.expect(data, signer_infos[0], der.SEQUENCE, "SignerInfo"))
+    if len(si) < 6 or si[3].tag != 0xA0:
         raise MessageError("signerInfo has no signed attributes")
-    attrs = _single_valued_attributes(signed_attrs)
-    digest = digest_by_oid(signer_info["digest_algorithm"]["algorithm"].dotted)
-
-    content = _encapsulated_content(signed_data)
-    message_digest = _required(attrs, asn1.OID_MESSAGE_DIGEST, "messageDigest")
+    sid, digest_alg, signed_attrs, signature_alg, signature = si[1], si[2], si[3], si[4], si[5]
+    digest = digest_by_oid(
+        der.dotted(der.oid_bytes(data, der.children(data, digest_alg)[0], "digestAlgorithm"))
+    )
+    attrs = _signed_attributes(data, signed_attrs)
+    message_digest = _required(attrs, "messageDigest")
     computed = hashlib.new(digest.name, content).digest()
     if not hmac.compare_digest(computed, message_digest):
         raise MessageError("messageDigest does not match the content")
-    content_type = attrs.get(asn1.OID_CONTENT_TYPE)
-    if content_type is not None and content_type != asn1.OID_DATA:
+    if attrs.get("contentType", _OID_DATA) != _OID_DATA:
         raise MessageError("signed contentType is not id-data")
 
-    cert_asn1 = _signer_certificate(signed_data, signer_info["sid"])
-    cert = x509.load_der_x509_certificate(cert_asn1.dump())
-    _verify_signature(cert, signer_info, signed_attrs, digest)
+    cert_der, issuer_der, serial = _signer_certificate(data, certs[0] if certs else [], sid)
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+    except ValueError:
+        raise MessageError("signer certificate does not parse") from None
+    signature_value = der.value(data, der.expect(data, signature, der.OCTET_STRING, "signature"))
+    _verify_signature(cert, data, signed_attrs, signature_alg, signature_value, digest)
 
-    message_type = _required(attrs, asn1.OID_MESSAGE_TYPE, "messageType")
-    transaction_id = _required(attrs, asn1.OID_TRANSACTION_ID, "transactionID")
+    message_type = _text(_required(attrs, "messageType"), "messageType")
+    transaction_id = _text(_required(attrs, "transactionID"), "transactionID")
     if not 0 < len(transaction_id) <= MAX_TRANSACTION_ID:
         raise MessageError("transactionID length out of range")
-    sender_nonce = attrs.get(asn1.OID_SENDER_NONCE)
+    sender_nonce = attrs.get("senderNonce")
     if sender_nonce is not None and len(sender_nonce) > MAX_NONCE:
         raise MessageError("senderNonce too long")
-    tbs = cert_asn1["tbs_certificate"]
     return PkiRequest(
         message_type=message_type,
         transaction_id=transaction_id,
         sender_nonce=sender_nonce,
         digest=digest,
         signer_cert=cert,
-        signer_issuer_der=tbs["issuer"].dump(),
-        signer_serial=tbs["serial_number"].native,
+        signer_issuer_der=issuer_der,
+        signer_serial=serial,
         content=content,
     )
 
 
-def _single_valued_attributes(signed_attrs: cms.CMSAttributes) -> dict[str, Any]:
-    """Map OID -> native value, refusing duplicated or multi-valued SCEP attributes."""
-    out: dict[str, Any] = {}
-    for attr in signed_attrs:
-        dotted = attr["type"].dotted
-        if dotted in out:
-            raise MessageError(f"attribute {dotted} appears twice")
-        values = attr["values"]
+def _text(value: bytes, what: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MessageError(f"{what} is not valid UTF-8") from None
+
+
+def _signed_attributes(data: bytes, signed_attrs: der.Tlv) -> dict[str, bytes]:
+    """The SCEP attributes we read, by name; duplicated or multi-valued ones are refused."""
+    out: dict[str, bytes] = {}
+    seen: set[bytes] = set()
+    for attr in der.children(data, signed_attrs):
+        parts = der.children(data, der.expect(data, attr, der.SEQUENCE, "attribute"))
+        if len(parts) != 2:
+            raise MessageError("malformed attribute")
+        oid = der.oid_bytes(data, parts[0], "attribute type")
+        if oid in seen:
+            raise MessageError(f"attribute {der.dotted(oid)} appears twice")
+        seen.add(oid)
+        values = der.children(data, der.expect(data, parts[1], der.SET, "attribute values"))
         if len(values) != 1:
-            raise MessageError(f"attribute {dotted} must have exactly one value")
-        value = values[0]
-        if isinstance(value, core.Any):  # an attribute nobody registered: keep it opaque
-            out[dotted] = value.dump()
-        elif dotted == asn1.OID_CONTENT_TYPE:
-            out[dotted] = value.dotted
-        else:
-            native = value.native
-            if dotted in _STRING_ATTRS and not isinstance(native, str):
-                raise MessageError(f"attribute {dotted} has the wrong type")
-            out[dotted] = native
+            raise MessageError(f"attribute {der.dotted(oid)} must have exactly one value")
+        if oid in _STRING_ATTRS:
+            name = _STRING_ATTRS[oid]
+            der.text(data, values[0], name)  # type check only
+            out[name] = der.value(data, values[0])
+        elif oid in _OCTET_ATTRS:
+            name = _OCTET_ATTRS[oid]
+            out[name] = der.value(data, der.expect(data, values[0], der.OCTET_STRING, name))
+        elif oid == _CONTENT_TYPE:
+            out["contentType"] = der.oid_bytes(data, values[0], "contentType")
     return out
 
 
-_STRING_ATTRS = frozenset({asn1.OID_MESSAGE_TYPE, asn1.OID_TRANSACTION_ID})
-
-
-def _required(attrs: dict[str, Any], dotted: str, name: str) -> Any:
+def _required(attrs: dict[str, bytes], name: str) -> bytes:
     try:
-        return attrs[dotted]
+        return attrs[name]
     except KeyError:
         raise MessageError(f"{name} attribute missing") from None
 
 
-def _encapsulated_content(signed_data: cms.SignedData) -> bytes:
-    encap = signed_data["encap_content_info"]
-    if encap["content_type"].dotted != asn1.OID_DATA:
+def _encapsulated_content(data: bytes, encap: der.Tlv) -> bytes:
+    parts = der.children(data, der.expect(data, encap, der.SEQUENCE, "encapContentInfo"))
+    if not parts or der.oid_bytes(data, parts[0], "eContentType") != _OID_DATA:
         raise MessageError("encapsulated content is not id-data")
-    content = encap["content"]
-    if content.native is None:
+    if len(parts) == 1:
         return b""
-    # Apple sends a constructed (BER) OCTET STRING; the digest covers the concatenated octets.
-    value = content.native if isinstance(content.native, bytes) else content.contents
-    if not isinstance(value, bytes):
+    inner = der.children(data, der.expect(data, parts[1], 0xA0, "eContent"))
+    if len(inner) != 1 or inner[0].tag & ~0x20 != der.OCTET_STRING:
         raise MessageError("encapsulated content is not an OCTET STRING")
-    return value
+    # Apple sends a constructed (BER) OCTET STRING; the digest covers the concatenated octets.
+    return der.value(data, inner[0])
 
 
-def _signer_certificate(signed_data: cms.SignedData, sid: cms.SignerIdentifier) -> Any:
-    certs = [c.chosen for c in signed_data["certificates"] or [] if c.name == "certificate"]
+def _signer_certificate(
+    data: bytes, certs: list[der.Tlv], sid: der.Tlv
+) -> tuple[bytes, bytes, int]:
+    """(certificate DER, its issuer DER, its serial) for the SignerInfo's sid."""
     if not certs:
         raise MessageError("no signer certificate in the message")
-    if sid.name == "issuer_and_serial_number":
-        want = sid.chosen
+    if sid.tag == der.SEQUENCE:  # IssuerAndSerialNumber
+        want_issuer, want_serial = der.children(data, sid)[:2]
+        issuer_raw = der.raw(data, want_issuer)
+        serial_raw = der.value(data, want_serial)
         for cert in certs:
+            issuer, serial = _issuer_and_serial(data, cert)
+            if der.value(data, serial) == serial_raw and der.raw(data, issuer) == issuer_raw:
+                return der.raw(data, cert), issuer_raw, int.from_bytes(serial_raw, "big")
+        # Clients re-encode names (interop-quirks #12): fall back to the RFC 5280 comparison.
+        want = asn1_x509.Name.load(issuer_raw)
+        for cert in certs:
+            issuer, serial = _issuer_and_serial(data, cert)
             if (
-                cert.serial_number == want["serial_number"].native
-                and cert.issuer == want["issuer"]  # asn1crypto compares Names semantically
+                der.value(data, serial) == serial_raw
+                and asn1_x509.Name.load(der.raw(data, issuer)) == want
             ):
-                return cert
-    else:
-        ski = sid.chosen.native
+                return der.raw(data, cert), der.raw(data, issuer), int.from_bytes(serial_raw, "big")
+    elif sid.tag == 0x80:  # [0] SubjectKeyIdentifier
+        ski = der.value(data, sid)
         for cert in certs:
-            if cert.key_identifier == ski:
-                return cert
+            parsed = asn1_x509.Certificate.load(der.raw(data, cert))
+            if parsed.key_identifier == ski:
+                issuer, serial = _issuer_and_serial(data, cert)
+                return der.raw(data, cert), der.raw(data, issuer), parsed.serial_number
     raise MessageError("signer certificate not found in the message")
+
+
+def _issuer_and_serial(data: bytes, cert: der.Tlv) -> tuple[der.Tlv, der.Tlv]:
+    tbs = der.children(data, der.children(data, cert)[0])
+    offset = 1 if tbs[0].tag == 0xA0 else 0  # [0] version is optional
+    return tbs[offset + 2], tbs[offset]
 
 
 def _verify_signature(
     cert: x509.Certificate,
-    signer_info: cms.SignerInfo,
-    signed_attrs: cms.CMSAttributes,
+    data: bytes,
+    signed_attrs: der.Tlv,
+    signature_alg: der.Tlv,
+    signature: bytes,
     digest: Digest,
 ) -> None:
-    signature = signer_info["signature"].native
-    sig_alg = signer_info["signature_algorithm"]
-    sig_oid = sig_alg["algorithm"].dotted
+    alg_parts = der.children(data, der.expect(data, signature_alg, der.SEQUENCE, "signature alg"))
+    sig_oid = der.dotted(der.oid_bytes(data, alg_parts[0], "signatureAlgorithm"))
     # The signature covers the SET OF encoding of the attributes as the client sent them
     # (RFC 5652 §5.4); DER re-encoding is only a fallback for clients that signed sorted
     # attributes but transmitted them unsorted.
-    received = b"\x31" + signed_attrs.dump()[1:]
-    candidates = [received]
-    canonical = asn1.set_of(*(attr.dump(force=True) for attr in signed_attrs))
-    if canonical != received:
-        candidates.append(canonical)
+    body = data[signed_attrs.body : signed_attrs.body_end]
+    received = b"\x31" + asn1.der_length(len(body)) + body
     public_key = cert.public_key()
-    for data in candidates:
-        hashed = digest.hash()
-        pre = hashlib.new(digest.name, data).digest()
+    hashed = digest.hash()
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if sig_oid == "1.2.840.113549.1.1.10":
+            pss = algos.RSASSAPSSParams.load(der.raw(data, alg_parts[1]))
+            pss_hash = digest_by_oid(pss["hash_algorithm"]["algorithm"].dotted)
+            if pss_hash.name != digest.name:
+                raise MessageError("RSASSA-PSS hash differs from the digest algorithm")
+            pad: padding.AsymmetricPadding = padding.PSS(
+                padding.MGF1(pss_hash.hash()), pss["salt_length"].native
+            )
+        elif (
+            sig_oid == asn1.OID_RSA_ENCRYPTION or RSA_SIGNATURE_DIGESTS.get(sig_oid) == digest.name
+        ):
+            pad = padding.PKCS1v15()
+        else:
+            raise MessageError(f"unsupported signature algorithm {sig_oid}")
+
+        def verify(signed: bytes) -> None:
+            pre = hashlib.new(digest.name, signed).digest()
+            public_key.verify(signature, pre, pad, Prehashed(hashed))
+
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        if ECDSA_SIGNATURE_DIGESTS.get(sig_oid, digest.name) != digest.name:
+            raise MessageError(f"unsupported signature algorithm {sig_oid}")
+
+        def verify(signed: bytes) -> None:
+            pre = hashlib.new(digest.name, signed).digest()
+            public_key.verify(signature, pre, ec.ECDSA(Prehashed(hashed)))
+
+    else:
+        raise MessageError("unsupported signer key type")
+    try:
+        verify(received)
+        return
+    except InvalidSignature:
+        pass
+    attrs = [der.raw(data, a) for a in der.children(data, signed_attrs)]
+    canonical = asn1.set_of(*attrs)
+    if canonical != received:
         try:
-            if isinstance(public_key, rsa.RSAPublicKey):
-                if sig_oid == "1.2.840.113549.1.1.10":
-                    pss = sig_alg["parameters"]
-                    pss_hash = digest_by_oid(pss["hash_algorithm"]["algorithm"].dotted)
-                    if pss_hash.name != digest.name:
-                        raise MessageError("RSASSA-PSS hash differs from the digest algorithm")
-                    pad: padding.AsymmetricPadding = padding.PSS(
-                        padding.MGF1(pss_hash.hash()), pss["salt_length"].native
-                    )
-                elif sig_oid == asn1.OID_RSA_ENCRYPTION or (
-                    RSA_SIGNATURE_DIGESTS.get(sig_oid) == digest.name
-                ):
-                    pad = padding.PKCS1v15()
-                else:
-                    raise MessageError(f"unsupported signature algorithm {sig_oid}")
-                public_key.verify(signature, pre, pad, Prehashed(hashed))
-            elif isinstance(public_key, ec.EllipticCurvePublicKey):
-                if ECDSA_SIGNATURE_DIGESTS.get(sig_oid, digest.name) != digest.name:
-                    raise MessageError(f"unsupported signature algorithm {sig_oid}")
-                public_key.verify(signature, pre, ec.ECDSA(Prehashed(hashed)))
-            else:
-                raise MessageError("unsupported signer key type")
+            verify(canonical)
             return
         except InvalidSignature:
-            continue
+            pass
     raise MessageError("signature does not verify")

@@ -1,0 +1,368 @@
+"""The certificate store: issued certificates in SQLite (WAL), written by group commit.
+
+This is the only module that talks to SQLite; sqlite3 errors become StoreError here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sqlite3
+from collections import deque
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import aiosqlite
+
+from hsmscep.errors import ConfigError, DuplicateSerial, DuplicateTransaction, StoreError
+
+log = logging.getLogger(__name__)
+
+_BUSY_TIMEOUT_MS = 5000
+_MAX_SERIAL = 2**160 - 1  # RFC 5280 §4.1.2.2: at most 20 octets
+
+# Migration N+1 is _MIGRATIONS[N]. Statements are run one by one rather than with executescript,
+# which would COMMIT the migration transaction before running.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE certificates (
+            serial TEXT PRIMARY KEY,
+            subject TEXT NOT NULL,
+            sans_json TEXT NOT NULL,
+            not_before TEXT NOT NULL,
+            not_after TEXT NOT NULL,
+            transaction_id TEXT UNIQUE NOT NULL,
+            requester_fingerprint TEXT NOT NULL,
+            public_key_sha256 TEXT NOT NULL,
+            der BLOB NOT NULL,
+            status TEXT NOT NULL,
+            issued_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX certificates_subject ON certificates (subject)",
+        "CREATE INDEX certificates_requester ON certificates (requester_fingerprint)",
+        "CREATE INDEX certificates_public_key ON certificates (public_key_sha256)",
+        "CREATE INDEX certificates_not_after ON certificates (not_after)",
+    ),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_COLUMNS = (
+    "serial, subject, sans_json, not_before, not_after, transaction_id,"
+    " requester_fingerprint, public_key_sha256, der, status, issued_at"
+)
+_INSERT = f"INSERT INTO certificates ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_SELECT = f"SELECT {_COLUMNS} FROM certificates"
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCert:
+    """One issued certificate and what the store keeps about it."""
+
+    serial: int
+    subject: str
+    sans: tuple[str, ...]
+    not_before: datetime
+    not_after: datetime
+    transaction_id: str
+    requester_fingerprint: str
+    public_key_sha256: str
+    der: bytes
+    status: str = "issued"
+    issued_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.serial <= _MAX_SERIAL:
+            raise ValueError(f"serial {self.serial} is not a positive integer of at most 160 bits")
+        for name in ("not_before", "not_after", "issued_at"):
+            value = getattr(self, name)
+            if value is not None and value.utcoffset() is None:
+                raise ValueError(f"{name} must be timezone-aware")
+
+
+def _serial_key(serial: int) -> str:
+    # Zero-padded so that text order is numeric order and each serial has one spelling.
+    return format(serial, "040x")
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat()
+
+
+def _to_row(cert: IssuedCert, issued_at: datetime) -> tuple[object, ...]:
+    return (
+        _serial_key(cert.serial),
+        cert.subject,
+        json.dumps(list(cert.sans), ensure_ascii=False),
+        _iso(cert.not_before),
+        _iso(cert.not_after),
+        cert.transaction_id,
+        cert.requester_fingerprint,
+        cert.public_key_sha256,
+        bytes(cert.der),
+        cert.status,
+        _iso(issued_at),
+    )
+
+
+def _from_row(row: Any) -> IssuedCert:
+    serial, subject, sans, nbf, naf, tid, requester, spki, der, status, issued = row
+    return IssuedCert(
+        serial=int(serial, 16),
+        subject=subject,
+        sans=tuple(json.loads(sans)),
+        not_before=datetime.fromisoformat(nbf),
+        not_after=datetime.fromisoformat(naf),
+        transaction_id=tid,
+        requester_fingerprint=requester,
+        public_key_sha256=spki,
+        der=der,
+        status=status,
+        issued_at=datetime.fromisoformat(issued),
+    )
+
+
+def _store_error(cls: type[StoreError], message: str, cause: BaseException) -> StoreError:
+    # A fresh exception per caller: one instance raised in many tasks would mix tracebacks.
+    error = cls(message)
+    error.__cause__ = cause
+    return error
+
+
+def _insert_error(cert: IssuedCert, exc: sqlite3.IntegrityError) -> StoreError:
+    text = str(exc)
+    if "certificates.serial" in text:
+        return _store_error(DuplicateSerial, f"serial {cert.serial:x} is already stored", exc)
+    if "certificates.transaction_id" in text:
+        message = f"transaction {cert.transaction_id!r} already has a certificate"
+        return _store_error(DuplicateTransaction, message, exc)
+    return _store_error(StoreError, f"certificate {cert.serial:x} rejected: {exc}", exc)
+
+
+async def _fetch(db: aiosqlite.Connection, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
+    return list(await db.execute_fetchall(sql, params))
+
+
+async def _rollback(db: aiosqlite.Connection) -> None:
+    try:
+        await _fetch(db, "ROLLBACK")
+    except sqlite3.Error:
+        pass  # some errors (SQLITE_FULL, IOERR) have already rolled the transaction back
+
+
+async def _connect(path: str, synchronous: str) -> aiosqlite.Connection:
+    # isolation_level=None: no implicit BEGINs, every transaction here is explicit.
+    db = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        await _fetch(db, f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        [(mode,)] = await _fetch(db, "PRAGMA journal_mode = WAL")
+        if str(mode).lower() != "wal":
+            # Without WAL, readers block the writer and the reader connection breaks.
+            raise StoreError(f"{path}: journal_mode is {mode}, WAL is required")
+        await _fetch(db, f"PRAGMA synchronous = {synchronous}")
+        await _fetch(db, "PRAGMA foreign_keys = ON")
+    except BaseException:
+        await db.close()
+        raise
+    return db
+
+
+async def _user_version(db: aiosqlite.Connection) -> int:
+    [(version,)] = await _fetch(db, "PRAGMA user_version")
+    return int(version)
+
+
+async def _migrate(db: aiosqlite.Connection, path: str) -> None:
+    while True:
+        version = await _user_version(db)
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path}: schema version {version} is newer than this hsmscep knows"
+                f" ({SCHEMA_VERSION}); refusing to open"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        await _fetch(db, "BEGIN IMMEDIATE")
+        try:
+            # Another worker may have migrated while we waited for the write lock.
+            if await _user_version(db) != version:
+                await _rollback(db)
+                continue
+            for statement in _MIGRATIONS[version]:
+                await _fetch(db, statement)
+            await _fetch(db, f"PRAGMA user_version = {version + 1}")
+            await _fetch(db, "COMMIT")
+        except BaseException:
+            await _rollback(db)
+            raise
+        log.info("%s: migrated certificate store to schema version %d", path, version + 1)
+
+
+_Pending = tuple[IssuedCert, asyncio.Future[None]]
+
+
+class CertStore:
+    """Issued certificates; put() returns only once the row is committed."""
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, max_batch: int):
+        self._writer_db = writer
+        self._reader_db = reader
+        self._max_batch = max_batch
+        self._pending: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self._close_lock = asyncio.Lock()
+        self._connections_open = True
+        self._writer = asyncio.create_task(self._run_writer(), name="hsmscep-store-writer")
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        max_batch: int = 256,
+    ) -> CertStore:
+        """Open (creating and migrating if needed) the store at path."""
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ConfigError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be at least 1, not {max_batch}")
+        where = os.fspath(path)
+        opened: list[aiosqlite.Connection] = []
+        try:
+            opened.append(await _connect(where, synchronous))
+            await _migrate(opened[0], where)
+            # Reads use their own connection so they never see a batch that is not committed yet.
+            opened.append(await _connect(where, synchronous))
+            await _fetch(opened[1], "PRAGMA query_only = ON")
+        except BaseException as exc:
+            for db in opened:
+                await db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot open certificate store {where}: {exc}") from exc
+            raise
+        return cls(opened[0], opened[1], max_batch)
+
+    async def put(self, cert: IssuedCert) -> None:
+        """Store cert; return once the transaction holding it has committed."""
+        if self._closed:
+            raise StoreError("store is closed")
+        if cert.issued_at is None:
+            cert = replace(cert, issued_at=datetime.now(UTC))
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((cert, done))
+        self._wakeup.set()
+        await done
+
+    async def get_by_transaction(self, transaction_id: str) -> IssuedCert | None:
+        """The certificate issued for this transactionID, if any."""
+        rows = await self._read(f"{_SELECT} WHERE transaction_id = ?", (transaction_id,))
+        return _from_row(rows[0]) if rows else None
+
+    async def get_by_serial(self, serial: int) -> IssuedCert | None:
+        """The certificate with this serial number, if any."""
+        if not 0 < serial <= _MAX_SERIAL:
+            return None
+        rows = await self._read(f"{_SELECT} WHERE serial = ?", (_serial_key(serial),))
+        return _from_row(rows[0]) if rows else None
+
+    async def count(self) -> int:
+        """Number of stored certificates."""
+        [(n,)] = await self._read("SELECT COUNT(*) FROM certificates")
+        return int(n)
+
+    async def serials(self) -> list[int]:
+        """All stored serial numbers, ascending."""
+        rows = await self._read("SELECT serial FROM certificates ORDER BY serial")
+        return [int(serial, 16) for (serial,) in rows]
+
+    async def close(self) -> None:
+        """Refuse new puts, commit everything queued, close the database. Idempotent."""
+        self._closed = True
+        self._wakeup.set()
+        async with self._close_lock:
+            if not self._connections_open:
+                return
+            # asyncio.wait, not await: it does not re-raise if the writer was cancelled.
+            await asyncio.wait([self._writer])
+            self._connections_open = False
+            try:
+                await self._writer_db.close()
+            except sqlite3.Error as exc:
+                raise StoreError(f"closing the certificate store failed: {exc}") from exc
+            finally:
+                await self._reader_db.close()
+
+    async def _read(self, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
+        if self._closed:
+            raise StoreError("store is closed")
+        try:
+            return await _fetch(self._reader_db, sql, params)
+        except sqlite3.Error as exc:
+            raise StoreError(f"certificate store read failed: {exc}") from exc
+
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        while self._pending and len(batch) < self._max_batch:
+            item = self._pending.popleft()
+            if not item[1].done():  # a caller cancelled before we started: do not store it
+                batch.append(item)
+        return batch
+
+    async def _run_writer(self) -> None:
+        try:
+            while True:
+                # Take whatever is queued now: a lone put commits at once, and under load the
+                # queue refills while the previous COMMIT (fsync) runs.
+                batch = self._take_batch()
+                if batch:
+                    await self._write_batch(batch)
+                elif self._closed:
+                    return
+                else:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+        finally:
+            # Only reached with work queued if the writer itself was cancelled.
+            self._closed = True
+            while self._pending:
+                _, done = self._pending.popleft()
+                if not done.done():
+                    done.set_exception(StoreError("store writer stopped"))
+
+    async def _write_batch(self, batch: list[_Pending]) -> None:
+        db = self._writer_db
+        outcomes: list[BaseException | None] = []
+        try:
+            await _fetch(db, "BEGIN IMMEDIATE")
+            for cert, _ in batch:
+                assert cert.issued_at is not None  # put() fills it in
+                try:
+                    await _fetch(db, _INSERT, _to_row(cert, cert.issued_at))
+                    outcomes.append(None)
+                except sqlite3.IntegrityError as exc:
+                    # A failed INSERT undoes only itself; the rest of the batch stays.
+                    outcomes.append(_insert_error(cert, exc))
+            await _fetch(db, "COMMIT")
+            refused = sum(outcome is not None for outcome in outcomes)
+            log.debug("certificate batch committed: %d rows, %d refused", len(batch), refused)
+        except Exception as exc:
+            await _rollback(db)
+            log.error("certificate batch of %d rolled back: %s", len(batch), exc)
+            message = f"could not store certificate: {exc}"
+            outcomes = [_store_error(StoreError, message, exc) for _ in batch]
+        except BaseException as exc:
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(_store_error(StoreError, "store writer stopped", exc))
+            raise
+        for (_, done), outcome in zip(batch, outcomes, strict=True):
+            if done.done():
+                continue  # the caller was cancelled while we wrote; the row stays
+            if outcome is None:
+                done.set_result(None)
+            else:
+                done.set_exception(outcome)

@@ -1,0 +1,144 @@
+"""Shared fixtures: a real SoftHSM2 token, a dev CA inside it, and real uvicorn servers.
+
+One SoftHSM2 config per test session (the module reads SOFTHSM2_CONF once per process), set
+before anything loads the PKCS#11 module. Servers run as `hsmscep serve` subprocesses on
+127.0.0.1 with a free port, exactly as an operator would start them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hsmscep import devtoken
+from hsmscep.bootstrap import InitOptions, init
+from hsmscep.cli import dev_config
+from hsmscep.config import Settings, load_settings
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent: the golden vectors live in ../shared")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def softhsm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    try:
+        devtoken.find_softhsm()
+    except Exception as exc:
+        pytest.skip(str(exc))
+    directory = tmp_path_factory.mktemp("softhsm")
+    devtoken.write_conf(directory)
+    return directory
+
+
+@dataclass(frozen=True)
+class DevCa:
+    directory: Path
+    config: Path
+    settings: Settings
+    challenge: str
+    token: devtoken.DevToken
+
+
+def make_ca(
+    softhsm_dir: Path,
+    directory: Path,
+    label: str,
+    ca_key: str = "rsa2048",
+    extra_config: str = "",
+) -> DevCa:
+    """A token called `label` in the session's SoftHSM2 dir, with CA and RA keys and certs."""
+    token = devtoken.ensure_token(softhsm_dir, label=label)
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(token.pin_file, directory / "pin")
+    (directory / "challenge").write_text(f"secret-{label}\n")
+    config = directory / "hsmscep.toml"
+    config.write_text(dev_config(token.module, label, "pin", "challenge") + extra_config)
+    settings = load_settings(config)
+    init(settings, InitOptions(ca_key=ca_key, subject=f"CN=test CA {label}"))
+    return DevCa(directory, config, settings, f"secret-{label}", token)
+
+
+@pytest.fixture(scope="session")
+def dev_ca(softhsm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DevCa:
+    return make_ca(softhsm_dir, tmp_path_factory.mktemp("ca"), "hsmscep-test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        return int(self.process.returncode)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(
+    ca: DevCa, env: Mapping[str, str] | None = None, *, args: tuple[str, ...] = ()
+) -> Server:
+    """Run `hsmscep serve` for `ca` and wait until /healthz answers (bounded: 60 s)."""
+    port = free_port()
+    log = ca.directory / f"server-{port}.log"
+    full_env = dict(os.environ) | dict(env or {})
+    command = [sys.executable, "-m", "hsmscep", "serve", "--config", str(ca.config)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [*command, "--port", str(port), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=ca.directory,
+        )
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{server.output()}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"server did not come up:\n{server.output()}")
+
+
+@pytest.fixture(scope="session")
+def server(dev_ca: DevCa) -> Iterator[Server]:
+    srv = start_server(dev_ca)
+    yield srv
+    srv.stop()
