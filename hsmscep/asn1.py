@@ -7,6 +7,8 @@ hot path without instantiating asn1crypto object trees. No I/O.
 
 from __future__ import annotations
 
+from functools import cache
+
 from asn1crypto import cms, core
 
 OID_MESSAGE_TYPE = "2.16.840.1.113733.1.9.2"
@@ -92,6 +94,7 @@ def integer(value: int) -> bytes:
     return tlv(0x02, value.to_bytes(length, "big", signed=True))
 
 
+@cache  # only ever called with the module's constant OIDs: the cache stays small
 def oid(dotted: str) -> bytes:
     """Encode an OBJECT IDENTIFIER."""
     arcs = [int(a) for a in dotted.split(".")]
