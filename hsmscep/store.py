@@ -152,13 +152,34 @@ async def _rollback(db: aiosqlite.Connection) -> None:
         pass  # some errors (SQLITE_FULL, IOERR) have already rolled the transaction back
 
 
+def _probe(path: str) -> None:
+    sqlite3.connect(path).close()
+
+
+async def _set_wal(db: aiosqlite.Connection) -> str:
+    # Switching to WAL can fail with SQLITE_BUSY without calling the busy handler when other
+    # workers open the same new file at once, so retry it here for up to the busy timeout.
+    for attempt in range(_BUSY_TIMEOUT_MS // 10):
+        try:
+            [(mode,)] = await _fetch(db, "PRAGMA journal_mode = WAL")
+            return str(mode)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or attempt == _BUSY_TIMEOUT_MS // 10 - 1:
+                raise
+            await asyncio.sleep(0.01)
+    raise AssertionError("unreachable")
+
+
 async def _connect(path: str, synchronous: str) -> aiosqlite.Connection:
+    # aiosqlite does not wait for its worker thread when connecting fails, and that thread then
+    # calls into a possibly closed loop; fail here first on the usual causes (no dir, no access).
+    await asyncio.to_thread(_probe, path)
     # isolation_level=None: no implicit BEGINs, every transaction here is explicit.
     db = await aiosqlite.connect(path, isolation_level=None)
     try:
         await _fetch(db, f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        [(mode,)] = await _fetch(db, "PRAGMA journal_mode = WAL")
-        if str(mode).lower() != "wal":
+        mode = await _set_wal(db)
+        if mode.lower() != "wal":
             # Without WAL, readers block the writer and the reader connection breaks.
             raise StoreError(f"{path}: journal_mode is {mode}, WAL is required")
         await _fetch(db, f"PRAGMA synchronous = {synchronous}")

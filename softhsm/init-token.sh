@@ -8,7 +8,7 @@ label=${2:-hsmscep}
 mkdir -p "$dir/tokens"
 sed "s#@TOKENDIR@#$dir/tokens#" "$(dirname "$0")/softhsm2.conf.in" > "$dir/softhsm2.conf"
 export SOFTHSM2_CONF="$dir/softhsm2.conf"
-if softhsm2-util --show-slots | grep -q "Label:[[:space:]]*$label\$"; then
+if softhsm2-util --show-slots | grep -Eq "Label:[[:space:]]+$label[[:space:]]*$"; then
   echo "token '$label' already exists in $dir"
   exit 0
 fi
