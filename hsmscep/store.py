@@ -11,7 +11,7 @@ import logging
 import os
 import sqlite3
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -91,7 +91,7 @@ def _iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat()
 
 
-def _to_row(cert: IssuedCert, issued_at: datetime) -> tuple[object, ...]:
+def _to_row(cert: IssuedCert) -> tuple[object, ...]:
     return (
         _serial_key(cert.serial),
         cert.subject,
@@ -103,7 +103,7 @@ def _to_row(cert: IssuedCert, issued_at: datetime) -> tuple[object, ...]:
         cert.public_key_sha256,
         bytes(cert.der),
         cert.status,
-        _iso(issued_at),
+        _iso(cert.issued_at or datetime.now(UTC)),
     )
 
 
@@ -152,28 +152,24 @@ async def _rollback(db: aiosqlite.Connection) -> None:
         pass  # some errors (SQLITE_FULL, IOERR) have already rolled the transaction back
 
 
-def _probe(path: str) -> None:
-    sqlite3.connect(path).close()
-
-
 async def _set_wal(db: aiosqlite.Connection) -> str:
     # Switching to WAL can fail with SQLITE_BUSY without calling the busy handler when other
     # workers open the same new file at once, so retry it here for up to the busy timeout.
-    for attempt in range(_BUSY_TIMEOUT_MS // 10):
+    for _ in range(_BUSY_TIMEOUT_MS // 10):
         try:
             [(mode,)] = await _fetch(db, "PRAGMA journal_mode = WAL")
             return str(mode)
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or attempt == _BUSY_TIMEOUT_MS // 10 - 1:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
                 raise
             await asyncio.sleep(0.01)
-    raise AssertionError("unreachable")
+    raise StoreError("database stayed locked while switching to WAL")
 
 
 async def _connect(path: str, synchronous: str) -> aiosqlite.Connection:
     # aiosqlite does not wait for its worker thread when connecting fails, and that thread then
     # calls into a possibly closed loop; fail here first on the usual causes (no dir, no access).
-    await asyncio.to_thread(_probe, path)
+    await asyncio.to_thread(lambda: sqlite3.connect(path).close())
     # isolation_level=None: no implicit BEGINs, every transaction here is explicit.
     db = await aiosqlite.connect(path, isolation_level=None)
     try:
@@ -271,8 +267,6 @@ class CertStore:
         """Store cert; return once the transaction holding it has committed."""
         if self._closed:
             raise StoreError("store is closed")
-        if cert.issued_at is None:
-            cert = replace(cert, issued_at=datetime.now(UTC))
         done = asyncio.get_running_loop().create_future()
         self._pending.append((cert, done))
         self._wakeup.set()
@@ -360,9 +354,8 @@ class CertStore:
         try:
             await _fetch(db, "BEGIN IMMEDIATE")
             for cert, _ in batch:
-                assert cert.issued_at is not None  # put() fills it in
                 try:
-                    await _fetch(db, _INSERT, _to_row(cert, cert.issued_at))
+                    await _fetch(db, _INSERT, _to_row(cert))
                     outcomes.append(None)
                 except sqlite3.IntegrityError as exc:
                     # A failed INSERT undoes only itself; the rest of the batch stays.
