@@ -353,14 +353,22 @@ class CertStore:
         outcomes: list[BaseException | None] = []
         try:
             await _fetch(db, "BEGIN IMMEDIATE")
-            for cert, _ in batch:
-                try:
-                    await _fetch(db, _INSERT, _to_row(cert))
-                    outcomes.append(None)
-                except sqlite3.IntegrityError as exc:
-                    # A failed INSERT undoes only itself; the rest of the batch stays.
-                    outcomes.append(_insert_error(cert, exc))
-            await _fetch(db, "COMMIT")
+            # One trip to the database thread for the whole batch in the common case; a
+            # duplicate sends us back to row-by-row inserts to tell each caller its outcome.
+            await _fetch(db, "SAVEPOINT batch")
+            try:
+                await db.executemany(_INSERT, [_to_row(cert) for cert, _ in batch])
+                outcomes = [None] * len(batch)
+            except sqlite3.IntegrityError:
+                await _fetch(db, "ROLLBACK TO batch")
+                for cert, _ in batch:
+                    try:
+                        await _fetch(db, _INSERT, _to_row(cert))
+                        outcomes.append(None)
+                    except sqlite3.IntegrityError as exc:
+                        # A failed INSERT undoes only itself; the rest of the batch stays.
+                        outcomes.append(_insert_error(cert, exc))
+            await _fetch(db, "COMMIT")  # also releases the savepoint
             refused = sum(outcome is not None for outcome in outcomes)
             log.debug("certificate batch committed: %d rows, %d refused", len(batch), refused)
         except Exception as exc:
