@@ -24,7 +24,14 @@ from hsmscep import cms
 from hsmscep.algorithms import CIPHERS_BY_NAME, ContentCipher
 from hsmscep.certrep import build_cert_rep, seal_certificates
 from hsmscep.cms import UnsupportedAlgorithm, decode_envelope
-from hsmscep.errors import DuplicateSerial, DuplicateTransaction, MessageError, Rejected, StoreError
+from hsmscep.errors import (
+    DuplicateSerial,
+    DuplicateTransaction,
+    HsmError,
+    MessageError,
+    Rejected,
+    StoreError,
+)
 from hsmscep.issuance import (
     IssuancePolicy,
     Issuer,
@@ -38,6 +45,7 @@ from hsmscep.message import FailInfo, MessageType, PkiRequest, PkiStatus, decode
 from hsmscep.pool import SigningPool
 from hsmscep.store import CertStore, IssuedCert
 
+log = logging.getLogger(__name__)
 audit = logging.getLogger("hsmscep.audit")
 
 CA_RA_CERT = "application/x-x509-ca-ra-cert"
@@ -149,6 +157,12 @@ class ScepService:
             return self._failure(request, FailInfo.BAD_MESSAGE_CHECK, str(exc), keys)
         except Rejected as exc:
             return self._failure(request, exc.fail_info, exc.reason, keys)
+        except HsmError:
+            raise  # the HSM, not the request: HTTP 503, the client retries
+        except Exception:
+            # A bug must still be answered the way clients understand (interop-quirks #9).
+            log.exception("unexpected error for transaction %r", request.transaction_id)
+            return self._failure(request, FailInfo.BAD_REQUEST, "internal error", keys)
         spki = cert_request.public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
         record = IssuedCert(
             serial=cert.serial_number,
