@@ -134,6 +134,8 @@ def run_server(config: str, settings: Settings) -> int:
     """Run uvicorn with `settings.workers` processes, each opening its own HSM pool."""
     import uvicorn
 
+    from hsmscep.httpproto import BoundedHttpToolsProtocol
+
     for path, key in ((settings.ca_cert, "ca.cert"), (settings.ra_sign_cert, "ra.cert")):
         if not path.exists():
             raise ConfigError(f"{key}: {path} does not exist (run `hsmscep init` first)")
@@ -147,7 +149,7 @@ def run_server(config: str, settings: Settings) -> int:
         port=settings.port,
         workers=workers if workers > 1 else None,
         loop="uvloop",
-        http="httptools",
+        http=BoundedHttpToolsProtocol,
         access_log=False,
         log_level=settings.log_level.lower(),
         backlog=4096,

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from hsmscep import asn1, der
 from hsmscep.algorithms import CIPHERS, DIGESTS_BY_NAME, ContentCipher, Digest, digest_by_oid
-from hsmscep.errors import MessageError
+from hsmscep.errors import MessageError, UnsupportedAlgorithm
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,10 +90,6 @@ class Envelope:
 
     def open(self, cek: bytes) -> bytes:
         return self.cipher.decrypt(cek, self.iv, self.ciphertext)
-
-
-class UnsupportedAlgorithm(MessageError):
-    """The envelope uses an algorithm we refuse (answered with badAlg, not badMessageCheck)."""
 
 
 def decode_envelope(data: bytes) -> Envelope:

@@ -2,7 +2,8 @@
 
 * ScepError
   + MessageError          malformed or unverifiable input: HTTP 400 before the client's
-  |                       signature has verified, signed CertRep badMessageCheck after
+  |  |                    signature has verified, signed CertRep badMessageCheck after
+  |  - UnsupportedAlgorithm  an algorithm we or the HSM refuse: signed CertRep badAlg
   + Rejected              policy said no: signed CertRep FAILURE with its fail_info
   + PayloadTooLarge       request body over the cap: HTTP 413
   + HsmError              the PKCS#11 module failed: HTTP 503 (we may not be able to sign)
@@ -27,6 +28,10 @@ class ScepError(Exception):
 
 class MessageError(ScepError):
     """The request is malformed or does not verify; the text is safe to show the client."""
+
+
+class UnsupportedAlgorithm(MessageError):
+    """The request uses an algorithm we (or the HSM) do not support."""
 
 
 class Rejected(ScepError):

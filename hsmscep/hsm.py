@@ -24,7 +24,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass, _pkcs11
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 from pkcs11.util.rsa import encode_rsa_public_key
 
-from hsmscep.errors import HsmError, MessageError
+from hsmscep.errors import HsmError, MessageError, UnsupportedAlgorithm
 from hsmscep.keys import ExternalEcKey, ExternalRsaKey, SigningKey
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,12 @@ _CLIENT_DECRYPT_ERRORS: tuple[type[Exception], ...] = (
     pkcs11.exceptions.GeneralError,
     pkcs11.exceptions.DataInvalid,
     pkcs11.exceptions.DataLenRange,
+)
+
+
+_OAEP_REFUSALS: tuple[type[Exception], ...] = (
+    pkcs11.exceptions.ArgumentsBad,
+    pkcs11.exceptions.MechanismInvalid,
     pkcs11.exceptions.MechanismParamInvalid,
 )
 
@@ -357,6 +363,11 @@ def decryption_key(session: Any, ref: KeyRef, public_key: rsa.RSAPublicKey) -> E
             mechanism, param = Mechanism.RSA_PKCS_OAEP, (hash_mech, mgf, oaep._label or None)
         try:
             return bytes(handle.decrypt(ciphertext, mechanism=mechanism, mechanism_param=param))
+        except _OAEP_REFUSALS:
+            if oaep is None:
+                raise HsmError("the HSM refused CKM_RSA_PKCS decryption") from None
+            # SoftHSM2 only does OAEP with SHA-1; others refuse some parameter sets.
+            raise UnsupportedAlgorithm("the HSM does not support these OAEP parameters") from None
         except _CLIENT_DECRYPT_ERRORS:
             raise MessageError("content-encryption key does not decrypt") from None
         except pkcs11.PKCS11Error as exc:

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hsmscep import cms
 from hsmscep.algorithms import CIPHERS_BY_NAME, ContentCipher
 from hsmscep.certrep import build_cert_rep, seal_certificates
-from hsmscep.cms import UnsupportedAlgorithm, decode_envelope
+from hsmscep.cms import decode_envelope
 from hsmscep.errors import (
     DuplicateSerial,
     DuplicateTransaction,
@@ -31,6 +31,7 @@ from hsmscep.errors import (
     MessageError,
     Rejected,
     StoreError,
+    UnsupportedAlgorithm,
 )
 from hsmscep.issuance import (
     IssuancePolicy,

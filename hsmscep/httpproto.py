@@ -1,0 +1,72 @@
+"""uvicorn's httptools protocol with the two limits it lacks: request-head size and time.
+
+uvicorn buffers request lines and headers of any size for as long as a client cares to send
+them (robustness.md: slow clients, header floods). This subclass answers 431 once the head
+passes `HEAD_LIMIT` bytes and 408 when it is not complete within `HEAD_TIMEOUT` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+# Room for a GET PKIOperation with a 64 KiB message in base64 (IIS allows 65534 bytes).
+HEAD_LIMIT = 192 * 1024
+HEAD_TIMEOUT = 30.0
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._head_bytes = 0
+        self._head_done = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        # A connection that never sends a byte is timed out too.
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._head_done:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+            self._head_bytes += len(data)
+            if self._head_bytes > HEAD_LIMIT:
+                self._refuse(431, b"request head too large\n")
+                return
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._head_done = True
+        self._cancel_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._head_done = False
+        self._head_bytes = 0
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        super().connection_lost(exc)
+
+    def _cancel_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._head_done:
+            self._refuse(408, b"request head not received in time\n")
+
+    def _refuse(self, status: int, body: bytes) -> None:
+        self._cancel_timer()
+        if self.transport.is_closing():
+            return
+        self.transport.write(
+            STATUS_LINE[status]
+            + b"content-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+            + b"content-length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        self.transport.close()
