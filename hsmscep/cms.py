@@ -94,30 +94,16 @@ class Envelope:
 
 def decode_envelope(data: bytes) -> Envelope:
     """Parse a pkcsPKIEnvelope (ContentInfo of EnvelopedData)."""
-    try:
+    with der.malformed("envelope"):
         return _decode_envelope(data)
-    except MessageError:
-        raise
-    except RecursionError:
-        raise MessageError("envelope nests too deeply") from None
-    except Exception as exc:
-        raise MessageError(f"malformed envelope ({type(exc).__name__})") from None
 
 
 _OID_ENVELOPED_DATA = asn1.oid_content(asn1.OID_ENVELOPED_DATA)
 
 
 def _decode_envelope(data: bytes) -> Envelope:
-    if not data:
-        raise MessageError("no envelope in the message")
-    info = der.expect(data, der.read(data), der.SEQUENCE, "ContentInfo")
-    if info.end != len(data):
-        raise MessageError("trailing data after the envelope")
-    parts = der.children(data, info)
-    if len(parts) != 2 or der.oid_bytes(data, parts[0], "contentType") != _OID_ENVELOPED_DATA:
-        raise MessageError("pkcsPKIEnvelope is not EnvelopedData")
-    wrapper = der.children(data, der.expect(data, parts[1], 0xA0, "content"))
-    fields = der.children(data, der.expect(data, wrapper[0], der.SEQUENCE, "EnvelopedData"))
+    enveloped = der.content_info(data, _OID_ENVELOPED_DATA, "envelope")
+    fields = der.children(data, der.expect(data, enveloped, der.SEQUENCE, "EnvelopedData"))
     fields = [f for f in fields if f.tag not in (0xA0, 0xA1)]  # originatorInfo, unprotected
     if len(fields) != 3:
         raise MessageError("EnvelopedData is incomplete")

@@ -9,6 +9,8 @@ MessageError on anything malformed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 from hsmscep.errors import MessageError
@@ -163,3 +165,32 @@ def dotted(oid_content: bytes) -> str:
         return ""
     first = min(arcs[0] // 40, 2)
     return ".".join(str(a) for a in [first, arcs[0] - first * 40, *arcs[1:]])
+
+
+def content_info(data: bytes, content_type: bytes, what: str) -> Tlv:
+    """The content of a ContentInfo (RFC 5652 §3) that fills all of `data`."""
+    if not data:
+        raise MessageError(f"empty {what}")
+    info = expect(data, read(data), SEQUENCE, "ContentInfo")
+    if info.end != len(data):
+        raise MessageError(f"trailing data after the {what}")
+    parts = children(data, info)
+    if len(parts) != 2 or oid_bytes(data, parts[0], "contentType") != content_type:
+        raise MessageError(f"{what} has the wrong content type")
+    wrapper = children(data, expect(data, parts[1], 0xA0, "content"))
+    if len(wrapper) != 1:
+        raise MessageError(f"malformed {what}")
+    return wrapper[0]
+
+
+@contextmanager
+def malformed(what: str) -> Iterator[None]:
+    """Turn any parsing accident into a MessageError that names `what`, never a 500."""
+    try:
+        yield
+    except MessageError:
+        raise
+    except RecursionError:
+        raise MessageError(f"{what} nests too deeply") from None
+    except Exception as exc:  # ValueError/IndexError/... from a shape we did not expect
+        raise MessageError(f"malformed {what} ({type(exc).__name__})") from None

@@ -218,14 +218,18 @@ class TokenLogin:
             self._logins.clear()
 
 
-def find_private_key(session: Any, ref: KeyRef) -> Any:
-    attrs: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PRIVATE_KEY}
+def _template(ref: KeyRef, object_class: ObjectClass) -> dict[Attribute, Any]:
+    attrs: dict[Attribute, Any] = {Attribute.CLASS: object_class}
     if ref.label is not None:
         attrs[Attribute.LABEL] = ref.label
     if ref.id is not None:
         attrs[Attribute.ID] = ref.id
+    return attrs
+
+
+def find_private_key(session: Any, ref: KeyRef) -> Any:
     with hsm_errors(f"looking up key {ref.describe()}"):
-        found = list(session.get_objects(attrs))
+        found = list(session.get_objects(_template(ref, ObjectClass.PRIVATE_KEY)))
     if len(found) != 1:
         raise HsmError(f"expected one private key with {ref.describe()}, found {len(found)}")
     return found[0]
@@ -240,13 +244,8 @@ def private_key_exists(session: Any, ref: KeyRef) -> bool:
 
 
 def public_key_of(session: Any, ref: KeyRef) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
-    attrs: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PUBLIC_KEY}
-    if ref.label is not None:
-        attrs[Attribute.LABEL] = ref.label
-    if ref.id is not None:
-        attrs[Attribute.ID] = ref.id
     with hsm_errors(f"reading public key {ref.describe()}"):
-        found = list(session.get_objects(attrs))
+        found = list(session.get_objects(_template(ref, ObjectClass.PUBLIC_KEY)))
         if len(found) != 1:
             raise HsmError(f"expected one public key with {ref.describe()}, found {len(found)}")
         pub = found[0]
@@ -302,13 +301,8 @@ def generate_key(session: Any, ref: KeyRef, spec: KeySpec, *, usage: str) -> Non
 
 def destroy_key(session: Any, ref: KeyRef) -> None:
     for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
-        attrs: dict[Attribute, Any] = {Attribute.CLASS: cls}
-        if ref.label is not None:
-            attrs[Attribute.LABEL] = ref.label
-        if ref.id is not None:
-            attrs[Attribute.ID] = ref.id
         with hsm_errors(f"deleting key {ref.describe()}"):
-            for obj in list(session.get_objects(attrs)):
+            for obj in list(session.get_objects(_template(ref, cls))):
                 obj.destroy()
 
 

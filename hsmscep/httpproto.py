@@ -11,9 +11,13 @@ import asyncio
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-# Room for a GET PKIOperation with a 64 KiB message in base64 (IIS allows 65534 bytes).
+# httptools itself refuses URLs over 64 KiB (IIS allows 65534 bytes); this bounds the rest.
 HEAD_LIMIT = 192 * 1024
 HEAD_TIMEOUT = 30.0
+# After refusing, input is read and dropped for a while so that closing with unread data
+# does not turn into a TCP reset that destroys our answer before the client reads it.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 * 1024 * 1024
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -21,11 +25,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_done = False
         self._head_timer: asyncio.TimerHandle | None = None
+        self._lingering = -1  # bytes dropped after a refusal; -1 while not refusing
         super().connection_made(transport)
         # A connection that never sends a byte is timed out too.
         self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering >= 0:
+            self._lingering += len(data)
+            if self._lingering > LINGER_BYTES:
+                self.transport.abort()
+            return
         if not self._head_done:
             if self._head_timer is None:
                 self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
@@ -69,4 +79,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             + b"content-length: %d\r\n\r\n" % len(body)
             + body
         )
-        self.transport.close()
+        self._lingering = 0
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)

@@ -189,11 +189,11 @@ def check_csr(csr: x509.CertificateSigningRequest, policy: IssuancePolicy) -> Ce
 
 
 def _check_challenge(csr: x509.CertificateSigningRequest, expected: bytes | None) -> None:
-    values = [
-        attr.value
-        for attr in csr.attributes
-        if attr.oid.dotted_string == asn1.OID_CHALLENGE_PASSWORD
-    ]
+    try:
+        attributes = list(csr.attributes)
+    except ValueError:  # cryptography refuses multi-valued or empty attribute sets
+        raise Rejected(FailInfo.BAD_REQUEST, "CSR attributes are malformed") from None
+    values = [a.value for a in attributes if a.oid.dotted_string == asn1.OID_CHALLENGE_PASSWORD]
     if expected is None:
         return
     if len(values) != 1:

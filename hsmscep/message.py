@@ -75,16 +75,10 @@ class PkiRequest:
         return hashlib.sha256(self.signer_cert.public_bytes(Encoding.DER)).hexdigest()
 
 
-def decode_pki_message(der: bytes) -> PkiRequest:
+def decode_pki_message(data: bytes) -> PkiRequest:
     """Parse a pkiMessage and verify the client's signature; raise MessageError if it fails."""
-    try:
-        return _decode(der)
-    except MessageError:
-        raise
-    except RecursionError:
-        raise MessageError("message nests too deeply") from None
-    except Exception as exc:  # asn1crypto raises ValueError/TypeError/KeyError/... on bad input
-        raise MessageError(f"malformed pkiMessage ({type(exc).__name__})") from None
+    with der.malformed("pkiMessage"):
+        return _decode(data)
 
 
 _OID_SIGNED_DATA = asn1.oid_content(asn1.OID_SIGNED_DATA)
@@ -101,18 +95,8 @@ _CONTENT_TYPE = asn1.oid_content(asn1.OID_CONTENT_TYPE)
 
 
 def _decode(data: bytes) -> PkiRequest:
-    if not data:
-        raise MessageError("empty message")
-    info = der.expect(data, der.read(data), der.SEQUENCE, "ContentInfo")
-    if info.end != len(data):
-        raise MessageError("trailing data after the pkiMessage")
-    parts = der.children(data, info)
-    if len(parts) != 2 or der.oid_bytes(data, parts[0], "contentType") != _OID_SIGNED_DATA:
-        raise MessageError("pkiMessage is not SignedData")
-    wrapper = der.children(data, der.expect(data, parts[1], 0xA0, "content"))
-    if len(wrapper) != 1:
-        raise MessageError("malformed ContentInfo content")
-    fields = der.children(data, der.expect(data, wrapper[0], der.SEQUENCE, "SignedData"))
+    signed_data = der.content_info(data, _OID_SIGNED_DATA, "pkiMessage")
+    fields = der.children(data, der.expect(data, signed_data, der.SEQUENCE, "SignedData"))
     if len(fields) < 4:
         raise MessageError("SignedData is incomplete")
     encap, rest = fields[2], fields[3:]
