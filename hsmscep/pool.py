@@ -9,11 +9,12 @@ in flight. Admission is bounded: past `max_pending` jobs the caller gets HsmBusy
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 from hsmscep.errors import HsmBusy, HsmError
 
@@ -48,6 +49,12 @@ class SigningPool(Generic[C]):
         self._closed = False
         self._idle = asyncio.Event()
         self._idle.set()
+        # Finished jobs wait here for the event loop; one wake-up serves every job that
+        # finished before the loop got to them (a wake-up is a syscall and a context switch).
+        self._done: collections.deque[tuple[asyncio.Future[Any], Any, BaseException | None]]
+        self._done = collections.deque()
+        self._wake_pending = False
+        self._wake_lock = threading.Lock()
 
     @property
     def pending(self) -> int:
@@ -133,9 +140,29 @@ class SigningPool(Generic[C]):
                     context = None
                 except BaseException as exc:
                     result, error = None, exc
-            loop.call_soon_threadsafe(_settle, fut, result, error)
+            self._complete(loop, fut, result, error)
         if context is not None:
             self._discard(context)
+
+    def _complete(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fut: asyncio.Future[Any],
+        result: object,
+        error: BaseException | None,
+    ) -> None:
+        self._done.append((fut, result, error))
+        with self._wake_lock:
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._wake_lock:
+            self._wake_pending = False
+        while self._done:
+            _settle(*self._done.popleft())
 
     def _reopen(self) -> C | None:
         try:
