@@ -1,0 +1,1 @@
+"""Benchmark harness: hsmscep against micromdm scepserver, and against the raw HSM."""
