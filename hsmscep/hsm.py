@@ -12,10 +12,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import pkcs11
 from cryptography.hazmat.primitives import serialization
@@ -28,6 +29,7 @@ from hsmscep.errors import HsmError, MessageError, UnsupportedAlgorithm
 from hsmscep.keys import ExternalEcKey, ExternalRsaKey, SigningKey
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 KeySpec = Literal["rsa2048", "rsa3072", "rsa4096", "p256", "p384"]
 KEY_SPECS: tuple[KeySpec, ...] = ("rsa2048", "rsa3072", "rsa4096", "p256", "p384")
@@ -194,19 +196,12 @@ class TokenLogin:
     def open_session(self, ref: TokenRef, *, rw: bool = False) -> Any:
         """A new read-only session, or (rw=True) the shared logged-in read-write one."""
         with self._lock:
-            token = find_token(ref)
             login = self._logins.get(ref)
             if login is None:
-                with hsm_errors("logging in"):
-                    try:
-                        login = token.open(user_pin=ref.pin, rw=True)
-                    except pkcs11.exceptions.UserAlreadyLoggedIn:
-                        login = token.open(rw=True)
-                self._logins[ref] = login
+                login = self._logins[ref] = _with_retries(lambda: _log_in(ref))
             if rw:
                 return login
-            with hsm_errors("opening a session"):
-                return token.open()
+            return _with_retries(lambda: _open(ref))
 
     def close(self) -> None:
         with self._lock:
@@ -225,6 +220,35 @@ def _template(ref: KeyRef, object_class: ObjectClass) -> dict[Attribute, Any]:
     if ref.id is not None:
         attrs[Attribute.ID] = ref.id
     return attrs
+
+
+def _log_in(ref: TokenRef) -> Any:
+    token = find_token(ref)
+    with hsm_errors("logging in"):
+        try:
+            return token.open(user_pin=ref.pin, rw=True)
+        except pkcs11.exceptions.UserAlreadyLoggedIn:
+            return token.open(rw=True)
+
+
+def _open(ref: TokenRef) -> Any:
+    token = find_token(ref)
+    with hsm_errors("opening a session"):
+        return token.open()
+
+
+def _with_retries(action: Callable[[], T], attempts: int = 5) -> T:
+    # SoftHSM2 (and network HSMs during fail-over) sometimes answer NoSuchToken or
+    # GeneralError when several processes log in at the same moment, as uvicorn's workers do.
+    for attempt in range(attempts):
+        try:
+            return action()
+        except HsmError as exc:
+            if attempt == attempts - 1:
+                raise
+            log.info("HSM not ready (%s); retrying", exc)
+            time.sleep(0.05 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def find_private_key(session: Any, ref: KeyRef) -> Any:
