@@ -6,6 +6,7 @@
   |  - UnsupportedAlgorithm  an algorithm we or the HSM refuse: signed CertRep badAlg
   + Rejected              policy said no: signed CertRep FAILURE with its fail_info
   + PayloadTooLarge       request body over the cap: HTTP 413
+  + UnknownCertificate    no certificate with that serial: CLI exit 2 (admin API: 404)
   + HsmError              the PKCS#11 module failed: HTTP 503 (we may not be able to sign)
   |  - HsmBusy            signing queue full: HTTP 503 with Retry-After
   + StoreError            the database failed: HTTP 503
@@ -45,6 +46,10 @@ class Rejected(ScepError):
 
 class PayloadTooLarge(ScepError):
     """The request body exceeds the configured cap."""
+
+
+class UnknownCertificate(ScepError):
+    """No certificate with the given serial number was issued here."""
 
 
 class HsmError(ScepError):

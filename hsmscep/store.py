@@ -11,18 +11,27 @@ import logging
 import os
 import sqlite3
 from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import aiosqlite
 
-from hsmscep.errors import ConfigError, DuplicateSerial, DuplicateTransaction, StoreError
+from hsmscep.errors import (
+    ConfigError,
+    DuplicateSerial,
+    DuplicateTransaction,
+    StoreError,
+    UnknownCertificate,
+)
 
 log = logging.getLogger(__name__)
 
 _BUSY_TIMEOUT_MS = 5000
 _MAX_SERIAL = 2**160 - 1  # RFC 5280 §4.1.2.2: at most 20 octets
+_KEEP_CRLS = 16
 
 # Migration N+1 is _MIGRATIONS[N]. Statements are run one by one rather than with executescript,
 # which would COMMIT the migration transaction before running.
@@ -45,6 +54,26 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX certificates_requester ON certificates (requester_fingerprint)",
         "CREATE INDEX certificates_public_key ON certificates (public_key_sha256)",
         "CREATE INDEX certificates_not_after ON certificates (not_after)",
+    ),
+    (
+        # Revocation: the certificate row carries it; `revision` counts revocations so that
+        # every server process can tell, with one read, whether its CRL is out of date.
+        "ALTER TABLE certificates ADD COLUMN revoked_at TEXT",
+        "ALTER TABLE certificates ADD COLUMN revocation_reason TEXT",
+        "CREATE INDEX certificates_revoked ON certificates (serial) WHERE revoked_at IS NOT NULL",
+        """CREATE TABLE revocation_state (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            revision INTEGER NOT NULL
+        )""",
+        "INSERT INTO revocation_state (id, revision) VALUES (1, 0)",
+        # Published CRLs; the number is the CRLNumber, so two processes cannot publish the same.
+        """CREATE TABLE crls (
+            number INTEGER PRIMARY KEY,
+            revision INTEGER NOT NULL,
+            this_update TEXT NOT NULL,
+            next_update TEXT NOT NULL,
+            der BLOB NOT NULL
+        )""",
     ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -80,6 +109,33 @@ class IssuedCert:
             value = getattr(self, name)
             if value is not None and value.utcoffset() is None:
                 raise ValueError(f"{name} must be timezone-aware")
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """A revoked certificate; `reason` is the RFC 5280 name (keyCompromise, superseded, ...)."""
+
+    serial: int
+    revoked_at: datetime
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CrlInfo:
+    """A published CRL without its DER; `revision` is the revocation count it includes."""
+
+    number: int
+    revision: int
+    this_update: datetime
+    next_update: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CrlStatus:
+    """The store's revocation revision and the newest published CRL, read together."""
+
+    revision: int
+    latest: CrlInfo | None
 
 
 def _serial_key(serial: int) -> str:
@@ -223,7 +279,14 @@ _Pending = tuple[IssuedCert, asyncio.Future[None]]
 class CertStore:
     """Issued certificates; put() returns only once the row is committed."""
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, max_batch: int):
+    def __init__(
+        self,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        max_batch: int,
+        path: str = "",
+    ):
+        self._path = path  # for the short-lived connections of rare writes (revocation, CRLs)
         self._writer_db = writer
         self._reader_db = reader
         self._max_batch = max_batch
@@ -261,7 +324,7 @@ class CertStore:
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"cannot open certificate store {where}: {exc}") from exc
             raise
-        return cls(opened[0], opened[1], max_batch)
+        return cls(opened[0], opened[1], max_batch, where)
 
     async def put(self, cert: IssuedCert) -> None:
         """Store cert; return once the transaction holding it has committed."""
@@ -293,6 +356,103 @@ class CertStore:
         """All stored serial numbers, ascending."""
         rows = await self._read("SELECT serial FROM certificates ORDER BY serial")
         return [int(serial, 16) for (serial,) in rows]
+
+    # ---- revocation and CRLs: rare writes, each on its own short-lived connection ---------
+
+    async def revoke(self, serial: int, reason: str, at: datetime) -> tuple[Revocation, bool]:
+        """Mark a certificate revoked; (revocation, False) if it already was (idempotent)."""
+        if at.utcoffset() is None:
+            raise ValueError("at must be timezone-aware")
+        key = _serial_key(serial) if 0 < serial <= _MAX_SERIAL else None
+        async with self._transaction() as db:
+            rows = await _fetch(
+                db,
+                "SELECT revoked_at, revocation_reason FROM certificates WHERE serial = ?",
+                (key,),
+            )
+            if not rows:
+                raise UnknownCertificate(f"no certificate with serial {serial:x} was issued here")
+            (revoked_at, old_reason), *_ = rows
+            if revoked_at is not None:
+                return Revocation(serial, datetime.fromisoformat(revoked_at), old_reason), False
+            await _fetch(
+                db,
+                "UPDATE certificates SET status = 'revoked', revoked_at = ?,"
+                " revocation_reason = ? WHERE serial = ?",
+                (_iso(at), reason, key),
+            )
+            await _fetch(db, "UPDATE revocation_state SET revision = revision + 1")
+        return Revocation(serial, at, reason), True
+
+    async def revocations(self) -> list[Revocation]:
+        """Every revoked certificate, by serial."""
+        rows = await self._read(
+            "SELECT serial, revoked_at, revocation_reason FROM certificates"
+            " WHERE revoked_at IS NOT NULL ORDER BY serial"
+        )
+        return [
+            Revocation(int(serial, 16), datetime.fromisoformat(at), reason)
+            for serial, at, reason in rows
+        ]
+
+    async def crl_status(self) -> CrlStatus:
+        """The revocation revision and the newest CRL's metadata, in one read."""
+        [(revision, number, crl_revision, this_update, next_update)] = await self._read(
+            "SELECT s.revision, c.number, c.revision, c.this_update, c.next_update"
+            " FROM revocation_state s LEFT JOIN (SELECT * FROM crls ORDER BY number DESC LIMIT 1)"
+            " c ON 1"
+        )
+        latest = None
+        if number is not None:
+            latest = CrlInfo(
+                int(number),
+                int(crl_revision),
+                datetime.fromisoformat(this_update),
+                datetime.fromisoformat(next_update),
+            )
+        return CrlStatus(int(revision), latest)
+
+    async def get_crl(self, number: int) -> bytes | None:
+        """The DER of CRL `number`, if stored."""
+        rows = await self._read("SELECT der FROM crls WHERE number = ?", (number,))
+        return bytes(rows[0][0]) if rows else None
+
+    async def put_crl(self, info: CrlInfo, der: bytes) -> bool:
+        """Publish a CRL; False if another process already published this number."""
+        async with self._transaction() as db:
+            await _fetch(
+                db,
+                "INSERT INTO crls (number, revision, this_update, next_update, der)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (number) DO NOTHING",
+                (info.number, info.revision, _iso(info.this_update), _iso(info.next_update), der),
+            )
+            [(inserted,)] = await _fetch(db, "SELECT changes()")
+            # Old CRLs are only kept for a look back; relying parties fetch the newest.
+            await _fetch(db, "DELETE FROM crls WHERE number <= ?", (info.number - _KEEP_CRLS,))
+        return bool(inserted)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        # Not the group-commit writer's connection: its transactions span awaits, and these
+        # writes are too rare to deserve a place in its queue. SQLite's busy timeout orders them.
+        if self._closed:
+            raise StoreError("store is closed")
+        try:
+            db = await _connect(self._path, "FULL")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open certificate store {self._path}: {exc}") from exc
+        try:
+            await _fetch(db, "BEGIN IMMEDIATE")
+            try:
+                yield db
+                await _fetch(db, "COMMIT")
+            except BaseException:
+                await _rollback(db)
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"certificate store write failed: {exc}") from exc
+        finally:
+            await db.close()
 
     async def close(self) -> None:
         """Refuse new puts, commit everything queued, close the database. Idempotent."""
