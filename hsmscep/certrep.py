@@ -96,12 +96,22 @@ def seal_certificates(
     oaep: cms.OaepParams | None,
 ) -> bytes:
     """Encrypt a degenerate PKCS#7 of `certs_der` to the requester's signer certificate."""
+    return seal_reply(cms.certs_only(certs_der), request, cipher, oaep)
+
+
+def seal_reply(
+    content: bytes,
+    request: PkiRequest,
+    cipher: ContentCipher,
+    oaep: cms.OaepParams | None,
+) -> bytes:
+    """Encrypt a reply's degenerate PKCS#7 (certificates or CRLs) to the requester."""
     public_key = request.signer_cert.public_key()
     if not isinstance(public_key, rsa.RSAPublicKey):
         raise TypeError("the requester's key cannot receive an RSA key transport")
     recipient = cms.issuer_and_serial(request.signer_issuer_der, request.signer_serial)
     return cms.seal(
-        cms.certs_only(certs_der),
+        content,
         recipient_key=public_key,
         recipient_id=recipient,
         cipher=cipher,

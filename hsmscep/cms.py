@@ -225,6 +225,42 @@ def certs_only(certs_der: Sequence[bytes]) -> bytes:
     return asn1.seq(asn1.oid(asn1.OID_SIGNED_DATA), asn1.explicit(0, signed))
 
 
+def crls_only(crls_der: Sequence[bytes]) -> bytes:
+    """A degenerate SignedData carrying only CRLs in its [1] crls field (RFC 8894 §3.3.2)."""
+    signed = asn1.seq(
+        asn1.integer(1),
+        asn1.set_of(),
+        asn1.seq(asn1.oid(asn1.OID_DATA)),
+        asn1.tlv(0xA1, b"".join(crls_der)),  # [1] IMPLICIT SET OF CertificateList
+        asn1.set_of(),
+    )
+    return asn1.seq(asn1.oid(asn1.OID_SIGNED_DATA), asn1.explicit(0, signed))
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerAndSerial:
+    """The IssuerAndSerialNumber a GetCert or GetCRL envelope carries (RFC 8894 §3.3.3)."""
+
+    issuer_der: bytes
+    serial: int
+
+    def issued_by(self, subject_der: bytes) -> bool:
+        """Whether `subject_der` names the issuer, by the RFC 5280 §7.1 comparison."""
+        if self.issuer_der == subject_der:
+            return True
+        with der.malformed("issuer name"):
+            return bool(asn1_x509.Name.load(self.issuer_der) == asn1_x509.Name.load(subject_der))
+
+
+def decode_issuer_and_serial(data: bytes) -> IssuerAndSerial:
+    """Parse an IssuerAndSerialNumber (RFC 5652 §10.2.4); MessageError if malformed."""
+    with der.malformed("IssuerAndSerialNumber"):
+        parsed = asn1_cms.IssuerAndSerialNumber.load(data, strict=True)
+        issuer = parsed["issuer"]
+        issuer.native  # noqa: B018 - forces parsing now, inside the malformed() guard
+        return IssuerAndSerial(issuer.dump(), parsed["serial_number"].native)
+
+
 def signed_data(
     *,
     content: bytes | None,

@@ -48,6 +48,9 @@ class IssuancePolicy:
     backdate: timedelta = timedelta(minutes=5)
     min_rsa_bits: int = 2048
     signature_hash: str = "sha256"
+    # Where relying parties find the CRL and the CA certificate; only with a public base URL.
+    crl_distribution_points: x509.CRLDistributionPoints | None = None
+    authority_information_access: x509.AuthorityInformationAccess | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +239,10 @@ def build_certificate(
     if request.sans is not None:
         # RFC 5280 §4.2.1.6: the SAN is critical when the subject is empty.
         builder = builder.add_extension(request.sans, critical=not len(request.subject))
+    if policy.crl_distribution_points is not None:
+        builder = builder.add_extension(policy.crl_distribution_points, critical=False)
+    if policy.authority_information_access is not None:
+        builder = builder.add_extension(policy.authority_information_access, critical=False)
     return builder.sign(issuer_key, _CERT_HASHES[policy.signature_hash]())
 
 
