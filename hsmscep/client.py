@@ -11,7 +11,7 @@ import hashlib
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -65,6 +65,7 @@ class CertRepResult:
     fail_info: str | None
     certificates: list[x509.Certificate]  # decrypted degenerate PKCS#7 content (SUCCESS only)
     signer_cert: x509.Certificate
+    crls: list[x509.CertificateRevocationList] = field(default_factory=list)  # GetCRL replies
 
 
 # ---- GetCACert ----------------------------------------------------------------------------
@@ -262,6 +263,33 @@ def build_pkcs_req(
     return ClientRequest(der, transaction_id, sender_nonce, key, signer_cert)
 
 
+def build_cert_query(
+    *,
+    key: rsa.RSAPrivateKey,
+    ca_certs: Sequence[x509.Certificate],
+    issuer: x509.Certificate,
+    serial: int,
+    message_type: str = MessageType.GET_CERT,
+    signer_cert: x509.Certificate | None = None,
+    subject: x509.Name | None = None,
+) -> ClientRequest:
+    """A GetCert (21) or GetCRL (22) for `serial` issued by `issuer` (RFC 8894 §3.3.3-4).
+
+    The envelope carries an IssuerAndSerialNumber, the issuer as encoded in the CA certificate.
+    """
+    tbs = asn1_x509.Certificate.load(issuer.public_bytes(Encoding.DER))["tbs_certificate"]
+    query = cms.issuer_and_serial(tbs["subject"].dump(), serial)
+    return build_pkcs_req(
+        key=key,
+        ca_certs=ca_certs,
+        challenge=None,
+        subject=subject or x509.Name.from_rfc4514_string("CN=hsmscep query"),
+        signer_cert=signer_cert,
+        message_type=message_type,
+        csr=query,
+    )
+
+
 def _digest(name: str) -> Digest:
     try:
         return DIGESTS_BY_NAME[name]
@@ -353,17 +381,20 @@ def open_cert_rep(
     if fail_info is not None and not isinstance(fail_info, str):
         raise MessageError("failInfo has the wrong type")
     certificates: list[x509.Certificate] = []
+    crls: list[x509.CertificateRevocationList] = []
     if status == PkiStatus.SUCCESS:
-        certificates = _decrypt_certificates(signed.content, request)
+        certificates, crls = _decrypt_reply(signed.content, request)
     elif status == PkiStatus.FAILURE:
         if fail_info is None:
             raise MessageError("FAILURE CertRep without failInfo")
     elif status != PkiStatus.PENDING:
         raise MessageError(f"unknown pkiStatus {status!r}")
-    return CertRepResult(status, fail_info, certificates, signed.signer_cert)
+    return CertRepResult(status, fail_info, certificates, signed.signer_cert, crls)
 
 
-def _decrypt_certificates(content: bytes, request: ClientRequest) -> list[x509.Certificate]:
+def _decrypt_reply(
+    content: bytes, request: ClientRequest
+) -> tuple[list[x509.Certificate], list[x509.CertificateRevocationList]]:
     envelope = cms.decode_envelope(content)
     me = cms.CertId.of(request.signer_cert.public_bytes(Encoding.DER))
     ours = next((kt for kt in envelope.recipients if kt.recipient.matches(me)), None)
@@ -374,10 +405,12 @@ def _decrypt_certificates(content: bytes, request: ClientRequest) -> list[x509.C
         cek = request.key.decrypt(ours.encrypted_key, pad)
     except ValueError:
         raise MessageError("cannot decrypt the content-encryption key") from None
-    certificates = _pkcs7_certificates(envelope.open(cek), "CertRep certificate set")
-    if not certificates:
+    degenerate = envelope.open(cek)
+    certificates = _pkcs7_certificates(degenerate, "CertRep certificate set")
+    crls = _pkcs7_crls(degenerate, "CertRep CRL set")
+    if not certificates and not crls:
         raise MessageError("SUCCESS CertRep carries no certificate")
-    return certificates
+    return certificates, crls
 
 
 def _pkcs7_certificates(der: bytes, what: str) -> list[x509.Certificate]:
@@ -391,6 +424,13 @@ def _pkcs7_certificates(der: bytes, what: str) -> list[x509.Certificate]:
             for c in certs
             if c.name == "certificate"
         ]
+
+
+def _pkcs7_crls(der: bytes, what: str) -> list[x509.CertificateRevocationList]:
+    with _malformed(what):
+        info = asn1_cms.ContentInfo.load(der, strict=True)
+        crls = info["content"]["crls"] or []
+        return [x509.load_der_x509_crl(c.chosen.dump()) for c in crls if c.name == "crl"]
 
 
 def _attributes(signed_attrs: asn1_cms.CMSAttributes) -> dict[str, object]:
