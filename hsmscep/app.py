@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -24,6 +25,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from hsmscep import crl
 from hsmscep.config import Settings, load_settings
 from hsmscep.errors import (
     ConfigError,
@@ -42,6 +44,8 @@ from hsmscep.store import CertStore
 log = logging.getLogger(__name__)
 
 PKI_MESSAGE = "application/x-pki-message"
+PKIX_CRL = "application/pkix-crl"  # RFC 5280 §4.2.1.13
+PKIX_CERT = "application/pkix-cert"  # RFC 5280 §4.2.2.1
 RETRY_AFTER = {"Retry-After": "1"}
 
 
@@ -58,6 +62,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/scep/{suffix:path}", scep_endpoint, methods=_ALL_METHODS),
         Route("/cgi-bin/pkiclient.exe", scep_endpoint, methods=_ALL_METHODS),
         Route("/healthz", health, methods=["GET"]),
+        Route(crl.CRL_PATH, crl_endpoint, methods=["GET", "HEAD"]),
+        Route(crl.CA_CERT_PATH, ca_cert_endpoint, methods=["GET", "HEAD"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
 
@@ -101,15 +107,20 @@ async def _running_service(settings: Settings) -> AsyncIterator[ScepService]:
         await pool.run(Keyring.check_certificates)
         store = await CertStore.open(settings.db_path, synchronous=settings.db_synchronous)
         ra_certs = [ra_sign] if ra_decrypt == ra_sign else [ra_sign, ra_decrypt]
-        yield ScepService(
+        service = ScepService(
             pool=pool,
             store=store,
             ca_cert=ca_cert,
             ra_certs=ra_certs,
             chain=chain,
-            policy=default_policy(settings.challenge, settings.validity_days),
+            policy=default_policy(
+                settings.challenge, settings.validity_days, settings.crl_base_url
+            ),
             caps=settings.caps,
+            crl_lifetime=timedelta(hours=settings.crl_next_update_hours),
         )
+        async with service.crl_refresher():
+            yield service
     finally:
         await pool.aclose()
         if store is not None:
@@ -131,6 +142,25 @@ def _load_cert(path: Path, key: str) -> x509.Certificate:
 
 async def health(request: Request) -> Response:
     return PlainTextResponse("ok\n")
+
+
+async def crl_endpoint(request: Request) -> Response:
+    """The CA's current CRL (DER), the URL issued certificates name as their CRL DP."""
+    service: ScepService = request.state.service
+    try:
+        der = await service.current_crl()
+    except HsmBusy:
+        return PlainTextResponse("busy, retry later\n", status_code=503, headers=RETRY_AFTER)
+    except (HsmError, StoreError) as exc:
+        log.error("CRL request failed: %s", exc)
+        return PlainTextResponse("temporarily unavailable\n", status_code=503, headers=RETRY_AFTER)
+    return Response(der, media_type=PKIX_CRL)
+
+
+async def ca_cert_endpoint(request: Request) -> Response:
+    """The CA certificate (DER), the AIA caIssuers URL of issued certificates."""
+    service: ScepService = request.state.service
+    return Response(service.ca_cert_der, media_type=PKIX_CERT)
 
 
 async def scep_endpoint(request: Request) -> Response:

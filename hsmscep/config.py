@@ -52,6 +52,8 @@ class Settings:
     db_path: Path
     db_synchronous: Literal["FULL", "NORMAL"]
     log_level: str
+    crl_base_url: str | None = None  # public http(s) prefix of /crl/ca.crl and /ca.crt
+    crl_next_update_hours: int = 24
 
     @property
     def ra_split(self) -> bool:
@@ -76,7 +78,7 @@ def load_settings(
 class _Reader:
     def __init__(self, raw: dict[str, Any], env: Mapping[str, str], path: Path) -> None:
         self.raw, self.env, self.path, self.base = raw, env, path, path.parent
-        known = {"server", "pkcs11", "ca", "ra", "ra_decrypt", "enroll", "store", "log"}
+        known = {"server", "pkcs11", "ca", "ra", "ra_decrypt", "enroll", "store", "log", "crl"}
         for section in raw:
             if section not in known:
                 raise ConfigError(f"unknown section [{section}] in {path}")
@@ -207,6 +209,10 @@ class _Reader:
         if synchronous not in ("FULL", "NORMAL"):
             raise ConfigError("store.synchronous must be FULL or NORMAL")
         assert ra_cert is not None
+        base_url = self.text("crl", "base_url")
+        if base_url is not None and not base_url.startswith(("http://", "https://")):
+            # RFC 5280 §4.2.1.13: relying parties fetch the CRL by HTTP; no other scheme here.
+            raise ConfigError(f"crl.base_url must be an http:// or https:// URL, not {base_url!r}")
         return Settings(
             config_path=self.path,
             host=str(self.get("server", "host", "127.0.0.1")),
@@ -228,4 +234,6 @@ class _Reader:
             db_path=self.file("store", "path", "hsmscep.db") or self.base / "hsmscep.db",
             db_synchronous=synchronous,  # type: ignore[arg-type]
             log_level=str(self.get("log", "level", "INFO")).upper(),
+            crl_base_url=base_url.rstrip("/") if base_url else None,
+            crl_next_update_hours=self.integer("crl", "next_update_hours", 24, 1),
         )

@@ -4,14 +4,18 @@ The only module that awaits both. A PKIOperation costs one trip to a signing wor
 decrypts, checks, issues and signs the CertRep in one go, and one group-committed store write
 that completes before the response is returned. Everything a request needs that does not
 change (GetCACert/GetCACaps bodies, parsed certificates) is built in the constructor.
+GetCert and GetCRL cost a decryption trip, a store read and a signing trip. The CRL lives in
+the store, so every server process (and the CLI that revokes) agrees on it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -20,9 +24,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from hsmscep import cms
+from hsmscep import cms, crl
 from hsmscep.algorithms import CIPHERS_BY_NAME, ContentCipher
-from hsmscep.certrep import build_cert_rep, seal_certificates
+from hsmscep.certrep import build_cert_rep, seal_certificates, seal_reply
 from hsmscep.cms import decode_envelope
 from hsmscep.errors import (
     DuplicateSerial,
@@ -44,7 +48,7 @@ from hsmscep.issuance import (
 from hsmscep.keyring import Keyring
 from hsmscep.message import FailInfo, MessageType, PkiRequest, PkiStatus, decode_pki_message
 from hsmscep.pool import SigningPool
-from hsmscep.store import CertStore, IssuedCert
+from hsmscep.store import CertStore, CrlInfo, IssuedCert, Revocation
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("hsmscep.audit")
@@ -52,6 +56,8 @@ audit = logging.getLogger("hsmscep.audit")
 CA_RA_CERT = "application/x-x509-ca-ra-cert"
 CA_CERT = "application/x-x509-ca-cert"
 MAX_SERIAL_ATTEMPTS = 3
+MAX_CRL_ATTEMPTS = 5
+CRL_CHECK_SECONDS = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +69,17 @@ class _Outcome:
     oaep: cms.OaepParams | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Query:
+    """A decrypted GetCert/GetCRL envelope naming a certificate of our CA."""
+
+    target: cms.IssuerAndSerial
+    envelope: cms.Envelope
+    oaep: cms.OaepParams | None
+
+
 class ScepService:
-    """GetCACaps, GetCACert and PKIOperation over an HSM signing pool and a certificate store."""
+    """GetCACaps, GetCACert, PKIOperation and the CRL over an HSM signing pool and a store."""
 
     def __init__(
         self,
@@ -79,6 +94,7 @@ class ScepService:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         random_serial: Callable[[], int] = x509.random_serial_number,
         nonce: Callable[[], bytes] = cms.random_nonce,
+        crl_lifetime: timedelta = timedelta(hours=24),
     ) -> None:
         self.pool, self.store, self.policy = pool, store, policy
         self.issuer = Issuer.of(ca_cert)
@@ -87,10 +103,19 @@ class ScepService:
         ders = [c.public_bytes(Encoding.DER) for c in (ca_cert, *ra_certs, *chain)]
         self.ca_cert_body = cms.certs_only(_unique(ders))
         self.ca_cert_type = CA_RA_CERT
+        self.ca_cert_der = ders[0]
+        self._ca_subject_der = ca_cert.subject.public_bytes()
+        self._crl_lifetime = crl_lifetime
+        self._crl_lock = asyncio.Lock()
+        self._crl_cache: tuple[int, bytes] | None = None
 
     async def pki_operation(self, der: bytes, client: str = "-") -> bytes:
         """Answer a pkiMessage; MessageError means the request never verified (HTTP 400)."""
         request = decode_pki_message(der)
+        if request.message_type in (MessageType.GET_CERT, MessageType.GET_CRL):
+            outcome = await self._query(request)
+            self._audit(request, client, outcome, None)
+            return outcome.response
         if request.message_type != MessageType.PKCS_REQ:
             outcome = await self.pool.run(
                 partial(self._failure, request, FailInfo.BAD_REQUEST, "unsupported messageType")
@@ -113,6 +138,83 @@ class ScepService:
             self._audit(request, client, outcome, outcome.record)
             return outcome.response
         raise StoreError("no unique serial number after several attempts")
+
+    async def _query(self, request: PkiRequest) -> _Outcome:
+        """GetCert or GetCRL (RFC 8894 §3.3.3-4) for a certificate this CA issued."""
+        opened = await self.pool.run(partial(self._open_query, request))
+        if isinstance(opened, _Outcome):
+            return opened
+        serial = opened.target.serial
+        issued = await self.store.get_by_serial(serial)
+        if issued is None:
+            return await self.pool.run(
+                partial(self._failure, request, FailInfo.BAD_CERT_ID, f"unknown serial {serial:x}")
+            )
+        if request.message_type == MessageType.GET_CERT:
+            content, reason = cms.certs_only([issued.der]), f"certificate {serial:x} sent"
+        else:
+            content, reason = cms.crls_only([await self.current_crl()]), "CRL sent"
+        return await self.pool.run(partial(self._reply, request, opened, content, reason))
+
+    # ---- the CRL: one per store, shared by every server process ---------------------------
+
+    async def current_crl(self) -> bytes:
+        """The newest CRL, signing a new one first if a revocation or its age calls for it.
+
+        Revocations may come from another process (the CLI) and several server processes
+        share the store, so the store decides: a CRL covers the revocation revision it was
+        built from, and CRL numbers are unique there. A process that loses the race to publish
+        a number serves the winner's CRL instead of its own.
+        """
+        async with self._crl_lock:
+            for _ in range(MAX_CRL_ATTEMPTS):
+                status = await self.store.crl_status()
+                latest, now = status.latest, self._clock()
+                if (
+                    latest is not None
+                    and latest.revision >= status.revision
+                    and not crl.refresh_due(latest.this_update, latest.next_update, now)
+                ):
+                    der = await self._stored_crl(latest.number)
+                    if der is not None:
+                        return der
+                    continue
+                # Read after the revision: the list holds at least what that revision counts.
+                revoked = await self.store.revocations()
+                number = latest.number + 1 if latest is not None else 1
+                info = CrlInfo(number, status.revision, now, now + self._crl_lifetime)
+                der = await self.pool.run(partial(self._sign_crl, info, revoked))
+                if await self.store.put_crl(info, der):
+                    self._crl_cache = (number, der)
+                    log.info("published CRL %d with %d revoked certificates", number, len(revoked))
+                    return der
+            raise StoreError("could not publish or read a current CRL")
+
+    async def _stored_crl(self, number: int) -> bytes | None:
+        if self._crl_cache is not None and self._crl_cache[0] == number:
+            return self._crl_cache[1]
+        der = await self.store.get_crl(number)
+        if der is not None:
+            self._crl_cache = (number, der)
+        return der
+
+    @asynccontextmanager
+    async def crl_refresher(self, every: float = CRL_CHECK_SECONDS) -> AsyncIterator[None]:
+        """Keep the CRL current while the context runs: after revocations and before expiry."""
+        task = asyncio.create_task(self._refresh_crl(every), name="hsmscep-crl")
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.wait([task])
+
+    async def _refresh_crl(self, every: float) -> None:
+        while True:
+            try:
+                await self.current_crl()
+            except (HsmError, StoreError) as exc:
+                log.warning("CRL refresh failed, retrying in %.0f s: %s", every, exc)
+            await asyncio.sleep(every)
 
     async def _resend(self, request: PkiRequest, fresh: _Outcome) -> _Outcome:
         # RFC 8894 §3.3.1.1 / interop-quirks #10: a retried PKCSReq gets the certificate it
@@ -178,6 +280,63 @@ class ScepService:
             issued_at=now,
         )
         return _Outcome(response, record, "issued", envelope, oaep)
+
+    def _open_query(self, request: PkiRequest, keys: Keyring) -> _Query | _Outcome:
+        try:
+            if not isinstance(request.signer_cert.public_key(), rsa.RSAPublicKey):
+                raise Rejected(FailInfo.BAD_ALG, "the reply can only be encrypted to an RSA key")
+            envelope = decode_envelope(request.content)
+            cek, oaep = _decrypt_key(envelope, keys)
+            target = cms.decode_issuer_and_serial(envelope.open(cek))
+            if not target.issued_by(self._ca_subject_der):
+                raise Rejected(FailInfo.BAD_CERT_ID, "issuer is not this CA")
+        except HsmError:
+            raise
+        except Exception as exc:
+            return self._refusal(request, exc, keys)
+        return _Query(target, envelope, oaep)
+
+    def _reply(
+        self, request: PkiRequest, query: _Query, content: bytes, reason: str, keys: Keyring
+    ) -> _Outcome:
+        sealed = seal_reply(content, request, _reply_cipher(query.envelope), query.oaep)
+        response = build_cert_rep(
+            request,
+            keys.response_signer,
+            status=PkiStatus.SUCCESS,
+            envelope=sealed,
+            sender_nonce=self._nonce(),
+        )
+        return _Outcome(response, None, reason)
+
+    def _sign_crl(self, info: CrlInfo, revoked: list[Revocation], keys: Keyring) -> bytes:
+        entries = [
+            crl.RevokedEntry(
+                r.serial, r.revoked_at, crl.REASONS.get(r.reason, x509.ReasonFlags.unspecified)
+            )
+            for r in revoked
+        ]
+        signed = crl.build_crl(
+            issuer=self.issuer,
+            issuer_key=keys.ca_key,
+            number=info.number,
+            revoked=entries,
+            this_update=info.this_update,
+            next_update=info.next_update,
+        )
+        return signed.public_bytes(Encoding.DER)
+
+    def _refusal(self, request: PkiRequest, exc: Exception, keys: Keyring) -> _Outcome:
+        """The signed FAILURE for an error raised while handling a verified request."""
+        if isinstance(exc, UnsupportedAlgorithm):
+            return self._failure(request, FailInfo.BAD_ALG, str(exc), keys)
+        if isinstance(exc, MessageError):
+            return self._failure(request, FailInfo.BAD_MESSAGE_CHECK, str(exc), keys)
+        if isinstance(exc, Rejected):
+            return self._failure(request, exc.fail_info, exc.reason, keys)
+        # A bug must still be answered the way clients understand (interop-quirks #9).
+        log.error("unexpected error for transaction %r", request.transaction_id, exc_info=exc)
+        return self._failure(request, FailInfo.BAD_REQUEST, "internal error", keys)
 
     def _reissue(
         self, request: PkiRequest, existing: IssuedCert, fresh: _Outcome, keys: Keyring
@@ -245,5 +404,16 @@ def _unique(items: list[bytes]) -> list[bytes]:
     return list(dict.fromkeys(items))
 
 
-def default_policy(challenge: bytes | None, validity_days: int) -> IssuancePolicy:
-    return IssuancePolicy(challenge=challenge, validity=timedelta(days=validity_days))
+def default_policy(
+    challenge: bytes | None, validity_days: int, base_url: str | None = None
+) -> IssuancePolicy:
+    """The issuance policy; with a public base URL, certificates point to the CRL and CA."""
+    if base_url is None:
+        return IssuancePolicy(challenge=challenge, validity=timedelta(days=validity_days))
+    urls = crl.PublicUrls.of(base_url)
+    return IssuancePolicy(
+        challenge=challenge,
+        validity=timedelta(days=validity_days),
+        crl_distribution_points=urls.crl_distribution_points(),
+        authority_information_access=urls.authority_information_access(),
+    )
