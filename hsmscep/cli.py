@@ -1,4 +1,4 @@
-"""The `hsmscep` command: init, import-ca, serve, dev.
+"""The `hsmscep` command: init, import-ca, serve, dev, revoke.
 
 Flags override the config file by setting the matching HSMSCEP_* variables, so uvicorn's
 spawned worker processes see the same settings. Secrets never come from argv.
@@ -7,16 +7,21 @@ spawned worker processes see the same settings. Secrets never come from argv.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import secrets
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hsmscep import __version__
 from hsmscep.config import Settings, load_settings
-from hsmscep.errors import ConfigError, HsmError
+from hsmscep.errors import ConfigError, HsmError, StoreError, UnknownCertificate
 from hsmscep.hsm import KEY_SPECS
+
+if TYPE_CHECKING:
+    from hsmscep.store import Revocation
 
 DEFAULT_CONFIG = "hsmscep.toml"
 
@@ -27,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, HsmError) as exc:
+    except (ConfigError, HsmError, StoreError, UnknownCertificate) as exc:
         print(f"hsmscep: {exc}", file=sys.stderr)
         return 2
 
@@ -68,6 +73,18 @@ def _parser() -> argparse.ArgumentParser:
     with_config(serve)
     _server_flags(serve)
     serve.set_defaults(func=_serve)
+
+    revoke = sub.add_parser("revoke", help="revoke an issued certificate (RFC 5280 reason)")
+    with_config(revoke)
+    revoke.add_argument("--serial", type=_serial, required=True, help="serial number in hex")
+    revoke.add_argument(
+        "--reason",
+        default="unspecified",
+        metavar="REASON",
+        help="unspecified (default), keyCompromise, cACompromise, affiliationChanged, "
+        "superseded, cessationOfOperation, certificateHold, privilegeWithdrawn, aACompromise",
+    )
+    revoke.set_defaults(func=_revoke)
 
     dev = sub.add_parser("dev", help="SoftHSM2 dev CA in a local directory, then serve")
     dev.add_argument("--dir", type=Path, default=Path(".dev"), help="state directory (.dev)")
@@ -121,6 +138,51 @@ def _import_ca(args: argparse.Namespace) -> int:
     for line in import_ca(settings, args.cert, args.chain, args.ra_validity_days):
         print(line)
     return 0
+
+
+def _serial(text: str) -> int:
+    # Accept what tools print: 0x-prefixed, colon-separated (openssl -text) or plain hex.
+    cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
+    try:
+        serial = int(cleaned, 16)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a hexadecimal serial") from None
+    if serial <= 0:
+        raise argparse.ArgumentTypeError("a serial number is positive")
+    return serial
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from hsmscep.crl import parse_reason
+
+    settings = load_settings(args.config)
+    try:
+        reason = parse_reason(args.reason).value
+    except ValueError as exc:
+        raise ConfigError(f"--reason: {exc}") from None
+    revocation, changed = asyncio.run(_record_revocation(settings, args.serial, reason))
+    when = revocation.revoked_at.isoformat(timespec="seconds")
+    if changed:
+        # Only the store changes here: running servers see the new revision on the next CRL
+        # request (or their 30 s check) and sign the CRL with the CA key on their own workers.
+        print(f"revoked {revocation.serial:x} ({revocation.reason}) at {when}")
+    else:
+        print(f"{revocation.serial:x} was already revoked ({revocation.reason}) at {when}")
+    return 0
+
+
+async def _record_revocation(
+    settings: Settings, serial: int, reason: str
+) -> tuple[Revocation, bool]:
+    from datetime import UTC, datetime
+
+    from hsmscep.store import CertStore
+
+    store = await CertStore.open(settings.db_path, synchronous=settings.db_synchronous)
+    try:
+        return await store.revoke(serial, reason, datetime.now(UTC))
+    finally:
+        await store.close()
 
 
 def _serve(args: argparse.Namespace) -> int:
