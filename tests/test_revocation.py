@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
 from hsmscep import client
+from hsmscep.config import load_settings
+from hsmscep.errors import ConfigError
 from hsmscep.hsm import TokenLogin
 from hsmscep.issuance import IssuancePolicy
 from hsmscep.keyring import Keyring, KeySource
@@ -237,6 +239,20 @@ def test_cli_revocation_reaches_the_running_servers_crl(
     refused = openssl_crl(der, tmp_path, "-CAfile", ra_pem, "-verify", "-noout")
     assert "verify OK" not in refused.stderr, refused
 
+    # A relying party's check: openssl refuses the certificate with this CRL, and accepts
+    # one that was not revoked.
+    (tmp_path / "crl.pem").write_bytes(after.public_bytes(Encoding.PEM))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(Encoding.PEM))
+    good, _ = enroll(rserver.url, rca, ca_certs, "not-revoked")
+    (tmp_path / "good.pem").write_bytes(good.public_bytes(Encoding.PEM))
+    crl_pem = str(tmp_path / "crl.pem")
+    check = ["openssl", "verify", "-crl_check", "-CAfile", ca_pem, "-CRLfile", crl_pem]
+    refused_cert = subprocess.run([*check, str(tmp_path / "cert.pem")], capture_output=True)
+    output = (refused_cert.stdout + refused_cert.stderr).decode()
+    assert refused_cert.returncode != 0 and "certificate revoked" in output, output
+    accepted = subprocess.run([*check, str(tmp_path / "good.pem")], capture_output=True)
+    assert accepted.returncode == 0 and b": OK" in accepted.stdout, accepted
+
     with closing(sqlite3.connect(rca.settings.db_path)) as db:
         row = db.execute(
             "SELECT status, revocation_reason, revoked_at FROM certificates WHERE serial = ?",
@@ -289,6 +305,28 @@ def test_revoke_refusals_exit_2(
     assert done.returncode == 2, done
     assert message in done.stderr and "Traceback" not in done.stderr
     assert revision_of(rca) == revision
+
+
+def test_crl_and_ca_cert_urls_are_get_and_head_only(rserver: Server) -> None:
+    for path in ("/crl/ca.crl", "/ca.crt"):
+        head = httpx.head(f"{rserver.url}{path}", timeout=TIMEOUT)
+        assert head.status_code == 200 and head.content == b""
+        assert int(head.headers["content-length"]) > 100
+        assert httpx.post(f"{rserver.url}{path}", timeout=TIMEOUT).status_code == 405
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ('base_url = "ldap://pki.example.test"', "crl.base_url must be an http"),
+        ("next_update_hours = 0", "crl.next_update_hours must be at least 1"),
+    ],
+)
+def test_crl_settings_are_checked(rca: DevCa, section: str, message: str) -> None:
+    bad = rca.directory / "bad-crl.toml"
+    bad.write_text(rca.config.read_text().split("\n[crl]")[0] + f"\n[crl]\n{section}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_settings(bad)
 
 
 def revision_of(ca: DevCa) -> int:
