@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import secrets
@@ -162,6 +163,15 @@ def _revoke(args: argparse.Namespace) -> int:
         raise ConfigError(f"--reason: {exc}") from None
     revocation, changed = asyncio.run(_record_revocation(settings, args.serial, reason))
     when = revocation.revoked_at.isoformat(timespec="seconds")
+    entry = {
+        "event": "revoke",
+        "serial": f"{revocation.serial:x}",
+        "reason": revocation.reason,
+        "revoked_at": when,
+        "outcome": "revoked" if changed else "already revoked",
+        "user": os.environ.get("USER", "-"),
+    }
+    logging.getLogger("hsmscep.audit").info(json.dumps(entry))
     if changed:
         # Only the store changes here: running servers see the new revision on the next CRL
         # request (or their 30 s check) and sign the CRL with the CA key on their own workers.

@@ -7,6 +7,7 @@ servers run; CRLs are checked with cryptography and with `openssl crl`.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import sqlite3
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,7 +34,14 @@ from hsmscep.issuance import IssuancePolicy
 from hsmscep.keyring import Keyring, KeySource
 from hsmscep.pool import SigningPool
 from hsmscep.service import ScepService
-from hsmscep.store import _MIGRATIONS, SCHEMA_VERSION, CertStore, IssuedCert
+from hsmscep.store import (
+    _MIGRATIONS,
+    SCHEMA_VERSION,
+    CertStore,
+    CrlInfo,
+    CrlStatus,
+    IssuedCert,
+)
 from tests.conftest import DevCa, Server, make_ca, start_server
 
 pytestmark = pytest.mark.hsm
@@ -216,6 +225,11 @@ def test_cli_revocation_reaches_the_running_servers_crl(
     done = revoke(rca, "--serial", f"{cert.serial_number:x}", "--reason", "keyCompromise")
     assert done.returncode == 0, done.stderr
     assert f"revoked {cert.serial_number:x} (keyCompromise)" in done.stdout
+    audit = [json.loads(line.split("hsmscep.audit ", 1)[1]) for line in done.stderr.splitlines()
+             if "hsmscep.audit " in line]  # fmt: skip
+    assert [(a["event"], a["serial"], a["outcome"]) for a in audit] == [
+        ("revoke", f"{cert.serial_number:x}", "revoked")
+    ]
 
     der, after = http_crl(rserver.url)
     assert crl_number(after) > crl_number(before)
@@ -459,6 +473,31 @@ def test_migration_2_keeps_existing_certificates(tmp_path: Path) -> None:
     asyncio.run(scenario())
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (2,)
+
+
+def test_crl_numbers_are_published_once(tmp_path: Path) -> None:
+    """The race between processes is settled by the store: the first CRL of a number wins."""
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+
+    async def scenario() -> None:
+        first = await CertStore.open(tmp_path / "crls.sqlite3")
+        second = await CertStore.open(tmp_path / "crls.sqlite3")
+        try:
+            info = CrlInfo(1, 0, t0, t0 + timedelta(hours=1))
+            assert await first.put_crl(info, b"winner")
+            assert not await second.put_crl(info, b"loser")
+            assert await second.get_crl(1) == b"winner"
+            status = await second.crl_status()
+            assert status == CrlStatus(0, info)
+            for number in range(2, 21):
+                assert await first.put_crl(replace(info, number=number), b"crl %d" % number)
+            assert await first.get_crl(20) == b"crl 20"
+            assert await first.get_crl(5) is not None and await first.get_crl(4) is None
+        finally:
+            await first.close()
+            await second.close()
+
+    asyncio.run(scenario())
 
 
 def key_source(ca: DevCa) -> KeySource:
