@@ -94,7 +94,11 @@ async def _running_service(settings: Settings) -> AsyncIterator[ScepService]:
         decrypt=[(settings.ra_decrypt_key, ra_decrypt)],
     )
     logins = TokenLogin()
-    size = settings.pool_size or max(2, os.cpu_count() or 1)
+    # SoftHSM2 is CPU-bound: with one process per core, one session per process keeps every
+    # core busy with the least GIL contention (measured in bench/PROFILE.md). Network HSMs
+    # are latency-bound and want pool_size set to ~30.
+    cores = os.cpu_count() or 1
+    size = settings.pool_size or max(1, cores // (settings.workers or cores))
     pool: SigningPool[Keyring] = SigningPool(
         lambda: Keyring.open(source, logins),
         size=size,
