@@ -79,6 +79,8 @@ class CertRequest:
     subject: x509.Name
     public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
     sans: x509.SubjectAlternativeName | None
+    # None: clientAuth; a renewal keeps the EKU of the certificate it replaces.
+    extended_key_usage: x509.ExtendedKeyUsage | None = None
 
 
 def load_csr(der: bytes) -> x509.CertificateSigningRequest:
@@ -232,7 +234,7 @@ def build_certificate(
         .not_valid_after(not_after)
         .add_extension(_BASIC_CONSTRAINTS, critical=True)
         .add_extension(key_usage, critical=True)
-        .add_extension(_EKU_CLIENT_AUTH, critical=False)
+        .add_extension(request.extended_key_usage or _EKU_CLIENT_AUTH, critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(request.public_key), False)
         .add_extension(issuer.authority_key_id, critical=False)
     )
