@@ -38,6 +38,7 @@ from hsmscep.errors import (
 from hsmscep.hsm import TokenLogin
 from hsmscep.keyring import Keyring, KeySource
 from hsmscep.pool import SigningPool
+from hsmscep.renewal import RenewalPolicy
 from hsmscep.service import ScepService, default_policy
 from hsmscep.store import CertStore
 
@@ -122,6 +123,12 @@ async def _running_service(settings: Settings) -> AsyncIterator[ScepService]:
             ),
             caps=settings.caps,
             crl_lifetime=timedelta(hours=settings.crl_next_update_hours),
+            renewal=RenewalPolicy(
+                enabled=settings.renewal_enabled,
+                window=timedelta(days=settings.renewal_window_days),
+                allow_key_reuse=settings.renewal_allow_key_reuse,
+                revoke_replaced=settings.renewal_revoke_replaced,
+            ),
         )
         async with service.crl_refresher():
             yield service

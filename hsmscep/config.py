@@ -54,6 +54,10 @@ class Settings:
     log_level: str
     crl_base_url: str | None = None  # public http(s) prefix of /crl/ca.crl and /ca.crt
     crl_next_update_hours: int = 24
+    renewal_enabled: bool = True  # GetCACaps advertises Renewal exactly when this is set
+    renewal_window_days: int = 0  # renew only within N days of expiry; 0: any time before
+    renewal_allow_key_reuse: bool = False
+    renewal_revoke_replaced: bool = False  # revoke the old certificate (superseded)
 
     @property
     def ra_split(self) -> bool:
@@ -78,7 +82,10 @@ def load_settings(
 class _Reader:
     def __init__(self, raw: dict[str, Any], env: Mapping[str, str], path: Path) -> None:
         self.raw, self.env, self.path, self.base = raw, env, path, path.parent
-        known = {"server", "pkcs11", "ca", "ra", "ra_decrypt", "enroll", "store", "log", "crl"}
+        known = {
+            *("server", "pkcs11", "ca", "ra", "ra_decrypt", "enroll", "store", "log", "crl"),
+            "renewal",
+        }
         for section in raw:
             if section not in known:
                 raise ConfigError(f"unknown section [{section}] in {path}")
@@ -105,6 +112,16 @@ class _Reader:
         if number < minimum:
             raise ConfigError(f"{section}.{key} must be at least {minimum}, got {number}")
         return number
+
+    def boolean(self, section: str, key: str, default: bool) -> bool:
+        value = self.get(section, key, default)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{section}.{key} has value {value!r}; not true or false")
 
     def text(self, section: str, key: str, default: str | None = None) -> str | None:
         value = self.get(section, key, default)
@@ -178,6 +195,10 @@ class _Reader:
         for cap in caps_raw:
             if cap not in KNOWN_CAPS:
                 raise ConfigError(f"server.caps: unknown capability {cap!r}")
+        # Renewal is advertised only while it is enabled, even if server.caps lists it.
+        renewal = self.boolean("renewal", "enabled", True)
+        if not renewal:
+            caps_raw = [c for c in caps_raw if c != "Renewal"]
 
         main_token = self.token("pkcs11", None)
         ca_token = (
@@ -236,4 +257,8 @@ class _Reader:
             log_level=str(self.get("log", "level", "INFO")).upper(),
             crl_base_url=base_url.rstrip("/") if base_url else None,
             crl_next_update_hours=self.integer("crl", "next_update_hours", 24, 1),
+            renewal_enabled=renewal,
+            renewal_window_days=self.integer("renewal", "window_days", 0, 0),
+            renewal_allow_key_reuse=self.boolean("renewal", "allow_key_reuse", False),
+            renewal_revoke_replaced=self.boolean("renewal", "revoke_replaced", False),
         )

@@ -16,7 +16,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
@@ -48,6 +48,14 @@ from hsmscep.issuance import (
 from hsmscep.keyring import Keyring
 from hsmscep.message import FailInfo, MessageType, PkiRequest, PkiStatus, decode_pki_message
 from hsmscep.pool import SigningPool
+from hsmscep.renewal import (
+    DEFAULT_RENEWAL,
+    RenewalPolicy,
+    StoredSigner,
+    check_signer,
+    names_our_ca,
+    renewed_request,
+)
 from hsmscep.store import CertStore, CrlInfo, IssuedCert, Revocation
 
 log = logging.getLogger(__name__)
@@ -95,8 +103,12 @@ class ScepService:
         random_serial: Callable[[], int] = x509.random_serial_number,
         nonce: Callable[[], bytes] = cms.random_nonce,
         crl_lifetime: timedelta = timedelta(hours=24),
+        renewal: RenewalPolicy = DEFAULT_RENEWAL,
     ) -> None:
         self.pool, self.store, self.policy = pool, store, policy
+        self.renewal = renewal
+        # A renewal is authenticated by the signer certificate, not by the challenge.
+        self._renewal_csr_policy = replace(policy, challenge=None)
         self.issuer = Issuer.of(ca_cert)
         self._clock, self._random_serial, self._nonce = clock, random_serial, nonce
         self.ca_caps = "\n".join(caps).encode()
@@ -105,6 +117,7 @@ class ScepService:
         self.ca_cert_type = CA_RA_CERT
         self.ca_cert_der = ders[0]
         self._ca_subject_der = ca_cert.subject.public_bytes()
+        self._ca_key_id = self.issuer.authority_key_id.key_identifier
         self._crl_lifetime = crl_lifetime
         self._crl_lock = asyncio.Lock()
         self._crl_cache: tuple[int, bytes] | None = None
@@ -116,14 +129,28 @@ class ScepService:
             outcome = await self._query(request)
             self._audit(request, client, outcome, None)
             return outcome.response
-        if request.message_type != MessageType.PKCS_REQ:
+        refusal = None
+        if request.message_type not in (MessageType.PKCS_REQ, MessageType.RENEWAL_REQ):
+            refusal = "unsupported messageType"
+        signer: StoredSigner | None = None
+        # Only a signer that names our CA costs a store read: the hot path (a self-signed
+        # PKCSReq) stays a byte comparison away from today's challenge path.
+        if refusal is None and self.renewal.enabled and self._issued_here(request):
+            signer = await self._stored_signer(request)
+        elif refusal is None and request.message_type == MessageType.RENEWAL_REQ:
+            refusal = (
+                "renewal is disabled"
+                if not self.renewal.enabled
+                else "RenewalReq must be signed by a certificate issued here"
+            )
+        if refusal is not None:
             outcome = await self.pool.run(
-                partial(self._failure, request, FailInfo.BAD_REQUEST, "unsupported messageType")
+                partial(self._failure, request, FailInfo.BAD_REQUEST, refusal)
             )
             self._audit(request, client, outcome, None)
             return outcome.response
         for _ in range(MAX_SERIAL_ATTEMPTS):
-            outcome = await self.pool.run(partial(self._enroll, request))
+            outcome = await self.pool.run(partial(self._enroll, request, signer))
             if outcome.record is None:
                 self._audit(request, client, outcome, None)
                 return outcome.response
@@ -133,11 +160,42 @@ class ScepService:
                 continue
             except DuplicateTransaction:
                 outcome = await self._resend(request, outcome)
-                self._audit(request, client, outcome, outcome.record)
-                return outcome.response
+            if signer is not None and outcome.record is not None and self.renewal.revoke_replaced:
+                # After the new certificate is stored; a failure here is a 503 and the client's
+                # retry (same transactionID) gets the same certificate and revokes again.
+                await self._revoke_replaced(request)
             self._audit(request, client, outcome, outcome.record)
             return outcome.response
         raise StoreError("no unique serial number after several attempts")
+
+    # ---- renewal: PKCSReq or RenewalReq signed by a certificate we issued ------------------
+
+    def _issued_here(self, request: PkiRequest) -> bool:
+        return names_our_ca(
+            request.signer_issuer_der, request.signer_cert, self._ca_subject_der, self._ca_key_id
+        )
+
+    async def _stored_signer(self, request: PkiRequest) -> StoredSigner:
+        stored = await self.store.get_by_serial(request.signer_serial)
+        if stored is None:
+            return StoredSigner(None, revoked=False)
+        revoked = stored.status == "revoked"
+        retried = False
+        if revoked:
+            # A retry of a renewal that already revoked this certificate (revoke_replaced):
+            # it gets the certificate it was issued, not a refusal.
+            existing = await self.store.get_by_transaction(request.transaction_id)
+            retried = (
+                existing is not None
+                and existing.requester_fingerprint == request.signer_fingerprint
+            )
+        return StoredSigner(stored.der, revoked=revoked, retried=retried)
+
+    async def _revoke_replaced(self, request: PkiRequest) -> None:
+        serial = request.signer_serial
+        _, newly = await self.store.revoke(serial, "superseded", self._clock())
+        if newly:
+            log.info("revoked %x (superseded) after renewal %r", serial, request.transaction_id)
 
     async def _query(self, request: PkiRequest) -> _Outcome:
         """GetCert or GetCRL (RFC 8894 §3.3.3-4) for a certificate this CA issued."""
@@ -229,14 +287,29 @@ class ScepService:
 
     # ---- jobs: these run on a signing worker thread with that thread's keys ------------
 
-    def _enroll(self, request: PkiRequest, keys: Keyring) -> _Outcome:
+    def _enroll(self, request: PkiRequest, signer: StoredSigner | None, keys: Keyring) -> _Outcome:
+        """Issue for a PKCSReq, or renew when `signer` (the stored signer certificate) is set."""
         try:
             if not isinstance(request.signer_cert.public_key(), rsa.RSAPublicKey):
                 raise Rejected(FailInfo.BAD_ALG, "the reply can only be encrypted to an RSA key")
+            now = self._clock()
+            if signer is not None:
+                check_signer(
+                    request.signer_cert,
+                    signer,
+                    ca_cert=self.issuer.certificate,
+                    now=now,
+                    policy=self.renewal,
+                )
             envelope = decode_envelope(request.content)
             cek, oaep = _decrypt_key(envelope, keys)
-            cert_request = check_csr(load_csr(envelope.open(cek)), self.policy)
-            now = self._clock()
+            csr = load_csr(envelope.open(cek))
+            if signer is None:
+                cert_request = check_csr(csr, self.policy)
+            else:
+                cert_request = renewed_request(
+                    request.signer_cert, check_csr(csr, self._renewal_csr_policy), self.renewal
+                )
             cert = build_certificate(
                 cert_request,
                 issuer=self.issuer,
@@ -279,7 +352,8 @@ class ScepService:
             der=cert_der,
             issued_at=now,
         )
-        return _Outcome(response, record, "issued", envelope, oaep)
+        reason = "issued" if signer is None else f"renewed {request.signer_serial:x}"
+        return _Outcome(response, record, reason, envelope, oaep)
 
     def _open_query(self, request: PkiRequest, keys: Keyring) -> _Query | _Outcome:
         try:
