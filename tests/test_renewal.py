@@ -1,0 +1,583 @@
+"""Renewal end to end: RenewalReq and certificate-signed PKCSReq against live servers.
+
+One CA (SoftHSM2 token, SQLite store) serves several `hsmscep serve` processes that differ only
+in their [renewal] settings, given as HSMSCEP_RENEWAL_* overrides. The renewal window and expiry
+are checked with the service itself on the real HSM pool and store and a clock we move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import closing
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from hsmscep import client
+from hsmscep.config import load_settings
+from hsmscep.errors import ConfigError
+from hsmscep.hsm import TokenLogin
+from hsmscep.issuance import IssuancePolicy
+from hsmscep.keyring import Keyring, KeySource
+from hsmscep.pool import SigningPool
+from hsmscep.renewal import RenewalPolicy
+from hsmscep.service import ScepService
+from hsmscep.store import CertStore
+from tests.conftest import DevCa, Server, make_ca, start_server
+
+pytestmark = pytest.mark.hsm
+
+SUCCESS, FAILURE = "0", "2"
+BAD_REQUEST, BAD_CERT_ID = "2", "4"
+PKCS_REQ, RENEWAL_REQ = "19", "17"
+TIMEOUT = 30.0
+SANS: tuple[x509.GeneralName, ...] = (
+    x509.DNSName("device-1.example.test"),
+    x509.RFC822Name("device-1@example.test"),
+)
+OTHER_SUBJECT = x509.Name.from_rfc4514_string("CN=someone else,O=Elsewhere")
+
+
+# ---- fixtures and helpers -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nca(softhsm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DevCa:
+    return make_ca(softhsm_dir, tmp_path_factory.mktemp("renewal"), "renewal-ca")
+
+
+def _server(ca: DevCa, env: dict[str, str]) -> Iterator[Server]:
+    srv = start_server(ca, env)
+    yield srv
+    srv.stop()
+    assert "Traceback" not in srv.output()
+
+
+@pytest.fixture(scope="module")
+def default_server(nca: DevCa) -> Iterator[Server]:
+    """The defaults: enabled, any time before expiry, key reuse refused, old cert kept."""
+    yield from _server(nca, {})
+
+
+@pytest.fixture(scope="module")
+def lenient_server(nca: DevCa) -> Iterator[Server]:
+    yield from _server(
+        nca, {"HSMSCEP_RENEWAL_ALLOW_KEY_REUSE": "true", "HSMSCEP_RENEWAL_REVOKE_REPLACED": "yes"}
+    )
+
+
+@pytest.fixture(scope="module")
+def disabled_server(nca: DevCa) -> Iterator[Server]:
+    yield from _server(nca, {"HSMSCEP_RENEWAL_ENABLED": "false"})
+
+
+@pytest.fixture(scope="module")
+def ca_certs(default_server: Server) -> list[x509.Certificate]:
+    response = httpx.get(
+        f"{default_server.url}/scep", params={"operation": "GetCACert"}, timeout=TIMEOUT
+    )
+    return client.parse_ca_certs(response.content)
+
+
+def post(url: str, der: bytes) -> bytes:
+    response = httpx.post(
+        f"{url}/scep?operation=PKIOperation",
+        content=der,
+        headers={"Content-Type": "application/x-pki-message"},
+        timeout=TIMEOUT,
+    )
+    assert response.status_code == 200, response.text
+    return response.content
+
+
+def subject(cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Renewal Test"),
+        ]
+    )
+
+
+def enroll(
+    url: str, ca: DevCa, ca_certs: Sequence[x509.Certificate], cn: str
+) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+    """A first certificate the usual way: self-signed signer and the challenge."""
+    key = rsa.generate_private_key(65537, 2048)
+    request = client.build_pkcs_req(
+        key=key, ca_certs=ca_certs, challenge=ca.challenge, subject=subject(cn), sans=SANS
+    )
+    result = client.open_cert_rep(post(url, request.der), request, ca_certs)
+    assert (result.pki_status, result.fail_info) == (SUCCESS, None)
+    [cert] = result.certificates
+    return cert, key
+
+
+def renewal_request(
+    ca_certs: Sequence[x509.Certificate],
+    old: x509.Certificate,
+    old_key: rsa.RSAPrivateKey,
+    *,
+    message_type: str = RENEWAL_REQ,
+    new_key: rsa.RSAPrivateKey | None = None,
+    challenge: str | None = None,
+    csr_subject: x509.Name = OTHER_SUBJECT,
+) -> client.ClientRequest:
+    """Signed with the old certificate and key, around a CSR for `new_key` (fresh by default).
+
+    The CSR asks for another subject and no SANs: a renewal keeps the old ones regardless.
+    """
+    new_key = new_key or rsa.generate_private_key(65537, 2048)
+    csr = client.build_csr(new_key, csr_subject, challenge=challenge)
+    return client.build_pkcs_req(
+        key=old_key,
+        ca_certs=ca_certs,
+        challenge=None,
+        subject=old.subject,
+        signer_cert=old,
+        message_type=message_type,
+        csr=csr,
+    )
+
+
+def send(
+    url: str, ca_certs: Sequence[x509.Certificate], request: client.ClientRequest
+) -> client.CertRepResult:
+    result = client.open_cert_rep(post(url, request.der), request, ca_certs)
+    assert result.signer_cert == ca_certs[1]  # signed by the RA, like every CertRep
+    return result
+
+
+def renew(
+    url: str,
+    ca_certs: Sequence[x509.Certificate],
+    old: x509.Certificate,
+    old_key: rsa.RSAPrivateKey,
+    *,
+    message_type: str = RENEWAL_REQ,
+    new_key: rsa.RSAPrivateKey | None = None,
+    challenge: str | None = None,
+) -> tuple[client.CertRepResult, rsa.RSAPrivateKey]:
+    """A renewal sent and its reply opened; also the key the CSR was made for."""
+    new_key = new_key or rsa.generate_private_key(65537, 2048)
+    request = renewal_request(
+        ca_certs, old, old_key, message_type=message_type, new_key=new_key, challenge=challenge
+    )
+    return send(url, ca_certs, request), new_key
+
+
+def refusal(result: client.CertRepResult) -> tuple[str, str | None]:
+    assert not result.certificates
+    return result.pki_status, result.fail_info
+
+
+def eku(cert: x509.Certificate) -> x509.ExtendedKeyUsage:
+    return cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+
+
+def sans(cert: x509.Certificate) -> list[x509.GeneralName]:
+    return list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+
+
+def stored(ca: DevCa, serial: int) -> tuple[str, list[str], str, str | None] | None:
+    """(subject, SANs, status, revocation reason) as the store has them, read with sqlite3."""
+    with closing(sqlite3.connect(ca.settings.db_path)) as db:
+        row = db.execute(
+            "SELECT subject, sans_json, status, revocation_reason FROM certificates"
+            " WHERE serial = ?",
+            (format(serial, "040x"),),
+        ).fetchone()
+    if row is None:
+        return None
+    return row[0], json.loads(row[1]), row[2], row[3]
+
+
+def revoke(ca: DevCa, serial: int, reason: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "hsmscep", "revoke", "--config", str(ca.config)]
+        + ["--serial", f"{serial:x}", "--reason", reason],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def caps(url: str) -> list[str]:
+    response = httpx.get(f"{url}/scep", params={"operation": "GetCACaps"}, timeout=TIMEOUT)
+    assert response.status_code == 200
+    return response.text.split()
+
+
+def assert_renewed(
+    result: client.CertRepResult,
+    old: x509.Certificate,
+    ca_certs: Sequence[x509.Certificate],
+    ca: DevCa,
+) -> x509.Certificate:
+    """SUCCESS with a new certificate that keeps the old subject, SANs and EKU, and is stored."""
+    assert (result.pki_status, result.fail_info) == (SUCCESS, None)
+    [new] = result.certificates
+    new.verify_directly_issued_by(ca_certs[0])
+    assert new.serial_number != old.serial_number
+    assert new.subject == old.subject and new.subject != OTHER_SUBJECT
+    assert sans(new) == sans(old) == list(SANS)
+    assert eku(new) == eku(old)
+    assert list(eku(new)) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert new.public_key() != old.public_key()
+    assert stored(ca, new.serial_number) == (
+        old.subject.rfc4514_string(),
+        ["DNS:device-1.example.test", "email:device-1@example.test"],
+        "issued",
+        None,
+    )
+    return new
+
+
+# ---- renewal succeeds ---------------------------------------------------------------------
+
+
+def test_renewal_req_signed_by_issued_certificate(
+    nca: DevCa, default_server: Server, ca_certs: list[x509.Certificate]
+) -> None:
+    old, old_key = enroll(default_server.url, nca, ca_certs, "renew-17")
+    result, new_key = renew(default_server.url, ca_certs, old, old_key)
+    new = assert_renewed(result, old, ca_certs, nca)
+    # Defaults: the old certificate stays valid (revoke_replaced = false).
+    assert stored(nca, old.serial_number) == (
+        old.subject.rfc4514_string(),
+        ["DNS:device-1.example.test", "email:device-1@example.test"],
+        "issued",
+        None,
+    )
+    # The new certificate renews in turn.
+    newer, _ = renew(default_server.url, ca_certs, new, new_key)
+    assert_renewed(newer, new, ca_certs, nca)
+
+
+def test_pkcs_req_signed_by_issued_certificate_needs_no_challenge(
+    nca: DevCa, default_server: Server, ca_certs: list[x509.Certificate]
+) -> None:
+    """How Cisco, sscep, jscep and macOS renew: a PKCSReq signed with the old certificate."""
+    old, old_key = enroll(default_server.url, nca, ca_certs, "renew-19")
+    result, _ = renew(default_server.url, ca_certs, old, old_key, message_type=PKCS_REQ)
+    assert_renewed(result, old, ca_certs, nca)
+
+
+def test_renewal_ignores_a_wrong_challenge(
+    nca: DevCa, default_server: Server, ca_certs: list[x509.Certificate]
+) -> None:
+    """The signer certificate authenticates a renewal; a stale challenge does not matter."""
+    old, old_key = enroll(default_server.url, nca, ca_certs, "renew-stale-challenge")
+    result, _ = renew(default_server.url, ca_certs, old, old_key, challenge="not the challenge")
+    assert_renewed(result, old, ca_certs, nca)
+
+
+def test_caps_advertise_renewal_by_default(default_server: Server, lenient_server: Server) -> None:
+    assert "Renewal" in caps(default_server.url)
+    assert "Renewal" in caps(lenient_server.url)
+
+
+# ---- who may not renew --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("message_type", [RENEWAL_REQ, PKCS_REQ])
+def test_revoked_signer_is_refused(
+    nca: DevCa, default_server: Server, ca_certs: list[x509.Certificate], message_type: str
+) -> None:
+    old, old_key = enroll(default_server.url, nca, ca_certs, f"revoked-{message_type}")
+    assert renew(default_server.url, ca_certs, old, old_key)[0].pki_status == SUCCESS
+    revoke(nca, old.serial_number, "keyCompromise")
+    before = count(nca)
+    result, _ = renew(default_server.url, ca_certs, old, old_key, message_type=message_type)
+    assert refusal(result) == (FAILURE, BAD_REQUEST)
+    assert count(nca) == before
+    # Even with the challenge in the CSR: the revoked signer is not a self-signed enrollment.
+    result, _ = renew(
+        default_server.url,
+        ca_certs,
+        old,
+        old_key,
+        message_type=message_type,
+        challenge=nca.challenge,
+    )
+    assert refusal(result) == (FAILURE, BAD_REQUEST)
+
+
+def count(ca: DevCa) -> int:
+    with closing(sqlite3.connect(ca.settings.db_path)) as db:
+        return int(db.execute("SELECT COUNT(*) FROM certificates").fetchone()[0])
+
+
+def test_self_signed_renewal_req_is_refused(
+    nca: DevCa, default_server: Server, ca_certs: list[x509.Certificate]
+) -> None:
+    """A RenewalReq needs a signer we issued; a self-signed one is bad, even with the challenge."""
+    key = rsa.generate_private_key(65537, 2048)
+    request = client.build_pkcs_req(
+        key=key,
+        ca_certs=ca_certs,
+        challenge=nca.challenge,
+        subject=subject("self-signed-renewal"),
+        message_type=RENEWAL_REQ,
+    )
+    assert refusal(send(default_server.url, ca_certs, request)) == (FAILURE, BAD_REQUEST)
+
+
+def test_self_signed_pkcs_req_still_needs_the_challenge(
+    nca: DevCa, default_server: Server, ca_certs: list[x509.Certificate]
+) -> None:
+    key = rsa.generate_private_key(65537, 2048)
+    for challenge, outcome in ((None, (FAILURE, BAD_REQUEST)), ("wrong", (FAILURE, BAD_REQUEST))):
+        request = client.build_pkcs_req(
+            key=key, ca_certs=ca_certs, challenge=challenge, subject=subject("self-signed")
+        )
+        assert refusal(send(default_server.url, ca_certs, request)) == outcome
+    request = client.build_pkcs_req(
+        key=key, ca_certs=ca_certs, challenge=nca.challenge, subject=subject("self-signed")
+    )
+    result = send(default_server.url, ca_certs, request)
+    assert result.pki_status == SUCCESS
+    assert result.certificates[0].subject == subject("self-signed")
+
+
+def forge(
+    template: x509.Certificate, key: rsa.RSAPrivateKey, ca: x509.Certificate, serial: int
+) -> x509.Certificate:
+    """A certificate naming our CA as issuer (and its key id) but signed by another key."""
+    ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    now = datetime.now(UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(template.subject)
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), False)
+        .sign(rsa.generate_private_key(65537, 2048), hashes.SHA256())
+    )
+
+
+def test_forged_signer_is_refused(
+    nca: DevCa, default_server: Server, ca_certs: list[x509.Certificate]
+) -> None:
+    """Issuer name and key id of our CA, but not our signature: never a renewal."""
+    old, _ = enroll(default_server.url, nca, ca_certs, "forged")
+    key = rsa.generate_private_key(65537, 2048)
+    for serial in (old.serial_number, x509.random_serial_number()):
+        forged = forge(old, key, ca_certs[0], serial)
+        for message_type in (RENEWAL_REQ, PKCS_REQ):
+            result, _ = renew(
+                default_server.url,
+                ca_certs,
+                forged,
+                key,
+                message_type=message_type,
+                challenge=nca.challenge,
+            )
+            assert refusal(result) == (FAILURE, BAD_CERT_ID)
+
+
+def test_key_reuse_is_refused_by_default(
+    nca: DevCa, default_server: Server, ca_certs: list[x509.Certificate]
+) -> None:
+    old, old_key = enroll(default_server.url, nca, ca_certs, "reuse-refused")
+    result, _ = renew(default_server.url, ca_certs, old, old_key, new_key=old_key)
+    assert refusal(result) == (FAILURE, BAD_REQUEST)
+
+
+# ---- [renewal] settings ---------------------------------------------------------------------
+
+
+def test_key_reuse_allowed_and_replaced_certificate_revoked_when_configured(
+    nca: DevCa, lenient_server: Server, ca_certs: list[x509.Certificate]
+) -> None:
+    old, old_key = enroll(lenient_server.url, nca, ca_certs, "reuse-allowed")
+    request = renewal_request(ca_certs, old, old_key, new_key=old_key)
+    result = send(lenient_server.url, ca_certs, request)
+    assert result.pki_status == SUCCESS
+    [new] = result.certificates
+    assert new.public_key() == old.public_key() and new.serial_number != old.serial_number
+    assert new.subject == old.subject and sans(new) == sans(old) and eku(new) == eku(old)
+    assert stored(nca, old.serial_number)[2:] == ("revoked", "superseded")  # type: ignore[index]
+    assert stored(nca, new.serial_number)[2:] == ("issued", None)  # type: ignore[index]
+
+    crl_response = httpx.get(f"{lenient_server.url}/crl/ca.crl", timeout=TIMEOUT)
+    assert crl_response.status_code == 200
+    crl = x509.load_der_x509_crl(crl_response.content)
+    assert crl.is_signature_valid(ca_certs[0].public_key())  # type: ignore[arg-type]
+    entry = crl.get_revoked_certificate_by_serial_number(old.serial_number)
+    assert entry is not None
+    reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    assert reason == x509.ReasonFlags.superseded
+    assert crl.get_revoked_certificate_by_serial_number(new.serial_number) is None
+
+    # A retry of the same request (lost reply) gets the same certificate, not a refusal
+    # because its signer is now revoked.
+    again = send(lenient_server.url, ca_certs, request)
+    assert (again.pki_status, again.certificates) == (SUCCESS, [new])
+    # Any other renewal with the replaced certificate is refused.
+    result, _ = renew(lenient_server.url, ca_certs, old, old_key)
+    assert refusal(result) == (FAILURE, BAD_REQUEST)
+
+
+def test_renewal_disabled(
+    nca: DevCa, disabled_server: Server, ca_certs: list[x509.Certificate]
+) -> None:
+    """No Renewal cap; RenewalReq refused; a certificate-signed PKCSReq is a plain enrollment."""
+    assert "Renewal" not in caps(disabled_server.url)
+    assert {"POSTPKIOperation", "SHA-256", "AES"} <= set(caps(disabled_server.url))
+    old, old_key = enroll(disabled_server.url, nca, ca_certs, "disabled")
+    result, _ = renew(disabled_server.url, ca_certs, old, old_key)
+    assert refusal(result) == (FAILURE, BAD_REQUEST)
+    result, _ = renew(disabled_server.url, ca_certs, old, old_key, message_type=PKCS_REQ)
+    assert refusal(result) == (FAILURE, BAD_REQUEST)  # no challenge
+    result, _ = renew(
+        disabled_server.url,
+        ca_certs,
+        old,
+        old_key,
+        message_type=PKCS_REQ,
+        challenge=nca.challenge,
+    )
+    assert result.pki_status == SUCCESS
+    assert result.certificates[0].subject == OTHER_SUBJECT  # the CSR's, as for any enrollment
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("enabled = 3", "renewal.enabled has value 3"),
+        ('allow_key_reuse = "maybe"', "renewal.allow_key_reuse has value 'maybe'"),
+        ("window_days = -1", "renewal.window_days must be at least 0"),
+    ],
+)
+def test_renewal_settings_are_checked(nca: DevCa, setting: str, message: str) -> None:
+    bad = nca.directory / "bad-renewal.toml"
+    bad.write_text(nca.config.read_text() + f"\n[renewal]\n{setting}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_settings(bad)
+
+
+def test_renewal_settings(nca: DevCa) -> None:
+    config = nca.directory / "renewal.toml"
+    config.write_text(nca.config.read_text() + "\n[renewal]\nenabled = false\n")
+    settings = load_settings(config)
+    assert not settings.renewal_enabled and "Renewal" not in settings.caps
+    assert load_settings(nca.config).renewal_enabled and "Renewal" in nca.settings.caps
+    config.write_text(
+        nca.config.read_text()
+        + "\n[renewal]\nwindow_days = 30\nallow_key_reuse = true\nrevoke_replaced = true\n"
+    )
+    settings = load_settings(config)
+    assert (
+        settings.renewal_enabled,
+        settings.renewal_window_days,
+        settings.renewal_allow_key_reuse,
+        settings.renewal_revoke_replaced,
+    ) == (True, 30, True, True)
+    defaults = nca.settings
+    assert (
+        defaults.renewal_window_days,
+        defaults.renewal_allow_key_reuse,
+        defaults.renewal_revoke_replaced,
+    ) == (0, False, False)
+
+
+# ---- the renewal window and expiry: the service on the real HSM and store, our clock --------
+
+
+def test_renewal_window_and_expired_signer(nca: DevCa, tmp_path: Path) -> None:
+    s = nca.settings
+    ra = x509.load_pem_x509_certificate(s.ra_sign_cert.read_bytes())
+    source = KeySource(
+        ca_key=s.ca_key,
+        ca_cert=x509.load_pem_x509_certificate(s.ca_cert.read_bytes()),
+        ra_sign_key=s.ra_sign_key,
+        ra_sign_cert=ra,
+        decrypt=[(s.ra_decrypt_key, ra)],
+    )
+    t0 = datetime.now(UTC).replace(microsecond=0)
+    now = [t0]
+
+    async def scenario() -> None:
+        logins = TokenLogin()
+        pool: SigningPool[Keyring] = SigningPool(
+            lambda: Keyring.open(source, logins), size=1, max_pending=8, close_context=Keyring.close
+        )
+        store = await CertStore.open(tmp_path / "window.sqlite3")
+        try:
+            await pool.start()
+            service = ScepService(
+                pool=pool,
+                store=store,
+                ca_cert=source.ca_cert,
+                ra_certs=[ra],
+                chain=[],
+                policy=IssuancePolicy(challenge=b"pw", validity=timedelta(days=30)),
+                caps=(),
+                clock=lambda: now[0],
+                renewal=RenewalPolicy(window=timedelta(days=7)),
+            )
+            ca_certs = client.parse_ca_certs(service.ca_cert_body)
+
+            async def exchange(request: client.ClientRequest) -> client.CertRepResult:
+                return client.open_cert_rep(
+                    await service.pki_operation(request.der), request, ca_certs
+                )
+
+            key = rsa.generate_private_key(65537, 2048)
+            first = await exchange(
+                client.build_pkcs_req(
+                    key=key, ca_certs=ca_certs, challenge="pw", subject=subject("window")
+                )
+            )
+            [old] = first.certificates
+            assert old.not_valid_after_utc == t0 + timedelta(days=30)
+
+            # 23 days before expiry: outside the 7-day window.
+            result = await exchange(renewal_request(ca_certs, old, key))
+            assert refusal(result) == (FAILURE, BAD_REQUEST)
+            now[0] = t0 + timedelta(days=23) - timedelta(seconds=1)
+            result = await exchange(renewal_request(ca_certs, old, key, message_type=PKCS_REQ))
+            assert refusal(result) == (FAILURE, BAD_REQUEST)
+
+            # Inside the window, by either message type.
+            now[0] = t0 + timedelta(days=23)
+            for message_type in (RENEWAL_REQ, PKCS_REQ):
+                result = await exchange(
+                    renewal_request(ca_certs, old, key, message_type=message_type)
+                )
+                assert result.pki_status == SUCCESS
+                [new] = result.certificates
+                assert new.subject == old.subject and new.serial_number != old.serial_number
+                assert new.not_valid_after_utc == now[0] + timedelta(days=30)
+                assert await store.get_by_serial(new.serial_number) is not None
+
+            # Expired: refused, even inside what would be the window.
+            now[0] = t0 + timedelta(days=30, seconds=1)
+            for message_type in (RENEWAL_REQ, PKCS_REQ):
+                result = await exchange(
+                    renewal_request(ca_certs, old, key, message_type=message_type)
+                )
+                assert refusal(result) == (FAILURE, BAD_REQUEST)
+            assert await store.count() == 3
+        finally:
+            await pool.aclose()
+            await store.close()
+            logins.close()
+
+    asyncio.run(scenario())
