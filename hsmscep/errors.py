@@ -7,6 +7,8 @@
   + Rejected              policy said no: signed CertRep FAILURE with its fail_info
   + PayloadTooLarge       request body over the cap: HTTP 413
   + UnknownCertificate    no certificate with that serial: CLI exit 2 (admin API: 404)
+  + UnknownRequest        no pending request with that id: CLI exit 2, admin API 404
+  + RequestConflict       the pending request was already decided or expired: exit 2, 409
   + HsmError              the PKCS#11 module failed: HTTP 503 (we may not be able to sign)
   |  - HsmBusy            signing queue full: HTTP 503 with Retry-After
   + StoreError            the database failed: HTTP 503
@@ -50,6 +52,14 @@ class PayloadTooLarge(ScepError):
 
 class UnknownCertificate(ScepError):
     """No certificate with the given serial number was issued here."""
+
+
+class UnknownRequest(ScepError):
+    """No pending request with the given id."""
+
+
+class RequestConflict(ScepError):
+    """The pending request cannot take this decision (decided otherwise, or expired)."""
 
 
 class HsmError(ScepError):

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import aiosqlite
@@ -23,8 +23,10 @@ from hsmscep.errors import (
     ConfigError,
     DuplicateSerial,
     DuplicateTransaction,
+    RequestConflict,
     StoreError,
     UnknownCertificate,
+    UnknownRequest,
 )
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,25 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             next_update TEXT NOT NULL,
             der BLOB NOT NULL
         )""",
+    ),
+    (
+        # Requests waiting for an operator ([enroll] approval = "manual"). The CSR was checked
+        # when it arrived; the certificate is issued at the first poll after approval.
+        """CREATE TABLE pending_requests (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            transaction_id TEXT UNIQUE NOT NULL,
+            csr_der BLOB NOT NULL,
+            requester_fingerprint TEXT NOT NULL,
+            requester_key_sha256 TEXT NOT NULL,
+            requester_ip TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            sans_json TEXT NOT NULL,
+            key_description TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            status TEXT NOT NULL,
+            decided_at TEXT
+        )""",
+        "CREATE INDEX pending_requests_status ON pending_requests (status)",
     ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -136,6 +157,56 @@ class CrlStatus:
 
     revision: int
     latest: CrlInfo | None
+
+
+PendingStatus = Literal["pending", "approved", "rejected", "issued"]
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRequest:
+    """A checked certificate request waiting for (or past) an operator's decision."""
+
+    transaction_id: str
+    csr_der: bytes
+    requester_fingerprint: str  # SHA-256 of the pkiMessage signer certificate
+    requester_key_sha256: str  # SHA-256 of the signer's SubjectPublicKeyInfo: polls must match
+    requester_ip: str
+    subject: str
+    sans: tuple[str, ...]
+    key_description: str  # "RSA 2048", "EC secp256r1"
+    created_at: datetime
+    status: PendingStatus = "pending"
+    decided_at: datetime | None = None
+    id: int = 0  # assigned by the store
+
+    def expired(self, now: datetime, ttl: timedelta) -> bool:
+        """Still undecided after `ttl`: polls are refused and it can no longer be approved."""
+        return self.status == "pending" and now - self.created_at >= ttl
+
+
+_PENDING_COLUMNS = (
+    "id, transaction_id, csr_der, requester_fingerprint, requester_key_sha256, requester_ip,"
+    " subject, sans_json, key_description, created_at, status, decided_at"
+)
+_SELECT_PENDING = f"SELECT {_PENDING_COLUMNS} FROM pending_requests"
+
+
+def _pending_from_row(row: Any) -> PendingRequest:
+    rid, tid, csr, fingerprint, key_hash, ip, subject, sans, key, created, status, decided = row
+    return PendingRequest(
+        id=int(rid),
+        transaction_id=tid,
+        csr_der=bytes(csr),
+        requester_fingerprint=fingerprint,
+        requester_key_sha256=key_hash,
+        requester_ip=ip,
+        subject=subject,
+        sans=tuple(json.loads(sans)),
+        key_description=key,
+        created_at=datetime.fromisoformat(created),
+        status=status,
+        decided_at=datetime.fromisoformat(decided) if decided is not None else None,
+    )
 
 
 def _serial_key(serial: int) -> str:
@@ -430,6 +501,92 @@ class CertStore:
             # Old CRLs are only kept for a look back; relying parties fetch the newest.
             await _fetch(db, "DELETE FROM crls WHERE number <= ?", (info.number - _KEEP_CRLS,))
         return bool(inserted)
+
+    # ---- pending requests (manual approval): rare writes, short-lived connections ---------
+
+    async def add_pending(self, request: PendingRequest) -> PendingRequest:
+        """Store a request for approval; a transactionID already stored returns that row."""
+        async with self._transaction() as db:
+            await _fetch(
+                db,
+                "INSERT INTO pending_requests (transaction_id, csr_der, requester_fingerprint,"
+                " requester_key_sha256, requester_ip, subject, sans_json, key_description,"
+                " created_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending')"
+                " ON CONFLICT (transaction_id) DO NOTHING",
+                (
+                    request.transaction_id,
+                    bytes(request.csr_der),
+                    request.requester_fingerprint,
+                    request.requester_key_sha256,
+                    request.requester_ip,
+                    request.subject,
+                    json.dumps(list(request.sans), ensure_ascii=False),
+                    request.key_description,
+                    _iso(request.created_at),
+                ),
+            )
+            rows = await _fetch(
+                db, f"{_SELECT_PENDING} WHERE transaction_id = ?", (request.transaction_id,)
+            )
+        return _pending_from_row(rows[0])
+
+    async def get_pending(self, transaction_id: str) -> PendingRequest | None:
+        """The request stored for approval under this transactionID, if any."""
+        rows = await self._read(f"{_SELECT_PENDING} WHERE transaction_id = ?", (transaction_id,))
+        return _pending_from_row(rows[0]) if rows else None
+
+    async def get_pending_by_id(self, request_id: int) -> PendingRequest | None:
+        rows = await self._read(f"{_SELECT_PENDING} WHERE id = ?", (request_id,))
+        return _pending_from_row(rows[0]) if rows else None
+
+    async def pending_requests(self) -> list[PendingRequest]:
+        """Every request still waiting for a decision (expired ones included), oldest first."""
+        rows = await self._read(f"{_SELECT_PENDING} WHERE status = 'pending' ORDER BY id")
+        return [_pending_from_row(row) for row in rows]
+
+    async def decide_pending(
+        self,
+        request_id: int,
+        decision: Literal["approved", "rejected"],
+        at: datetime,
+        ttl: timedelta,
+    ) -> tuple[PendingRequest, bool]:
+        """Approve or reject; (request, False) if it already had this decision (idempotent).
+
+        Raises UnknownRequest for an unknown id and RequestConflict if the request was decided
+        otherwise or has expired.
+        """
+        if at.utcoffset() is None:
+            raise ValueError("at must be timezone-aware")
+        async with self._transaction() as db:
+            rows = await _fetch(db, f"{_SELECT_PENDING} WHERE id = ?", (request_id,))
+            if not rows:
+                raise UnknownRequest(f"no pending request with id {request_id}")
+            current = _pending_from_row(rows[0])
+            done = "approved" if decision == "approved" else "rejected"
+            if current.status == done or (done == "approved" and current.status == "issued"):
+                return current, False
+            if current.status != "pending":
+                raise RequestConflict(f"request {request_id} is already {current.status}")
+            if current.expired(at, ttl):
+                raise RequestConflict(f"request {request_id} has expired")
+            await _fetch(
+                db,
+                "UPDATE pending_requests SET status = ?, decided_at = ? WHERE id = ?",
+                (done, _iso(at), request_id),
+            )
+            rows = await _fetch(db, f"{_SELECT_PENDING} WHERE id = ?", (request_id,))
+        return _pending_from_row(rows[0]), True
+
+    async def mark_pending_issued(self, request_id: int) -> None:
+        """Record that the approved request's certificate is in the certificates table."""
+        async with self._transaction() as db:
+            await _fetch(
+                db,
+                "UPDATE pending_requests SET status = 'issued'"
+                " WHERE id = ? AND status = 'approved'",
+                (request_id,),
+            )
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:

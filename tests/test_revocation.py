@@ -472,7 +472,8 @@ def test_migration_2_keeps_existing_certificates(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     with closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (2,)
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    assert SCHEMA_VERSION >= 2
 
 
 def test_crl_numbers_are_published_once(tmp_path: Path) -> None:
