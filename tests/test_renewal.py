@@ -22,16 +22,23 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hsmscep import client
 from hsmscep.config import load_settings
-from hsmscep.errors import ConfigError
+from hsmscep.errors import ConfigError, Rejected
 from hsmscep.hsm import TokenLogin
-from hsmscep.issuance import IssuancePolicy
+from hsmscep.issuance import CertRequest, IssuancePolicy
 from hsmscep.keyring import Keyring, KeySource
 from hsmscep.pool import SigningPool
-from hsmscep.renewal import RenewalPolicy
+from hsmscep.renewal import (
+    RenewalPolicy,
+    StoredSigner,
+    check_signer,
+    names_our_ca,
+    renewed_request,
+)
 from hsmscep.service import ScepService
 from hsmscep.store import CertStore
 from tests.conftest import DevCa, Server, make_ca, start_server
@@ -581,3 +588,118 @@ def test_renewal_window_and_expired_signer(nca: DevCa, tmp_path: Path) -> None:
             logins.close()
 
     asyncio.run(scenario())
+
+
+# ---- the pure policy, with software keys ------------------------------------------------------
+
+
+def software_ca(cn: str) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+    key = rsa.generate_private_key(65537, 2048)
+    name = x509.Name.from_rfc4514_string(f"CN={cn}")
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def issue(
+    ca: x509.Certificate,
+    ca_key: rsa.RSAPrivateKey,
+    key: rsa.RSAPrivateKey,
+    *,
+    not_before: datetime,
+    eku: x509.ExtendedKeyUsage | None = None,
+    aki_from: rsa.RSAPrivateKey | None = None,
+) -> x509.Certificate:
+    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key((aki_from or ca_key).public_key())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject("pure"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_before + timedelta(days=30))
+        .add_extension(aki, critical=False)
+    )
+    if eku is not None:
+        builder = builder.add_extension(eku, critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def test_names_our_ca_compares_issuer_and_key_id() -> None:
+    ca, ca_key = software_ca("pure CA")
+    ca_der = ca.subject.public_bytes()
+    key_id = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    key = rsa.generate_private_key(65537, 2048)
+    ours = issue(ca, ca_key, key, not_before=datetime.now(UTC))
+    issuer_der = ours.issuer.public_bytes()
+    assert names_our_ca(issuer_der, ours, ca_der, key_id)
+    assert names_our_ca(issuer_der, ours, ca_der, None)
+    assert not names_our_ca(subject("pure").public_bytes(), ours, ca_der, key_id)
+    other_key = rsa.generate_private_key(65537, 2048)
+    other_id = issue(ca, ca_key, key, not_before=datetime.now(UTC), aki_from=other_key)
+    assert not names_our_ca(issuer_der, other_id, ca_der, key_id)
+
+
+def test_check_signer_and_renewed_request() -> None:
+    ca, ca_key = software_ca("pure CA")
+    key = rsa.generate_private_key(65537, 2048)
+    now = datetime.now(UTC)
+    server_and_client = x509.ExtendedKeyUsage(
+        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    )
+    old = issue(ca, ca_key, key, not_before=now - timedelta(days=1), eku=server_and_client)
+    der = old.public_bytes(Encoding.DER)
+    policy = RenewalPolicy()
+    check_signer(old, StoredSigner(der, revoked=False), ca_cert=ca, now=now, policy=policy)
+
+    def refused(stored: StoredSigner, at: datetime, p: RenewalPolicy = policy) -> str:
+        with pytest.raises(Rejected) as caught:
+            check_signer(old, stored, ca_cert=ca, now=at, policy=p)
+        return str(caught.value.fail_info)
+
+    assert refused(StoredSigner(None, revoked=False), now) == BAD_CERT_ID
+    twin = issue(ca, ca_key, key, not_before=now - timedelta(days=1), eku=server_and_client)
+    twin_der = twin.public_bytes(Encoding.DER)
+    assert refused(StoredSigner(twin_der, revoked=False), now) == BAD_CERT_ID
+    assert refused(StoredSigner(der, revoked=True), now) == BAD_REQUEST
+    assert refused(StoredSigner(der, revoked=False), now - timedelta(days=2)) == BAD_REQUEST
+    assert refused(StoredSigner(der, revoked=False), now + timedelta(days=30)) == BAD_REQUEST
+    window = RenewalPolicy(window=timedelta(days=5))
+    assert refused(StoredSigner(der, revoked=False), now, window) == BAD_REQUEST
+    check_signer(
+        old,
+        StoredSigner(der, revoked=False),
+        ca_cert=ca,
+        now=now + timedelta(days=25),
+        policy=window,
+    )
+    other_ca, _ = software_ca("pure CA")  # same name, another key
+    with pytest.raises(Rejected) as caught:
+        check_signer(
+            old, StoredSigner(der, revoked=False), ca_cert=other_ca, now=now, policy=policy
+        )
+    assert str(caught.value.fail_info) == BAD_CERT_ID
+
+    new_key = rsa.generate_private_key(65537, 2048).public_key()
+    asked = CertRequest(OTHER_SUBJECT, new_key, None)
+    renewed = renewed_request(old, asked, policy)
+    assert renewed.subject == old.subject and renewed.public_key == new_key
+    assert renewed.sans is None and renewed.extended_key_usage == server_and_client
+    with pytest.raises(Rejected):
+        renewed_request(old, CertRequest(OTHER_SUBJECT, key.public_key(), None), policy)
+    reused = renewed_request(
+        old, CertRequest(OTHER_SUBJECT, key.public_key(), None), RenewalPolicy(allow_key_reuse=True)
+    )
+    assert reused.public_key == key.public_key()
