@@ -58,6 +58,9 @@ class Settings:
     renewal_window_days: int = 0  # renew only within N days of expiry; 0: any time before
     renewal_allow_key_reuse: bool = False
     renewal_revoke_replaced: bool = False  # revoke the old certificate (superseded)
+    approval: Literal["auto", "manual"] = "auto"  # manual: PKCSReqs wait for an operator
+    pending_ttl_hours: int = 72  # an undecided request expires after this
+    admin_token: str | None = field(default=None, repr=False)  # None: no admin API (404)
 
     @property
     def ra_split(self) -> bool:
@@ -85,6 +88,7 @@ class _Reader:
         known = {
             *("server", "pkcs11", "ca", "ra", "ra_decrypt", "enroll", "store", "log", "crl"),
             "renewal",
+            "admin",
         }
         for section in raw:
             if section not in known:
@@ -234,6 +238,12 @@ class _Reader:
         if base_url is not None and not base_url.startswith(("http://", "https://")):
             # RFC 5280 §4.2.1.13: relying parties fetch the CRL by HTTP; no other scheme here.
             raise ConfigError(f"crl.base_url must be an http:// or https:// URL, not {base_url!r}")
+        approval = str(self.get("enroll", "approval", "auto")).lower()
+        if approval not in ("auto", "manual"):
+            raise ConfigError(f"enroll.approval must be auto or manual, not {approval!r}")
+        admin_token = self.secret("admin", "token", "")
+        if admin_token is not None and len(admin_token) < 16:
+            raise ConfigError("the admin token (admin.token_file / admin.token_env) is too short")
         return Settings(
             config_path=self.path,
             host=str(self.get("server", "host", "127.0.0.1")),
@@ -261,4 +271,7 @@ class _Reader:
             renewal_window_days=self.integer("renewal", "window_days", 0, 0),
             renewal_allow_key_reuse=self.boolean("renewal", "allow_key_reuse", False),
             renewal_revoke_replaced=self.boolean("renewal", "revoke_replaced", False),
+            approval=approval,  # type: ignore[arg-type]
+            pending_ttl_hours=self.integer("enroll", "pending_ttl_hours", 72, 1),
+            admin_token=admin_token or None,
         )

@@ -19,9 +19,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from typing import Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from hsmscep import cms, crl
@@ -54,9 +55,10 @@ from hsmscep.renewal import (
     StoredSigner,
     check_signer,
     names_our_ca,
+    renewal_transaction_id,
     renewed_request,
 )
-from hsmscep.store import CertStore, CrlInfo, IssuedCert, Revocation
+from hsmscep.store import CertStore, CrlInfo, IssuedCert, PendingRequest, Revocation
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("hsmscep.audit")
@@ -104,6 +106,8 @@ class ScepService:
         nonce: Callable[[], bytes] = cms.random_nonce,
         crl_lifetime: timedelta = timedelta(hours=24),
         renewal: RenewalPolicy = DEFAULT_RENEWAL,
+        manual_approval: bool = False,
+        pending_ttl: timedelta = timedelta(hours=72),
     ) -> None:
         self.pool, self.store, self.policy = pool, store, policy
         self.renewal = renewal
@@ -121,6 +125,9 @@ class ScepService:
         self._crl_lifetime = crl_lifetime
         self._crl_lock = asyncio.Lock()
         self._crl_cache: tuple[int, bytes] | None = None
+        self.manual_approval, self.pending_ttl = manual_approval, pending_ttl
+        # The challenge was checked when the request arrived; it may have changed since.
+        self._approved_csr_policy = replace(policy, challenge=None)
 
     async def pki_operation(self, der: bytes, client: str = "-") -> bytes:
         """Answer a pkiMessage; MessageError means the request never verified (HTTP 400)."""
@@ -128,6 +135,10 @@ class ScepService:
         if request.message_type in (MessageType.GET_CERT, MessageType.GET_CRL):
             outcome = await self._query(request)
             self._audit(request, client, outcome, None)
+            return outcome.response
+        if request.message_type == MessageType.CERT_POLL:
+            outcome = await self._poll(request)
+            self._audit(request, client, outcome, outcome.record)
             return outcome.response
         refusal = None
         if request.message_type not in (MessageType.PKCS_REQ, MessageType.RENEWAL_REQ):
@@ -149,6 +160,10 @@ class ScepService:
             )
             self._audit(request, client, outcome, None)
             return outcome.response
+        if self.manual_approval and signer is None:
+            outcome = await self._hold(request, client)
+            self._audit(request, client, outcome, outcome.record)
+            return outcome.response
         for _ in range(MAX_SERIAL_ATTEMPTS):
             outcome = await self.pool.run(partial(self._enroll, request, signer))
             if outcome.record is None:
@@ -160,13 +175,96 @@ class ScepService:
                 continue
             except DuplicateTransaction:
                 outcome = await self._resend(request, outcome)
-            if signer is not None and outcome.record is not None and self.renewal.revoke_replaced:
+            if (
+                signer is not None
+                and self.renewal.revoke_replaced
+                and outcome.record is not None
+                and outcome.record.serial != request.signer_serial
+            ):
                 # After the new certificate is stored; a failure here is a 503 and the client's
                 # retry (same transactionID) gets the same certificate and revokes again.
                 await self._revoke_replaced(request)
             self._audit(request, client, outcome, outcome.record)
             return outcome.response
         raise StoreError("no unique serial number after several attempts")
+
+    # ---- manual approval: PENDING, CertPoll (GetCertInitial), the operator's decision -------
+
+    async def _hold(self, request: PkiRequest, client: str) -> _Outcome:
+        """A PKCSReq to wait for approval; a re-sent one (same transactionID) is a poll."""
+        stored = await self.store.get_pending(request.transaction_id)
+        if stored is not None:
+            return await self._answer_pending(request, stored)
+        checked = await self.pool.run(partial(self._check_for_approval, request, client))
+        if isinstance(checked, _Outcome):
+            return checked
+        pending, outcome = checked
+        stored = await self.store.add_pending(pending)
+        if stored.created_at != pending.created_at:
+            # The same transactionID arrived twice at once: answer as the stored one says.
+            return await self._answer_pending(request, stored)
+        log.info(
+            "request %d (transaction %r, %s) waits for approval",
+            stored.id,
+            stored.transaction_id,
+            stored.subject,
+        )
+        return outcome
+
+    async def _poll(self, request: PkiRequest) -> _Outcome:
+        """CertPoll/GetCertInitial (RFC 8894 §3.3.3), matched by transactionID."""
+        stored = await self.store.get_pending(request.transaction_id)
+        if stored is not None:
+            return await self._answer_pending(request, stored)
+        # Issued without waiting (approval = "auto"): a client that polls gets its certificate.
+        issued = await self.store.get_by_transaction(request.transaction_id)
+        if issued is not None and issued.public_key_sha256 == _key_sha256(request):
+            return await self.pool.run(partial(self._send_issued, request, issued))
+        return await self.pool.run(
+            partial(self._failure, request, FailInfo.BAD_REQUEST, "unknown transactionID")
+        )
+
+    async def _answer_pending(self, request: PkiRequest, stored: PendingRequest) -> _Outcome:
+        refusal = None
+        if stored.requester_key_sha256 != _key_sha256(request):
+            refusal = "transactionID belongs to another requester"
+        elif stored.status == "rejected":
+            refusal = f"request {stored.id} was rejected"
+        elif stored.expired(self._clock(), self.pending_ttl):
+            refusal = f"request {stored.id} expired before approval"
+        if refusal is not None:
+            return await self.pool.run(
+                partial(self._failure, request, FailInfo.BAD_REQUEST, refusal)
+            )
+        if stored.status == "pending":
+            return await self.pool.run(partial(self._pending_reply, request))
+        issued = await self.store.get_by_transaction(stored.transaction_id)
+        if issued is not None:
+            return await self.pool.run(partial(self._send_issued, request, issued))
+        for _ in range(MAX_SERIAL_ATTEMPTS):
+            outcome = await self.pool.run(partial(self._issue_approved, request, stored))
+            if outcome.record is None:
+                return outcome
+            try:
+                await self.store.put(outcome.record)
+            except DuplicateSerial:
+                continue
+            except DuplicateTransaction:  # another process issued it first
+                outcome = await self._resend(request, outcome)
+            await self.store.mark_pending_issued(stored.id)
+            return outcome
+        raise StoreError("no unique serial number after several attempts")
+
+    async def pending_requests(self) -> list[PendingRequest]:
+        """Requests waiting for a decision, oldest first (expired ones included)."""
+        return await self.store.pending_requests()
+
+    async def decide(self, request_id: int, approve: bool) -> tuple[PendingRequest, bool]:
+        """Approve or reject a pending request; the certificate is issued at the next poll."""
+        decision: Literal["approved", "rejected"] = "approved" if approve else "rejected"
+        return await self.store.decide_pending(
+            request_id, decision, self._clock(), self.pending_ttl
+        )
 
     # ---- renewal: PKCSReq or RenewalReq signed by a certificate we issued ------------------
 
@@ -184,7 +282,9 @@ class ScepService:
         if revoked:
             # A retry of a renewal that already revoked this certificate (revoke_replaced):
             # it gets the certificate it was issued, not a refusal.
-            existing = await self.store.get_by_transaction(request.transaction_id)
+            existing = await self.store.get_by_transaction(
+                renewal_transaction_id(request.transaction_id, request.signer_serial)
+            )
             retried = (
                 existing is not None
                 and existing.requester_fingerprint == request.signer_fingerprint
@@ -278,7 +378,7 @@ class ScepService:
         # RFC 8894 §3.3.1.1 / interop-quirks #10: a retried PKCSReq gets the certificate it
         # already has; the freshly signed one is discarded before anyone saw it.
         assert fresh.record is not None and fresh.envelope is not None
-        existing = await self.store.get_by_transaction(request.transaction_id)
+        existing = await self.store.get_by_transaction(fresh.record.transaction_id)
         if existing is None or existing.public_key_sha256 != fresh.record.public_key_sha256:
             return await self.pool.run(
                 partial(self._failure, request, FailInfo.BAD_REQUEST, "transactionID already used")
@@ -346,7 +446,11 @@ class ScepService:
             sans=describe_sans(cert_request.sans),
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
-            transaction_id=request.transaction_id,
+            transaction_id=(
+                request.transaction_id
+                if signer is None
+                else renewal_transaction_id(request.transaction_id, request.signer_serial)
+            ),
             requester_fingerprint=request.signer_fingerprint,
             public_key_sha256=hashlib.sha256(spki).hexdigest(),
             der=cert_der,
@@ -354,6 +458,106 @@ class ScepService:
         )
         reason = "issued" if signer is None else f"renewed {request.signer_serial:x}"
         return _Outcome(response, record, reason, envelope, oaep)
+
+    def _check_for_approval(
+        self, request: PkiRequest, client: str, keys: Keyring
+    ) -> tuple[PendingRequest, _Outcome] | _Outcome:
+        """Decrypt and check a PKCSReq as for issuance, then answer PENDING instead."""
+        try:
+            if not isinstance(request.signer_cert.public_key(), rsa.RSAPublicKey):
+                raise Rejected(FailInfo.BAD_ALG, "the reply can only be encrypted to an RSA key")
+            envelope = decode_envelope(request.content)
+            cek, _ = _decrypt_key(envelope, keys)
+            csr_der = envelope.open(cek)
+            cert_request = check_csr(load_csr(csr_der), self.policy)
+            pending = PendingRequest(
+                transaction_id=request.transaction_id,
+                csr_der=csr_der,
+                requester_fingerprint=request.signer_fingerprint,
+                requester_key_sha256=_key_sha256(request),
+                requester_ip=client,
+                subject=cert_request.subject.rfc4514_string(),
+                sans=describe_sans(cert_request.sans),
+                key_description=describe_key(cert_request.public_key),
+                created_at=self._clock(),
+            )
+        except HsmError:
+            raise
+        except Exception as exc:
+            return self._refusal(request, exc, keys)
+        return pending, self._pending_reply(request, keys)
+
+    def _pending_reply(self, request: PkiRequest, keys: Keyring) -> _Outcome:
+        response = build_cert_rep(
+            request, keys.response_signer, status=PkiStatus.PENDING, sender_nonce=self._nonce()
+        )
+        return _Outcome(response, None, "pending approval")
+
+    def _issue_approved(
+        self, request: PkiRequest, stored: PendingRequest, keys: Keyring
+    ) -> _Outcome:
+        """Issue an approved request's stored CSR, sealed to the polling signer."""
+        try:
+            envelope = decode_envelope(request.content)
+            _, oaep = _decrypt_key(envelope, keys)  # the poll must be encrypted to us too
+            now = self._clock()
+            cert_request = check_csr(load_csr(stored.csr_der), self._approved_csr_policy)
+            cert = build_certificate(
+                cert_request,
+                issuer=self.issuer,
+                issuer_key=keys.ca_key,
+                serial=self._random_serial(),
+                now=now,
+                policy=self.policy,
+            )
+            cert_der = cert.public_bytes(Encoding.DER)
+            sealed = seal_certificates([cert_der], request, _reply_cipher(envelope), oaep)
+            response = build_cert_rep(
+                request,
+                keys.response_signer,
+                status=PkiStatus.SUCCESS,
+                envelope=sealed,
+                sender_nonce=self._nonce(),
+            )
+        except HsmError:
+            raise
+        except Exception as exc:
+            return self._refusal(request, exc, keys)
+        spki = cert_request.public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        record = IssuedCert(
+            serial=cert.serial_number,
+            subject=cert.subject.rfc4514_string(),
+            sans=describe_sans(cert_request.sans),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            transaction_id=stored.transaction_id,
+            requester_fingerprint=stored.requester_fingerprint,
+            public_key_sha256=hashlib.sha256(spki).hexdigest(),
+            der=cert_der,
+            issued_at=now,
+        )
+        return _Outcome(
+            response, record, f"issued after approval of request {stored.id}", envelope, oaep
+        )
+
+    def _send_issued(self, request: PkiRequest, issued: IssuedCert, keys: Keyring) -> _Outcome:
+        """The certificate already issued for this transactionID, sealed to the poller."""
+        try:
+            envelope = decode_envelope(request.content)
+            _, oaep = _decrypt_key(envelope, keys)
+            sealed = seal_certificates([issued.der], request, _reply_cipher(envelope), oaep)
+        except HsmError:
+            raise
+        except Exception as exc:
+            return self._refusal(request, exc, keys)
+        response = build_cert_rep(
+            request,
+            keys.response_signer,
+            status=PkiStatus.SUCCESS,
+            envelope=sealed,
+            sender_nonce=self._nonce(),
+        )
+        return _Outcome(response, issued, "resent")
 
     def _open_query(self, request: PkiRequest, keys: Keyring) -> _Query | _Outcome:
         try:
@@ -466,6 +670,21 @@ def _decrypt_key(envelope: cms.Envelope, keys: Keyring) -> tuple[bytes, cms.Oaep
                 pad = oaep.padding() if oaep is not None else padding.PKCS1v15()
                 return key.decrypt(transport.encrypted_key, pad), oaep
     raise MessageError("the envelope is not encrypted to any of our RA certificates")
+
+
+def _key_sha256(request: PkiRequest) -> str:
+    """SHA-256 of the signer's SubjectPublicKeyInfo: who may poll for a transaction."""
+    spki = request.signer_cert.public_key().public_bytes(
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
+
+
+def describe_key(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> str:
+    """The key column of the pending list: "RSA 2048", "EC secp256r1"."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA {key.key_size}"
+    return f"EC {key.curve.name}"
 
 
 def _reply_cipher(envelope: cms.Envelope) -> ContentCipher:
