@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -22,7 +24,7 @@ from urllib.parse import unquote_to_bytes
 from cryptography import x509
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from hsmscep import crl
@@ -33,16 +35,19 @@ from hsmscep.errors import (
     HsmError,
     MessageError,
     PayloadTooLarge,
+    RequestConflict,
     StoreError,
+    UnknownRequest,
 )
 from hsmscep.hsm import TokenLogin
 from hsmscep.keyring import Keyring, KeySource
 from hsmscep.pool import SigningPool
 from hsmscep.renewal import RenewalPolicy
 from hsmscep.service import ScepService, default_policy
-from hsmscep.store import CertStore
+from hsmscep.store import CertStore, PendingRequest
 
 log = logging.getLogger(__name__)
+audit = logging.getLogger("hsmscep.audit")
 
 PKI_MESSAGE = "application/x-pki-message"
 PKIX_CRL = "application/pkix-crl"  # RFC 5280 §4.2.1.13
@@ -56,7 +61,11 @@ def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         async with _running_service(settings) as service:
-            yield {"service": service, "max_body": settings.max_body}
+            yield {
+                "service": service,
+                "max_body": settings.max_body,
+                "admin_token": settings.admin_token,
+            }
 
     routes = [
         Route("/scep", scep_endpoint, methods=_ALL_METHODS),
@@ -65,6 +74,9 @@ def create_app(settings: Settings) -> Starlette:
         Route("/healthz", health, methods=["GET"]),
         Route(crl.CRL_PATH, crl_endpoint, methods=["GET", "HEAD"]),
         Route(crl.CA_CERT_PATH, ca_cert_endpoint, methods=["GET", "HEAD"]),
+        Route("/admin/pending", admin_pending_list, methods=["GET"]),
+        Route("/admin/pending/{id}/approve", admin_pending_approve, methods=["POST"]),
+        Route("/admin/pending/{id}/reject", admin_pending_reject, methods=["POST"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
 
@@ -129,6 +141,8 @@ async def _running_service(settings: Settings) -> AsyncIterator[ScepService]:
                 allow_key_reuse=settings.renewal_allow_key_reuse,
                 revoke_replaced=settings.renewal_revoke_replaced,
             ),
+            manual_approval=settings.approval == "manual",
+            pending_ttl=timedelta(hours=settings.pending_ttl_hours),
         )
         async with service.crl_refresher():
             yield service
@@ -172,6 +186,98 @@ async def ca_cert_endpoint(request: Request) -> Response:
     """The CA certificate (DER), the AIA caIssuers URL of issued certificates."""
     service: ScepService = request.state.service
     return Response(service.ca_cert_der, media_type=PKIX_CERT)
+
+
+# ---- the admin API: bearer token, JSON; disabled (404) when no token is configured ---------
+
+
+def _admin_refusal(request: Request) -> Response | None:
+    """404 without a configured token, 401 unless the request carries it; None: go ahead."""
+    token: str | None = request.state.admin_token
+    if token is None:
+        return PlainTextResponse("not found\n", status_code=404)
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    # Compared in constant time; neither the expected nor the given token is ever logged.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        return PlainTextResponse(
+            "unauthorized\n", status_code=401, headers={"WWW-Authenticate": "Bearer"}
+        )
+    return None
+
+
+def _pending_json(pending: PendingRequest, now: datetime, ttl: timedelta) -> dict[str, Any]:
+    return {
+        "id": pending.id,
+        "transaction_id": pending.transaction_id,
+        "subject": pending.subject,
+        "sans": list(pending.sans),
+        "key": pending.key_description,
+        "requester_ip": pending.requester_ip,
+        "requester_fingerprint": pending.requester_fingerprint,
+        "created_at": pending.created_at.isoformat(),
+        "age_seconds": max(0, int((now - pending.created_at).total_seconds())),
+        "status": pending.status,
+        "expired": pending.expired(now, ttl),
+    }
+
+
+async def admin_pending_list(request: Request) -> Response:
+    refusal = _admin_refusal(request)
+    if refusal is not None:
+        return refusal
+    service: ScepService = request.state.service
+    try:
+        pending = await service.pending_requests()
+    except StoreError as exc:
+        log.error("admin: listing pending requests failed: %s", exc)
+        return PlainTextResponse("temporarily unavailable\n", status_code=503, headers=RETRY_AFTER)
+    now = datetime.now(UTC)
+    return JSONResponse([_pending_json(p, now, service.pending_ttl) for p in pending])
+
+
+async def admin_pending_approve(request: Request) -> Response:
+    return await _admin_decide(request, approve=True)
+
+
+async def admin_pending_reject(request: Request) -> Response:
+    return await _admin_decide(request, approve=False)
+
+
+async def _admin_decide(request: Request, *, approve: bool) -> Response:
+    refusal = _admin_refusal(request)
+    if refusal is not None:
+        return refusal
+    raw_id = request.path_params["id"]
+    if not raw_id.isdigit() or len(raw_id) > 18:
+        return PlainTextResponse("no such pending request\n", status_code=404)
+    service: ScepService = request.state.service
+    try:
+        pending, changed = await service.decide(int(raw_id), approve)
+    except UnknownRequest as exc:
+        return PlainTextResponse(f"{exc}\n", status_code=404)
+    except RequestConflict as exc:
+        return PlainTextResponse(f"{exc}\n", status_code=409)
+    except StoreError as exc:
+        log.error("admin: deciding request %s failed: %s", raw_id, exc)
+        return PlainTextResponse("temporarily unavailable\n", status_code=503, headers=RETRY_AFTER)
+    client = request.client.host if request.client else "-"
+    audit.info(
+        json.dumps(
+            {
+                "event": "approve" if approve else "reject",
+                "request": pending.id,
+                "transaction_id": pending.transaction_id,
+                "subject": pending.subject,
+                "outcome": pending.status if changed else f"already {pending.status}",
+                "admin_client": client,
+            },
+            ensure_ascii=False,
+        )
+    )
+    body = _pending_json(pending, datetime.now(UTC), service.pending_ttl)
+    return JSONResponse(body | {"changed": changed})
 
 
 async def scep_endpoint(request: Request) -> Response:

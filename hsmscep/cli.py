@@ -1,4 +1,4 @@
-"""The `hsmscep` command: init, import-ca, serve, dev, revoke.
+"""The `hsmscep` command: init, import-ca, serve, dev, revoke, pending.
 
 Flags override the config file by setting the matching HSMSCEP_* variables, so uvicorn's
 spawned worker processes see the same settings. Secrets never come from argv.
@@ -18,11 +18,18 @@ from typing import TYPE_CHECKING
 
 from hsmscep import __version__
 from hsmscep.config import Settings, load_settings
-from hsmscep.errors import ConfigError, HsmError, StoreError, UnknownCertificate
+from hsmscep.errors import (
+    ConfigError,
+    HsmError,
+    RequestConflict,
+    StoreError,
+    UnknownCertificate,
+    UnknownRequest,
+)
 from hsmscep.hsm import KEY_SPECS
 
 if TYPE_CHECKING:
-    from hsmscep.store import Revocation
+    from hsmscep.store import PendingRequest, Revocation
 
 DEFAULT_CONFIG = "hsmscep.toml"
 
@@ -33,7 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, HsmError, StoreError, UnknownCertificate) as exc:
+    except (
+        ConfigError,
+        HsmError,
+        StoreError,
+        UnknownCertificate,
+        UnknownRequest,
+        RequestConflict,
+    ) as exc:
         print(f"hsmscep: {exc}", file=sys.stderr)
         return 2
 
@@ -86,6 +100,20 @@ def _parser() -> argparse.ArgumentParser:
         "superseded, cessationOfOperation, certificateHold, privilegeWithdrawn, aACompromise",
     )
     revoke.set_defaults(func=_revoke)
+
+    pending = sub.add_parser(
+        "pending", help='requests waiting for approval ([enroll] approval = "manual")'
+    )
+    pending_sub = pending.add_subparsers(required=True, metavar="ACTION")
+    listing = pending_sub.add_parser("list", help="list requests waiting for a decision")
+    with_config(listing)
+    listing.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    listing.set_defaults(func=_pending_list)
+    for action, text in (("approve", "approve"), ("reject", "reject")):
+        decide = pending_sub.add_parser(action, help=f"{text} a pending request by its id")
+        with_config(decide)
+        decide.add_argument("id", type=int, help="request id (from `hsmscep pending list`)")
+        decide.set_defaults(func=_pending_decide, approve=action == "approve")
 
     dev = sub.add_parser("dev", help="SoftHSM2 dev CA in a local directory, then serve")
     dev.add_argument("--dir", type=Path, default=Path(".dev"), help="state directory (.dev)")
@@ -191,6 +219,91 @@ async def _record_revocation(
     store = await CertStore.open(settings.db_path, synchronous=settings.db_synchronous)
     try:
         return await store.revoke(serial, reason, datetime.now(UTC))
+    finally:
+        await store.close()
+
+
+def _pending_list(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    settings = load_settings(args.config)
+    ttl = timedelta(hours=settings.pending_ttl_hours)
+    requests = asyncio.run(_read_pending(settings))
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "id": p.id,
+            "transaction_id": p.transaction_id,
+            "subject": p.subject,
+            "sans": list(p.sans),
+            "key": p.key_description,
+            "requester_ip": p.requester_ip,
+            "age_seconds": max(0, int((now - p.created_at).total_seconds())),
+            "expired": p.expired(now, ttl),
+        }
+        for p in requests
+    ]
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False))
+        return 0
+    if not rows:
+        print("no pending requests")
+        return 0
+    print("ID\tAGE\tKEY\tREQUESTER\tSUBJECT\tSANS")
+    for p in requests:
+        age = f"{max(0, int((now - p.created_at).total_seconds()))}s"
+        if p.expired(now, ttl):
+            age += " (expired)"
+        sans = ", ".join(p.sans) or "-"
+        print(f"{p.id}\t{age}\t{p.key_description}\t{p.requester_ip}\t{p.subject}\t{sans}")
+    return 0
+
+
+async def _read_pending(settings: Settings) -> list[PendingRequest]:
+    from hsmscep.store import CertStore
+
+    store = await CertStore.open(settings.db_path, synchronous=settings.db_synchronous)
+    try:
+        return await store.pending_requests()
+    finally:
+        await store.close()
+
+
+def _pending_decide(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    pending, changed = asyncio.run(_record_decision(settings, args.id, args.approve))
+    entry = {
+        "event": "approve" if args.approve else "reject",
+        "request": pending.id,
+        "transaction_id": pending.transaction_id,
+        "subject": pending.subject,
+        "outcome": pending.status if changed else f"already {pending.status}",
+        "user": os.environ.get("USER", "-"),
+    }
+    logging.getLogger("hsmscep.audit").info(json.dumps(entry, ensure_ascii=False))
+    # Only the store changes: the certificate is issued, with the CA key in the HSM, by the
+    # server that answers the client's next poll.
+    verb = "approved" if args.approve else "rejected"
+    prefix = "" if changed else "already "
+    print(f"{prefix}{verb} request {pending.id} ({pending.subject})")
+    return 0
+
+
+async def _record_decision(
+    settings: Settings, request_id: int, approve: bool
+) -> tuple[PendingRequest, bool]:
+    from datetime import UTC, datetime, timedelta
+
+    from hsmscep.store import CertStore
+
+    store = await CertStore.open(settings.db_path, synchronous=settings.db_synchronous)
+    try:
+        return await store.decide_pending(
+            request_id,
+            "approved" if approve else "rejected",
+            datetime.now(UTC),
+            timedelta(hours=settings.pending_ttl_hours),
+        )
     finally:
         await store.close()
 
