@@ -54,6 +54,17 @@ class StoredSigner:
     retried: bool = False  # this transaction already renewed it (its revocation is ours)
 
 
+def renewal_transaction_id(transaction_id: str, old_serial: int) -> str:
+    """The store key of a renewal's certificate.
+
+    Clients that derive the transactionID from the public key (sscep, micromdm's scepclient)
+    send a key-reusing renewal under the transactionID of the original enrollment; keyed by
+    the certificate it renews, the renewal neither collides with that enrollment nor with a
+    later renewal, and a retried renewal still finds its certificate.
+    """
+    return f"{transaction_id} renews {old_serial:x}"
+
+
 def names_our_ca(
     signer_issuer_der: bytes,
     signer_cert: x509.Certificate,
