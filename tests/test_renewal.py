@@ -210,6 +210,19 @@ def stored(ca: DevCa, serial: int) -> tuple[str, list[str], str, str | None] | N
     return row[0], json.loads(row[1]), row[2], row[3]
 
 
+def transaction_of(ca: DevCa, serial: int) -> str:
+    with closing(sqlite3.connect(ca.settings.db_path)) as db:
+        row = db.execute(
+            "SELECT transaction_id FROM certificates WHERE serial = ?", (format(serial, "040x"),)
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def new_rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(65537, 2048)
+
+
 def revoke(ca: DevCa, serial: int, reason: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "hsmscep", "revoke", "--config", str(ca.config)]
@@ -259,8 +272,14 @@ def test_renewal_req_signed_by_issued_certificate(
     nca: DevCa, default_server: Server, ca_certs: list[x509.Certificate]
 ) -> None:
     old, old_key = enroll(default_server.url, nca, ca_certs, "renew-17")
-    result, new_key = renew(default_server.url, ca_certs, old, old_key)
+    request = renewal_request(ca_certs, old, old_key, new_key=(new_key := new_rsa_key()))
+    result = send(default_server.url, ca_certs, request)
     new = assert_renewed(result, old, ca_certs, nca)
+    # Stored under the transactionID and the serial it renews (clients that derive the
+    # transactionID from a reused key would otherwise collide with the first enrollment).
+    assert transaction_of(nca, new.serial_number) == (
+        f"{request.transaction_id} renews {old.serial_number:x}"
+    )
     # Defaults: the old certificate stays valid (revoke_replaced = false).
     assert stored(nca, old.serial_number) == (
         old.subject.rfc4514_string(),
@@ -703,3 +722,27 @@ def test_check_signer_and_renewed_request() -> None:
         old, CertRequest(OTHER_SUBJECT, key.public_key(), None), RenewalPolicy(allow_key_reuse=True)
     )
     assert reused.public_key == key.public_key()
+
+
+# ---- a real client ------------------------------------------------------------------------------
+
+
+@pytest.mark.interop
+def test_scepclient_renews_with_its_certificate(
+    nca: DevCa, default_server: Server, lenient_server: Server, tmp_path: Path
+) -> None:
+    """micromdm's scepclient sends a RenewalReq once client.pem exists, with the same key."""
+    from tests.test_interop import enroll_with_scepclient
+
+    first = enroll_with_scepclient(lenient_server.url, nca.challenge, tmp_path, "scepclient-r")
+    assert first.returncode == 0, first.stdout + first.stderr
+    old = x509.load_pem_x509_certificate((tmp_path / "client.pem").read_bytes())
+    # It keeps its key: refused where key reuse is (the default), renewed where it is allowed.
+    refused = enroll_with_scepclient(default_server.url, "", tmp_path, "scepclient-r")
+    assert refused.returncode != 0
+    assert "badRequest" in refused.stdout + refused.stderr
+    renewed = enroll_with_scepclient(lenient_server.url, "", tmp_path, "scepclient-r")
+    assert renewed.returncode == 0, renewed.stdout + renewed.stderr
+    new = x509.load_pem_x509_certificate((tmp_path / "client.pem").read_bytes())
+    assert new.serial_number != old.serial_number and new.subject == old.subject
+    assert stored(nca, old.serial_number)[2:] == ("revoked", "superseded")  # type: ignore[index]
