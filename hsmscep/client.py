@@ -290,6 +290,35 @@ def build_cert_query(
     )
 
 
+def build_cert_poll(
+    *,
+    key: rsa.RSAPrivateKey,
+    ca_certs: Sequence[x509.Certificate],
+    transaction_id: str,
+    subject: x509.Name,
+    signer_cert: x509.Certificate | None = None,
+    cipher: str = "aes256",
+) -> ClientRequest:
+    """A CertPoll/GetCertInitial (20) for a PENDING request (RFC 8894 §3.3.2).
+
+    The envelope carries an IssuerAndSubject (the CA's name and the requested subject); the
+    transactionID must be the one of the original request, and the signer its key.
+    """
+    tbs = asn1_x509.Certificate.load(ca_certs[0].public_bytes(Encoding.DER))["tbs_certificate"]
+    issuer_and_subject = asn1.seq(tbs["subject"].dump(), subject.public_bytes())
+    return build_pkcs_req(
+        key=key,
+        ca_certs=ca_certs,
+        challenge=None,
+        subject=subject,
+        signer_cert=signer_cert,
+        transaction_id=transaction_id,
+        message_type=MessageType.CERT_POLL,
+        csr=issuer_and_subject,
+        cipher=cipher,
+    )
+
+
 def _digest(name: str) -> Digest:
     try:
         return DIGESTS_BY_NAME[name]
