@@ -74,9 +74,10 @@ def create_app(settings: Settings) -> Starlette:
         Route("/healthz", health, methods=["GET"]),
         Route(crl.CRL_PATH, crl_endpoint, methods=["GET", "HEAD"]),
         Route(crl.CA_CERT_PATH, ca_cert_endpoint, methods=["GET", "HEAD"]),
-        Route("/admin/pending", admin_pending_list, methods=["GET"]),
-        Route("/admin/pending/{id}/approve", admin_pending_approve, methods=["POST"]),
-        Route("/admin/pending/{id}/reject", admin_pending_reject, methods=["POST"]),
+        # Every method reaches the handler: without a token the admin API is 404 throughout.
+        Route("/admin/pending", admin_pending_list, methods=_ALL_METHODS),
+        Route("/admin/pending/{id}/approve", admin_pending_approve, methods=_ALL_METHODS),
+        Route("/admin/pending/{id}/reject", admin_pending_reject, methods=_ALL_METHODS),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
 
@@ -191,8 +192,9 @@ async def ca_cert_endpoint(request: Request) -> Response:
 # ---- the admin API: bearer token, JSON; disabled (404) when no token is configured ---------
 
 
-def _admin_refusal(request: Request) -> Response | None:
-    """404 without a configured token, 401 unless the request carries it; None: go ahead."""
+def _admin_refusal(request: Request, method: str) -> Response | None:
+    """404 without a configured token, 401 unless the request carries it, 405 for another
+    method than `method`; None: go ahead."""
     token: str | None = request.state.admin_token
     if token is None:
         return PlainTextResponse("not found\n", status_code=404)
@@ -204,6 +206,8 @@ def _admin_refusal(request: Request) -> Response | None:
         return PlainTextResponse(
             "unauthorized\n", status_code=401, headers={"WWW-Authenticate": "Bearer"}
         )
+    if request.method != method:
+        return PlainTextResponse("method not allowed\n", status_code=405, headers={"Allow": method})
     return None
 
 
@@ -224,7 +228,7 @@ def _pending_json(pending: PendingRequest, now: datetime, ttl: timedelta) -> dic
 
 
 async def admin_pending_list(request: Request) -> Response:
-    refusal = _admin_refusal(request)
+    refusal = _admin_refusal(request, "GET")
     if refusal is not None:
         return refusal
     service: ScepService = request.state.service
@@ -246,7 +250,7 @@ async def admin_pending_reject(request: Request) -> Response:
 
 
 async def _admin_decide(request: Request, *, approve: bool) -> Response:
-    refusal = _admin_refusal(request)
+    refusal = _admin_refusal(request, "POST")
     if refusal is not None:
         return refusal
     raw_id = request.path_params["id"]

@@ -293,6 +293,9 @@ def test_admin_api_needs_the_token(pca: DevCa, pserver: Server) -> None:
             assert response.headers["www-authenticate"] == "Bearer"
             assert TOKEN not in response.text
     assert admin(pserver.url, "GET", "/admin/pending").status_code == 200
+    assert admin(pserver.url, "POST", "/admin/pending").status_code == 405
+    assert admin(pserver.url, "GET", "/admin/pending/1/approve").status_code == 405
+    assert admin(pserver.url, "DELETE", "/admin/pending/1/reject", None).status_code == 401
 
 
 def test_admin_api_disabled_without_token(dev_ca: DevCa, server: Server) -> None:
@@ -300,6 +303,8 @@ def test_admin_api_disabled_without_token(dev_ca: DevCa, server: Server) -> None
     for token in (None, TOKEN):
         assert admin(server.url, "GET", "/admin/pending", token).status_code == 404
         assert admin(server.url, "POST", "/admin/pending/1/approve", token).status_code == 404
+        assert admin(server.url, "GET", "/admin/pending/1/reject", token).status_code == 404
+        assert admin(server.url, "PUT", "/admin/pending", token).status_code == 404
 
 
 def variant(ca: DevCa, name: str, old: str, new: str) -> Path:
