@@ -7,6 +7,7 @@ between request, decision and poll to show that pending requests live in the sto
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import sqlite3
@@ -27,7 +28,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from hsmscep import client
 from hsmscep.config import load_settings
-from hsmscep.errors import ConfigError
+from hsmscep.errors import ConfigError, RequestConflict, UnknownRequest
+from hsmscep.store import _MIGRATIONS, SCHEMA_VERSION, CertStore, PendingRequest
 from tests.conftest import DevCa, Server, make_ca, start_server
 
 pytestmark = pytest.mark.hsm
@@ -465,3 +467,72 @@ def test_scepclient_pending_then_approved(pca: DevCa, pserver: Server, tmp_path:
     assert verify.returncode == 0, verify.stdout + verify.stderr
     cert = x509.load_pem_x509_certificate(pem.read_bytes())
     assert certificates_for(pca, row["transaction_id"]) == [cert.serial_number]
+
+
+# ---- the store: migration 3 keeps what migration 2 stored ----------------------------------
+
+
+def test_migration_3_and_pending_decisions_in_the_store(tmp_path: Path) -> None:
+    path = tmp_path / "v2.sqlite3"
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        for statement in (*_MIGRATIONS[0], *_MIGRATIONS[1]):
+            db.execute(statement)
+        db.execute("PRAGMA user_version = 2")
+        db.execute(
+            "INSERT INTO certificates (serial, subject, sans_json, not_before, not_after,"
+            " transaction_id, requester_fingerprint, public_key_sha256, der, status, issued_at)"
+            " VALUES (?, 'CN=old', '[]', ?, ?, 't-old', 'f', 'k', x'30', 'issued', ?)",
+            (format(0xABC, "040x"), "2026-01-01T00:00:00+00:00", "2027-01-01T00:00:00+00:00",
+             "2026-01-01T00:00:00+00:00"),
+        )  # fmt: skip
+    t0 = datetime(2026, 5, 1, tzinfo=UTC)
+    ttl = timedelta(hours=TTL_HOURS)
+
+    def request(tid: str, at: datetime) -> PendingRequest:
+        return PendingRequest(
+            transaction_id=tid,
+            csr_der=b"\x30\x00",
+            requester_fingerprint="f" * 64,
+            requester_key_sha256="k" * 64,
+            requester_ip="192.0.2.7",
+            subject=f"CN={tid}",
+            sans=("DNS:a.example", "IP:192.0.2.8"),
+            key_description="EC secp256r1",
+            created_at=at,
+        )
+
+    async def scenario() -> None:
+        store = await CertStore.open(path)
+        try:
+            old = await store.get_by_serial(0xABC)
+            assert old is not None and old.subject == "CN=old"
+            first = await store.add_pending(request("t1", t0))
+            assert (first.id, first.status, first.sans) == (1, "pending", request("t1", t0).sans)
+            # The same transactionID again is the stored request, not a second one.
+            again = await store.add_pending(request("t1", t0 + timedelta(minutes=5)))
+            assert again == first
+            second = await store.add_pending(request("t2", t0 + timedelta(minutes=1)))
+            assert [p.transaction_id for p in await store.pending_requests()] == ["t1", "t2"]
+            approved, changed = await store.decide_pending(first.id, "approved", t0, ttl)
+            assert changed and approved.status == "approved" and approved.decided_at == t0
+            assert (await store.decide_pending(first.id, "approved", t0, ttl))[1] is False
+            with pytest.raises(RequestConflict, match="already approved"):
+                await store.decide_pending(first.id, "rejected", t0, ttl)
+            late = t0 + ttl + timedelta(minutes=1)
+            with pytest.raises(RequestConflict, match="expired"):
+                await store.decide_pending(second.id, "approved", late, ttl)
+            with pytest.raises(UnknownRequest):
+                await store.decide_pending(99, "rejected", t0, ttl)
+            await store.mark_pending_issued(first.id)
+            issued = await store.get_pending("t1")
+            assert issued is not None and issued.status == "issued"
+            assert (await store.decide_pending(first.id, "approved", t0, ttl))[1] is False
+            assert [p.transaction_id for p in await store.pending_requests()] == ["t2"]
+            assert (await store.get_pending_by_id(second.id)) == second
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    assert SCHEMA_VERSION >= 3
