@@ -60,7 +60,7 @@ def pca(softhsm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DevCa:
     return ca
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def pserver(pca: DevCa) -> Iterator[Server]:
     srv = start_server(pca)
     yield srv
