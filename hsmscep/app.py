@@ -37,6 +37,7 @@ from hsmscep.errors import (
     PayloadTooLarge,
     RequestConflict,
     StoreError,
+    UnknownCertificate,
     UnknownRequest,
 )
 from hsmscep.hsm import TokenLogin
@@ -78,6 +79,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/admin/pending", admin_pending_list, methods=_ALL_METHODS),
         Route("/admin/pending/{id}/approve", admin_pending_approve, methods=_ALL_METHODS),
         Route("/admin/pending/{id}/reject", admin_pending_reject, methods=_ALL_METHODS),
+        Route("/admin/certificates/{serial}/revoke", admin_revoke, methods=_ALL_METHODS),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
 
@@ -282,6 +284,43 @@ async def _admin_decide(request: Request, *, approve: bool) -> Response:
     )
     body = _pending_json(pending, datetime.now(UTC), service.pending_ttl)
     return JSONResponse(body | {"changed": changed})
+
+
+async def admin_revoke(request: Request) -> Response:
+    """POST /admin/certificates/{serial_hex}/revoke, body {"reason": "keyCompromise"} (optional:
+    unspecified). Idempotent: revoking again keeps the first reason and time."""
+    refusal = _admin_refusal(request, "POST")
+    if refusal is not None:
+        return refusal
+    raw_serial = request.path_params["serial"]
+    serial = crl.parse_serial(raw_serial)
+    if serial is None:
+        return PlainTextResponse("no such certificate\n", status_code=404)
+    body = await request.body()
+    try:
+        document = json.loads(body) if body.strip() else {}
+    except (ValueError, UnicodeDecodeError):
+        return PlainTextResponse("body must be JSON\n", status_code=400)
+    if not isinstance(document, dict) or not isinstance(document.get("reason", "unspecified"), str):
+        return PlainTextResponse('body must be {"reason": "<RFC 5280 reason>"}\n', 400)
+    try:
+        reason = crl.parse_reason(document.get("reason", "unspecified")).value
+    except ValueError as exc:
+        return PlainTextResponse(f"{exc}\n", status_code=400)
+    service: ScepService = request.state.service
+    try:
+        revocation, changed = await service.revoke(serial, reason)
+    except UnknownCertificate as exc:
+        return PlainTextResponse(f"{exc}\n", status_code=404)
+    except StoreError as exc:
+        log.error("admin: revoking %x failed: %s", serial, exc)
+        return PlainTextResponse("temporarily unavailable\n", status_code=503, headers=RETRY_AFTER)
+    client = request.client.host if request.client else "-"
+    entry = crl.revocation_record(
+        revocation.serial, revocation.reason, revocation.revoked_at, changed, f"admin:{client}"
+    )
+    audit.info(json.dumps(entry))
+    return JSONResponse(entry | {"changed": changed})
 
 
 async def scep_endpoint(request: Request) -> Response:

@@ -170,35 +170,28 @@ def _import_ca(args: argparse.Namespace) -> int:
 
 
 def _serial(text: str) -> int:
-    # Accept what tools print: 0x-prefixed, colon-separated (openssl -text) or plain hex.
-    cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
-    try:
-        serial = int(cleaned, 16)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a hexadecimal serial") from None
-    if serial <= 0:
-        raise argparse.ArgumentTypeError("a serial number is positive")
+    from hsmscep.crl import parse_serial
+
+    serial = parse_serial(text)
+    if serial is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a hexadecimal serial (positive)")
     return serial
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    from hsmscep.crl import parse_reason
+    from hsmscep.crl import revocation_record
 
     settings = load_settings(args.config)
-    try:
-        reason = parse_reason(args.reason).value
-    except ValueError as exc:
-        raise ConfigError(f"--reason: {exc}") from None
+    reason = revocation_reason(args.reason, "--reason")
     revocation, changed = asyncio.run(_record_revocation(settings, args.serial, reason))
     when = revocation.revoked_at.isoformat(timespec="seconds")
-    entry = {
-        "event": "revoke",
-        "serial": f"{revocation.serial:x}",
-        "reason": revocation.reason,
-        "revoked_at": when,
-        "outcome": "revoked" if changed else "already revoked",
-        "user": os.environ.get("USER", "-"),
-    }
+    entry = revocation_record(
+        revocation.serial,
+        revocation.reason,
+        revocation.revoked_at,
+        changed,
+        f"cli:{os.environ.get('USER', '-')}",
+    )
     logging.getLogger("hsmscep.audit").info(json.dumps(entry))
     if changed:
         # Only the store changes here: running servers see the new revision on the next CRL
@@ -207,6 +200,16 @@ def _revoke(args: argparse.Namespace) -> int:
     else:
         print(f"{revocation.serial:x} was already revoked ({revocation.reason}) at {when}")
     return 0
+
+
+def revocation_reason(name: str, what: str) -> str:
+    """The stored form of an RFC 5280 reason name; ConfigError naming `what` otherwise."""
+    from hsmscep.crl import parse_reason
+
+    try:
+        return parse_reason(name).value
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
 
 
 async def _record_revocation(

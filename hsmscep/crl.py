@@ -36,6 +36,29 @@ def parse_reason(name: str) -> x509.ReasonFlags:
         ) from None
 
 
+def parse_serial(text: str) -> int | None:
+    """A serial as tools print it: plain, 0x-prefixed or colon-separated hex; None if not."""
+    cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
+    if not cleaned or len(cleaned) > 42 or any(c not in "0123456789abcdef" for c in cleaned):
+        return None
+    serial = int(cleaned, 16)
+    return serial if serial > 0 else None
+
+
+def revocation_record(
+    serial: int, reason: str, revoked_at: datetime, changed: bool, actor: str
+) -> dict[str, str]:
+    """The audit entry for a revocation, from the CLI or the admin API alike."""
+    return {
+        "event": "revoke",
+        "serial": f"{serial:x}",
+        "reason": reason,
+        "revoked_at": revoked_at.isoformat(timespec="seconds"),
+        "outcome": "revoked" if changed else "already revoked",
+        "by": actor,
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class RevokedEntry:
     serial: int

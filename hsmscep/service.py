@@ -348,6 +348,20 @@ class ScepService:
                     return der
             raise StoreError("could not publish or read a current CRL")
 
+    async def revoke(self, serial: int, reason: str) -> tuple[Revocation, bool]:
+        """Revoke by serial (UnknownCertificate if not issued here), then sign the next CRL.
+
+        The same store write as `hsmscep revoke`; a failure to sign the CRL right away is
+        logged, not raised: the revocation stands and the next CRL request signs it.
+        """
+        revocation, changed = await self.store.revoke(serial, reason, self._clock())
+        if changed:
+            try:
+                await self.current_crl()
+            except (HsmError, StoreError) as exc:
+                log.warning("CRL after revoking %x not signed yet: %s", serial, exc)
+        return revocation, changed
+
     async def _stored_crl(self, number: int) -> bytes | None:
         if self._crl_cache is not None and self._crl_cache[0] == number:
             return self._crl_cache[1]
