@@ -7,7 +7,10 @@ replaced unless the caller says so.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from hsmscep import hsm
@@ -163,42 +167,197 @@ def _issue_ra_certificates(
     settings: Settings, logins: TokenLogin, ca_cert: x509.Certificate, days: int
 ) -> list[str]:
     ca_key = _signing_key(logins, settings.ca_key)
+    done = []
+    for ref, usage in _ra_keys(settings):
+        path = settings.ra_decrypt_cert if usage == "decrypt" else settings.ra_sign_cert
+        public_key = hsm.public_key_of(_rw(logins, ref), ref)
+        cert = _ra_certificate(ca_key, ca_cert, public_key, usage, days)
+        _write(path, cert.public_bytes(Encoding.PEM))
+        done.append(f"wrote {_RA_ROLES[usage]} certificate to {path}")
+    return done
+
+
+_RA_ROLES = {"sign": "RA signing", "decrypt": "RA encryption", "both": "RA"}
+
+
+def _ra_certificate(
+    ca_key: Any, ca_cert: x509.Certificate, public_key: Any, usage: str, days: int
+) -> x509.Certificate:
     ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     now = datetime.now(UTC)
     ca_cn = ca_cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     base = str(ca_cn[0].value) if ca_cn else "hsmscep"
-    done = []
-    for ref, usage in _ra_keys(settings):
-        public_key = hsm.public_key_of(_rw(logins, ref), ref)
-        role = {"sign": "RA signing", "decrypt": "RA encryption", "both": "RA"}[usage]
-        path = settings.ra_decrypt_cert if usage == "decrypt" else settings.ra_sign_cert
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name.from_rfc4514_string(f"CN={_escape(base)} SCEP {role}"))
-            .issuer_name(ca_cert.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(min(now + timedelta(days=days), ca_cert.not_valid_after_utc))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            # Apple checks the RA key usage (interop-quirks #3): signing certs need
-            # digitalSignature, encryption certs keyEncipherment.
-            .add_extension(
-                _key_usage(
-                    digital_signature=usage in ("sign", "both"),
-                    key_encipherment=usage in ("decrypt", "both"),
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), False
-            )
-            .sign(ca_key, hashes.SHA256())
+    role = _RA_ROLES[usage]
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name.from_rfc4514_string(f"CN={_escape(base)} SCEP {role}"))
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(min(now + timedelta(days=days), ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        # Apple checks the RA key usage (interop-quirks #3): signing certs need
+        # digitalSignature, encryption certs keyEncipherment.
+        .add_extension(
+            _key_usage(
+                digital_signature=usage in ("sign", "both"),
+                key_encipherment=usage in ("decrypt", "both"),
+            ),
+            critical=True,
         )
-        _write(path, cert.public_bytes(Encoding.PEM))
-        done.append(f"wrote {role} certificate to {path}")
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+# ---- CA rollover: `hsmscep rollover prepare|activate` ---------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RolloverOptions:
+    ca_key: KeySpec | None = None  # None: the same kind of key as the current CA's
+    ra_key_bits: int | None = None  # None: the current RA key's size
+    subject: str | None = None  # None: the current CA's subject
+    validity_days: int = 3650
+    ra_validity_days: int = 730
+    force: bool = False  # replace leftover keys with the next generation's labels
+
+
+def rollover_prepare(settings: Settings, options: RolloverOptions) -> list[str]:
+    """Generate the next CA and RA keys in the token, a new self-signed root and its RA
+    certificate, and record them as `next` in the rollover state file."""
+    state_path = _state_path(settings)
+    if settings.next_generation is not None:
+        raise ConfigError(
+            f"a next CA is already prepared in {state_path}; run `hsmscep rollover activate`"
+        )
+    if settings.ra_split:
+        raise ConfigError("CA rollover does not support a separate [ra_decrypt] key yet")
+    current = x509.load_pem_x509_certificate(settings.ca_cert.read_bytes())
+    if settings.ca_chain is not None or current.issuer != current.subject:
+        raise ConfigError(
+            "the CA is signed by an external root: rollover prepares self-signed roots only"
+        )
+    generation = settings.rollover_generation + 1
+    base = settings.config_path.parent
+    next_ca = KeyRef(settings.ca_key.token, _next_label(settings.ca_key, "ca", generation))
+    next_ra = KeyRef(
+        settings.ra_sign_key.token, _next_label(settings.ra_sign_key, "ra", generation)
+    )
+    ca_path, ra_path = base / f"ca-g{generation}.pem", base / f"ra-g{generation}.pem"
+    ca_spec = options.ca_key or _spec_of(current.public_key())
+    ra_current = x509.load_pem_x509_certificate(settings.ra_sign_cert.read_bytes())
+    ra_bits = options.ra_key_bits or ra_current.public_key().key_size  # type: ignore[union-attr]
+    if ra_bits < 2048:
+        raise ConfigError("--ra-key-size must be at least 2048")
+    try:
+        subject = (
+            x509.Name.from_rfc4514_string(options.subject) if options.subject else current.subject
+        )
+    except ValueError as exc:
+        raise ConfigError(f"--subject {options.subject!r}: {exc}") from None
+    done: list[str] = []
+    logins = TokenLogin()
+    try:
+        existing = [
+            ref for ref in (next_ca, next_ra) if hsm.private_key_exists(_rw(logins, ref), ref)
+        ]
+        if existing and not options.force:
+            names = ", ".join(ref.describe() for ref in existing)
+            raise ConfigError(f"keys already exist in the token ({names}); pass --force")
+        for ref in existing:
+            hsm.destroy_key(_rw(logins, ref), ref)
+            done.append(f"destroyed leftover key {ref.describe()}")
+        hsm.generate_key(_rw(logins, next_ca), next_ca, ca_spec, usage="sign")
+        done.append(f"generated next CA key {next_ca.describe()} ({ca_spec})")
+        ra_spec: KeySpec = f"rsa{ra_bits}"  # type: ignore[assignment]
+        hsm.generate_key(_rw(logins, next_ra), next_ra, ra_spec, usage="both")
+        done.append(f"generated next RA key {next_ra.describe()} ({ra_spec})")
+        ca_key = _signing_key(logins, next_ca)
+        ca_cert = _ca_certificate(subject, ca_key, datetime.now(UTC), options.validity_days)
+        ra_public = hsm.public_key_of(_rw(logins, next_ra), next_ra)
+        ra_cert = _ra_certificate(ca_key, ca_cert, ra_public, "both", options.ra_validity_days)
+    finally:
+        logins.close()
+    _write(ca_path, ca_cert.public_bytes(Encoding.PEM))
+    _write(ra_path, ra_cert.public_bytes(Encoding.PEM))
+    done.append(f"wrote next CA certificate to {ca_path} and next RA certificate to {ra_path}")
+    state = _read_state(state_path)
+    state["generation"] = settings.rollover_generation
+    state["next"] = {
+        "ca_key_label": next_ca.label,
+        "ca_cert": ca_path.name,
+        "ra_key_label": next_ra.label,
+        "ra_cert": ra_path.name,
+    }
+    _write(state_path, json.dumps(state, indent=2).encode() + b"\n")
+    done.append(
+        f"recorded generation {generation} as next in {state_path}; restart the servers to "
+        "serve GetNextCACert, then run `hsmscep rollover activate`"
+    )
     return done
+
+
+def rollover_activate(settings: Settings) -> list[str]:
+    """Make the prepared generation current; the old RA key keeps decrypting."""
+    state_path = _state_path(settings)
+    upcoming = settings.next_generation
+    if upcoming is None:
+        raise ConfigError(f"no next CA is prepared in {state_path}; run `hsmscep rollover prepare`")
+    for path in (upcoming.ca_cert, upcoming.ra_cert):
+        if not path.exists():
+            raise ConfigError(f"{state_path}: next certificate {path} does not exist")
+    base = settings.config_path.parent
+    state = _read_state(state_path)
+    old = settings.ra_decrypt_key
+    previous = [
+        {
+            "key_label": old.label,
+            "key_id": old.id.hex() if old.id is not None else None,
+            "cert": os.path.relpath(settings.ra_decrypt_cert, base),
+        }
+    ]
+    state["previous_ra"] = previous + list(state.get("previous_ra", []))
+    state["current"], state["next"] = state["next"], None
+    state["generation"] = settings.rollover_generation + 1
+    _write(state_path, json.dumps(state, indent=2).encode() + b"\n")
+    return [
+        f"generation {state['generation']} is current: CA {upcoming.ca_cert.name}, "
+        f"RA {upcoming.ra_cert.name}; the previous RA key {old.describe()} still decrypts",
+        "restart the servers to switch over",
+    ]
+
+
+def _state_path(settings: Settings) -> Path:
+    assert settings.rollover_state is not None
+    return settings.rollover_state
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"generation": 1, "current": None, "next": None, "previous_ra": []}
+    assert isinstance(state, dict)  # config.load_settings has validated it
+    return state
+
+
+def _next_label(ref: KeyRef, role: str, generation: int) -> str:
+    if ref.label is None:
+        raise ConfigError(f"{role}.key_label is required for rollover (keys are found by label)")
+    return f"{re.sub(r'-g[0-9]+$', '', ref.label)}-g{generation}"
+
+
+def _spec_of(public_key: Any) -> KeySpec:
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        spec = {"secp256r1": "p256", "secp384r1": "p384"}.get(public_key.curve.name)
+    else:
+        spec = f"rsa{public_key.key_size}"
+    if spec not in hsm.KEY_SPECS:
+        raise ConfigError("the current CA key has no matching --ca-key; pass one")
+    return spec
 
 
 def _escape(value: str) -> str:

@@ -1,4 +1,4 @@
-"""The `hsmscep` command: init, import-ca, serve, dev, revoke, pending.
+"""The `hsmscep` command: init, import-ca, serve, dev, revoke, pending, rollover.
 
 Flags override the config file by setting the matching HSMSCEP_* variables, so uvicorn's
 spawned worker processes see the same settings. Secrets never come from argv.
@@ -115,6 +115,27 @@ def _parser() -> argparse.ArgumentParser:
         decide.add_argument("id", type=int, help="request id (from `hsmscep pending list`)")
         decide.set_defaults(func=_pending_decide, approve=action == "approve")
 
+    rollover = sub.add_parser("rollover", help="CA rollover: prepare the next CA, then activate it")
+    rollover_sub = rollover.add_subparsers(required=True, metavar="ACTION")
+    prepare = rollover_sub.add_parser(
+        "prepare", help="next CA and RA keys in the HSM, a new root and RA certificate"
+    )
+    with_config(prepare)
+    prepare.add_argument("--ca-key", choices=KEY_SPECS, help="default: like the current CA key")
+    prepare.add_argument("--ra-key-size", type=int, choices=(2048, 3072, 4096))
+    prepare.add_argument("--subject", help="next CA subject, RFC 4514 (default: the current one)")
+    prepare.add_argument("--validity-days", type=int, default=3650, help="next CA validity")
+    prepare.add_argument("--ra-validity-days", type=int, default=730)
+    prepare.add_argument(
+        "--force", action="store_true", help="replace leftover keys with the next labels"
+    )
+    prepare.set_defaults(func=_rollover_prepare)
+    activate = rollover_sub.add_parser(
+        "activate", help="make the prepared CA current (the old RA key keeps decrypting)"
+    )
+    with_config(activate)
+    activate.set_defaults(func=_rollover_activate)
+
     dev = sub.add_parser("dev", help="SoftHSM2 dev CA in a local directory, then serve")
     dev.add_argument("--dir", type=Path, default=Path(".dev"), help="state directory (.dev)")
     dev.add_argument("--ca-key", choices=KEY_SPECS, default="rsa2048")
@@ -165,6 +186,30 @@ def _import_ca(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     for line in import_ca(settings, args.cert, args.chain, args.ra_validity_days):
+        print(line)
+    return 0
+
+
+def _rollover_prepare(args: argparse.Namespace) -> int:
+    from hsmscep.bootstrap import RolloverOptions, rollover_prepare
+
+    options = RolloverOptions(
+        ca_key=args.ca_key,
+        ra_key_bits=args.ra_key_size,
+        subject=args.subject,
+        validity_days=args.validity_days,
+        ra_validity_days=args.ra_validity_days,
+        force=args.force,
+    )
+    for line in rollover_prepare(load_settings(args.config), options):
+        print(line)
+    return 0
+
+
+def _rollover_activate(args: argparse.Namespace) -> int:
+    from hsmscep.bootstrap import rollover_activate
+
+    for line in rollover_activate(load_settings(args.config)):
         print(line)
     return 0
 

@@ -7,6 +7,7 @@ Relative paths are resolved against the config file's directory.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -28,6 +29,19 @@ ALL_CAPS = (
     "Renewal",
 )
 KNOWN_CAPS = frozenset(ALL_CAPS) | {"GetNextCACert", "SHA-224", "SHA-384", "Update"}
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """The CA and RA keys and certificates of one rollover generation."""
+
+    ca_key: KeyRef
+    ca_cert: Path
+    ra_key: KeyRef
+    ra_cert: Path
+
+
+ROLLOVER_STATE = "rollover.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +75,11 @@ class Settings:
     approval: Literal["auto", "manual"] = "auto"  # manual: PKCSReqs wait for an operator
     pending_ttl_hours: int = 72  # an undecided request expires after this
     admin_token: str | None = field(default=None, repr=False)  # None: no admin API (404)
+    # CA rollover, from the state file `hsmscep rollover prepare|activate` writes.
+    rollover_state: Path | None = None
+    rollover_generation: int = 1  # of the current CA and RA keys
+    next_generation: Generation | None = None  # prepared, served by GetNextCACert
+    ra_previous: tuple[tuple[KeyRef, Path], ...] = ()  # old RA keys, still decrypting
 
     @property
     def ra_split(self) -> bool:
@@ -89,6 +108,7 @@ class _Reader:
             *("server", "pkcs11", "ca", "ra", "ra_decrypt", "enroll", "store", "log", "crl"),
             "renewal",
             "admin",
+            "rollover",
         }
         for section in raw:
             if section not in known:
@@ -244,6 +264,21 @@ class _Reader:
         admin_token = self.secret("admin", "token", "")
         if admin_token is not None and len(admin_token) < 16:
             raise ConfigError("the admin token (admin.token_file / admin.token_env) is too short")
+        state_path = self.file("rollover", "state", ROLLOVER_STATE)
+        assert state_path is not None
+        state = _RolloverState.read(state_path, self.base, ca_token, ra_token)
+        ca_cert = self.file("ca", "cert", "ca.pem") or self.base / "ca.pem"
+        ca_chain = self.file("ca", "chain")
+        if state.current is not None or state.next is not None:
+            if has_split:
+                raise ConfigError(
+                    f"{state_path}: CA rollover does not support a separate [ra_decrypt] key"
+                )
+        if state.current is not None:
+            current = state.current
+            ca_key, ca_cert, ca_chain = current.ca_key, current.ca_cert, None
+            ra_key = dec_key = current.ra_key
+            ra_cert = dec_cert = current.ra_cert
         return Settings(
             config_path=self.path,
             host=str(self.get("server", "host", "127.0.0.1")),
@@ -254,8 +289,8 @@ class _Reader:
             max_body=self.integer("server", "max_body", 64 * 1024, 1024),
             caps=tuple(caps_raw),
             ca_key=ca_key,
-            ca_cert=self.file("ca", "cert", "ca.pem") or self.base / "ca.pem",
-            ca_chain=self.file("ca", "chain"),
+            ca_cert=ca_cert,
+            ca_chain=ca_chain,
             ra_sign_key=ra_key,
             ra_sign_cert=ra_cert,
             ra_decrypt_key=dec_key,
@@ -274,4 +309,84 @@ class _Reader:
             approval=approval,  # type: ignore[arg-type]
             pending_ttl_hours=self.integer("enroll", "pending_ttl_hours", 72, 1),
             admin_token=admin_token or None,
+            rollover_state=state_path,
+            rollover_generation=state.generation,
+            next_generation=state.next,
+            ra_previous=state.previous_ra,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _RolloverState:
+    """The rollover state file (JSON, written by `hsmscep rollover`):
+
+    {"generation": 2,
+     "current": {"ca_key_label": L, "ca_cert": P, "ra_key_label": L, "ra_cert": P} | null,
+     "next": {...the same keys...} | null,
+     "previous_ra": [{"key_label": L, "key_id": HEX | null, "cert": P}, ...]}
+
+    `current` (when set) replaces [ca] key/cert/chain and [ra] key/cert; keys live on the
+    [ca] and [ra] tokens. Paths are relative to the config file.
+    """
+
+    generation: int
+    current: Generation | None
+    next: Generation | None
+    previous_ra: tuple[tuple[KeyRef, Path], ...]
+
+    @classmethod
+    def read(cls, path: Path, base: Path, ca: TokenRef, ra: TokenRef) -> _RolloverState:
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls(1, None, None, ())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"rollover.state: cannot read {path}: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"rollover.state: {path} must hold a JSON object")
+        unknown = set(raw) - {"generation", "current", "next", "previous_ra"}
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+        generation = raw.get("generation", 1)
+        if not isinstance(generation, int) or isinstance(generation, bool) or generation < 1:
+            raise ConfigError(f"{path}: generation must be a positive integer")
+
+        def text(entry: dict[str, Any], where: str, key: str) -> str:
+            value = entry.get(key)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{path}: {where}.{key} must be a non-empty string")
+            return value
+
+        def gen(where: str) -> Generation | None:
+            entry = raw.get(where)
+            if entry is None:
+                return None
+            if not isinstance(entry, dict):
+                raise ConfigError(f"{path}: {where} must be an object or null")
+            return Generation(
+                ca_key=KeyRef(ca, text(entry, where, "ca_key_label")),
+                ca_cert=base / text(entry, where, "ca_cert"),
+                ra_key=KeyRef(ra, text(entry, where, "ra_key_label")),
+                ra_cert=base / text(entry, where, "ra_cert"),
+            )
+
+        previous_raw = raw.get("previous_ra", [])
+        if not isinstance(previous_raw, list):
+            raise ConfigError(f"{path}: previous_ra must be a list")
+        previous = []
+        for index, entry in enumerate(previous_raw):
+            where = f"previous_ra[{index}]"
+            if not isinstance(entry, dict):
+                raise ConfigError(f"{path}: {where} must be an object")
+            label = entry.get("key_label")
+            key_id = entry.get("key_id")
+            if not isinstance(label, str | None) or not isinstance(key_id, str | None):
+                raise ConfigError(f"{path}: {where}.key_label and key_id must be strings")
+            if label is None and key_id is None:
+                raise ConfigError(f"{path}: {where}.key_label or {where}.key_id is required")
+            try:
+                raw_id = bytes.fromhex(key_id) if key_id is not None else None
+            except ValueError:
+                raise ConfigError(f"{path}: {where}.key_id must be hex") from None
+            previous.append((KeyRef(ra, label, raw_id), base / text(entry, where, "cert")))
+        return cls(generation, gen("current"), gen("next"), tuple(previous))
