@@ -44,7 +44,7 @@ from hsmscep.hsm import TokenLogin
 from hsmscep.keyring import Keyring, KeySource
 from hsmscep.pool import SigningPool
 from hsmscep.renewal import RenewalPolicy
-from hsmscep.service import ScepService, default_policy
+from hsmscep.service import NEXT_CA_CERT, ScepService, default_policy
 from hsmscep.store import CertStore, PendingRequest
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,14 @@ async def _running_service(settings: Settings) -> AsyncIterator[ScepService]:
     ca_cert = _load_cert(settings.ca_cert, "ca.cert")
     ra_sign = _load_cert(settings.ra_sign_cert, "ra.cert")
     ra_decrypt = _load_cert(settings.ra_decrypt_cert, "ra_decrypt.cert")
+    previous = [(k, p) for k, p in settings.ra_previous if k != settings.ra_decrypt_key]
+    upcoming = settings.next_generation
+    next_certs = (
+        [_load_cert(upcoming.ca_cert, "rollover next.ca_cert")]
+        + [_load_cert(upcoming.ra_cert, "rollover next.ra_cert")]
+        if upcoming is not None
+        else []
+    )
     chain = (
         x509.load_pem_x509_certificates(settings.ca_chain.read_bytes())
         if settings.ca_chain is not None and settings.ca_chain.exists()
@@ -107,7 +115,12 @@ async def _running_service(settings: Settings) -> AsyncIterator[ScepService]:
         ca_cert=ca_cert,
         ra_sign_key=settings.ra_sign_key,
         ra_sign_cert=ra_sign,
-        decrypt=[(settings.ra_decrypt_key, ra_decrypt)],
+        # The current RA key first (the hot path matches it at once), then the RA keys of
+        # earlier rollover generations: clients may still encrypt to an old RA certificate.
+        decrypt=[
+            (settings.ra_decrypt_key, ra_decrypt),
+            *((key, _load_cert(path, "rollover previous_ra.cert")) for key, path in previous),
+        ],
     )
     logins = TokenLogin()
     # SoftHSM2 is CPU-bound: with one process per core, one session per process keeps every
@@ -146,6 +159,7 @@ async def _running_service(settings: Settings) -> AsyncIterator[ScepService]:
             ),
             manual_approval=settings.approval == "manual",
             pending_ttl=timedelta(hours=settings.pending_ttl_hours),
+            next_ca_certs=next_certs,
         )
         async with service.crl_refresher():
             yield service
@@ -356,6 +370,11 @@ async def _scep(request: Request) -> Response:
     if operation == "GetCACert":
         # Any message= value is fine: CA identifiers, "default", Apple instance names.
         return Response(service.ca_cert_body, media_type=service.ca_cert_type)
+    if operation == "GetNextCACert":
+        body = await service.next_ca_cert()
+        if body is None:
+            return PlainTextResponse("no next CA certificate\n", status_code=404)
+        return Response(body, media_type=NEXT_CA_CERT)
     if operation != "PKIOperation":
         raise MessageError(f"unknown operation {operation[:40]!r}")
     if request.method == "POST":

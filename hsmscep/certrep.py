@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from hsmscep import asn1, cms
-from hsmscep.algorithms import ContentCipher
+from hsmscep.algorithms import DIGESTS_BY_NAME, ContentCipher
 from hsmscep.keys import ExternalRsaKey
 from hsmscep.message import FailInfo, MessageType, PkiRequest, PkiStatus
 
@@ -69,6 +69,29 @@ def build_cert_rep(
     to_sign = digest.digest_info_prefix + hashlib.new(digest.name, signed_attrs).digest()
     return cms.signed_data(
         content=envelope,
+        digest=digest,
+        signed_attrs=signed_attrs,
+        signature=signer.key.sign_digest_info(to_sign),
+        signature_algorithm=_RSA_SIGNATURE,
+        signer_id=signer.signer_id,
+        certs_der=(signer.cert_der,),
+    )
+
+
+def sign_next_ca_certs(certs_der: list[bytes], signer: ResponseSigner) -> bytes:
+    """The GetNextCACert reply (RFC 8894 §4.7.1): a SignedData signed by the RA whose id-data
+    content is the degenerate certs-only PKCS#7 of the next CA (and RA) certificates."""
+    digest = DIGESTS_BY_NAME["sha256"]
+    content = cms.certs_only(certs_der)
+    signed_attrs = asn1.set_of(
+        asn1.attribute(asn1.OID_CONTENT_TYPE, asn1.oid(asn1.OID_DATA)),
+        asn1.attribute(
+            asn1.OID_MESSAGE_DIGEST, asn1.octet_string(hashlib.sha256(content).digest())
+        ),
+    )
+    to_sign = digest.digest_info_prefix + hashlib.sha256(signed_attrs).digest()
+    return cms.signed_data(
+        content=content,
         digest=digest,
         signed_attrs=signed_attrs,
         signature=signer.key.sign_digest_info(to_sign),

@@ -83,6 +83,15 @@ def parse_ca_certs(body: bytes) -> list[x509.Certificate]:
     return certs
 
 
+def parse_next_ca_certs(
+    body: bytes, ra_certs: Sequence[x509.Certificate]
+) -> list[x509.Certificate]:
+    """A GetNextCACert reply: verify its signature by one of the current `ra_certs`
+    (RFC 8894 §4.7.1), then the next CA (and RA) certificates it carries."""
+    signed = verify_signed_message(body, ra_certs)
+    return parse_ca_certs(signed.content)
+
+
 def select_recipient(ca_certs: Sequence[x509.Certificate]) -> x509.Certificate:
     """The certificate to encrypt to: an RA with keyEncipherment, else the CA (RFC 8894 §3.5.1)."""
     if not ca_certs:

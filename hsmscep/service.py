@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from hsmscep import cms, crl
 from hsmscep.algorithms import CIPHERS_BY_NAME, ContentCipher
-from hsmscep.certrep import build_cert_rep, seal_certificates, seal_reply
+from hsmscep.certrep import build_cert_rep, seal_certificates, seal_reply, sign_next_ca_certs
 from hsmscep.cms import decode_envelope
 from hsmscep.errors import (
     DuplicateSerial,
@@ -65,6 +65,7 @@ audit = logging.getLogger("hsmscep.audit")
 
 CA_RA_CERT = "application/x-x509-ca-ra-cert"
 CA_CERT = "application/x-x509-ca-cert"
+NEXT_CA_CERT = "application/x-x509-next-ca-cert"
 MAX_SERIAL_ATTEMPTS = 3
 MAX_CRL_ATTEMPTS = 5
 CRL_CHECK_SECONDS = 30.0
@@ -108,6 +109,7 @@ class ScepService:
         renewal: RenewalPolicy = DEFAULT_RENEWAL,
         manual_approval: bool = False,
         pending_ttl: timedelta = timedelta(hours=72),
+        next_ca_certs: list[x509.Certificate] | None = None,
     ) -> None:
         self.pool, self.store, self.policy = pool, store, policy
         self.renewal = renewal
@@ -115,7 +117,13 @@ class ScepService:
         self._renewal_csr_policy = replace(policy, challenge=None)
         self.issuer = Issuer.of(ca_cert)
         self._clock, self._random_serial, self._nonce = clock, random_serial, nonce
+        # GetNextCACert is advertised exactly while a next CA is prepared (RFC 8894 §3.5.2).
+        caps = tuple(c for c in caps if c != "GetNextCACert")
+        if next_ca_certs:
+            caps += ("GetNextCACert",)
         self.ca_caps = "\n".join(caps).encode()
+        self._next_ca_ders = [c.public_bytes(Encoding.DER) for c in next_ca_certs or []]
+        self._next_ca_body: bytes | None = None
         ders = [c.public_bytes(Encoding.DER) for c in (ca_cert, *ra_certs, *chain)]
         self.ca_cert_body = cms.certs_only(_unique(ders))
         self.ca_cert_type = CA_RA_CERT
@@ -128,6 +136,16 @@ class ScepService:
         self.manual_approval, self.pending_ttl = manual_approval, pending_ttl
         # The challenge was checked when the request arrived; it may have changed since.
         self._approved_csr_policy = replace(policy, challenge=None)
+
+    async def next_ca_cert(self) -> bytes | None:
+        """The GetNextCACert reply, signed by the current RA key once per process; None
+        while no next CA is prepared."""
+        if not self._next_ca_ders:
+            return None
+        if self._next_ca_body is None:
+            signed = await self.pool.run(partial(_sign_next_ca, self._next_ca_ders))
+            self._next_ca_body = signed
+        return self._next_ca_body
 
     async def pki_operation(self, der: bytes, client: str = "-") -> bytes:
         """Answer a pkiMessage; MessageError means the request never verified (HTTP 400)."""
@@ -673,6 +691,10 @@ class ScepService:
         if record is not None:
             entry |= {"serial": f"{record.serial:x}", "subject": record.subject}
         audit.info(json.dumps(entry, ensure_ascii=False))
+
+
+def _sign_next_ca(certs_der: list[bytes], keys: Keyring) -> bytes:
+    return sign_next_ca_certs(certs_der, keys.response_signer)
 
 
 def _decrypt_key(envelope: cms.Envelope, keys: Keyring) -> tuple[bytes, cms.OaepParams | None]:
