@@ -1,0 +1,248 @@
+"""CA rollover end to end: `hsmscep rollover prepare|activate`, GetNextCACert, GetCACaps, and
+enrollment across the switch, against live servers, a SoftHSM2 token and SQLite.
+
+The commands run in their own processes, as an operator runs them; servers pick the change
+up on restart. A request encrypted to the old RA certificate before activation is sent after
+it and must still decrypt (the old RA key stays a decryption key).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from hsmscep import client, hsm
+from hsmscep.config import load_settings
+from hsmscep.errors import ConfigError, MessageError
+from hsmscep.hsm import TokenLogin
+from tests.conftest import DevCa, Server, make_ca, start_server
+from tests.test_interop import check_issued, enroll_with_scepclient
+from tests.test_revocation import enroll, post
+
+pytestmark = pytest.mark.hsm
+
+TIMEOUT = 30.0
+SUCCESS = "0"
+
+
+def rollover(ca: DevCa, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hsmscep", "rollover", *args, "--config", str(ca.config)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def get(url: str, operation: str) -> httpx.Response:
+    return httpx.get(f"{url}/scep", params={"operation": operation}, timeout=TIMEOUT)
+
+
+def caps(url: str) -> list[str]:
+    return get(url, "GetCACaps").text.split()
+
+
+def ca_certs(url: str) -> list[x509.Certificate]:
+    return client.parse_ca_certs(get(url, "GetCACert").content)
+
+
+def openssl_verify(ca_pem: Path, cert: x509.Certificate, tmp_path: Path) -> bool:
+    path = tmp_path / f"{cert.serial_number:x}.pem"
+    path.write_bytes(cert.public_bytes(Encoding.PEM))
+    done = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(ca_pem), str(path)], capture_output=True, text=True
+    )
+    return done.returncode == 0 and ": OK" in done.stdout
+
+
+def restart(ca: DevCa, srv: Server) -> Server:
+    srv.stop()
+    assert "Traceback" not in srv.output()
+    return start_server(ca)
+
+
+def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
+    ca = make_ca(softhsm_dir, tmp_path / "ca", "rollover-ca")
+    old_ca_pem = ca.settings.ca_cert
+    srv = start_server(ca)
+    try:
+        assert "GetNextCACert" not in caps(srv.url)
+        assert get(srv.url, "GetNextCACert").status_code == 404
+        old = ca_certs(srv.url)
+        old_ca, old_ra = old[0], old[1]
+
+        # ---- prepare: next keys in the HSM, a new root and RA certificate --------------
+        done = rollover(ca, "prepare")
+        assert done.returncode == 0, done.stderr
+        state = json.loads((ca.directory / "rollover.json").read_text())
+        assert state["next"] == {
+            "ca_key_label": "hsmscep-ca-g2",
+            "ca_cert": "ca-g2.pem",
+            "ra_key_label": "hsmscep-ra-g2",
+            "ra_cert": "ra-g2.pem",
+        }
+        prepared = load_settings(ca.config)
+        assert prepared.next_generation is not None
+        logins = TokenLogin()
+        try:
+            for ref in (prepared.next_generation.ca_key, prepared.next_generation.ra_key):
+                session = logins.open_session(ref.token)
+                assert hsm.key_protection(session, ref) == (True, False), ref.describe()
+        finally:
+            logins.close()
+        again = rollover(ca, "prepare")
+        assert again.returncode == 2 and "already prepared" in again.stderr, again
+
+        # The running server still serves the current CA until it restarts.
+        assert "GetNextCACert" not in caps(srv.url)
+        srv = restart(ca, srv)
+        assert "GetNextCACert" in caps(srv.url)
+        assert ca_certs(srv.url)[:2] == [old_ca, old_ra]
+
+        # ---- GetNextCACert: signed by the current RA key, the next CA inside -----------
+        response = get(srv.url, "GetNextCACert")
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/x-x509-next-ca-cert"
+        next_ca, next_ra = client.parse_next_ca_certs(response.content, [old_ra])
+        with pytest.raises(MessageError):
+            client.parse_next_ca_certs(response.content, [next_ra])  # not signed by the next RA
+        on_disk = x509.load_pem_x509_certificate((ca.directory / "ca-g2.pem").read_bytes())
+        assert next_ca == on_disk and next_ca != old_ca
+        assert next_ca.subject == old_ca.subject  # same name, new key
+        assert next_ca.public_key() != old_ca.public_key()
+        next_ca.verify_directly_issued_by(next_ca)
+        next_ra.verify_directly_issued_by(next_ca)
+        assert get(srv.url, "GetNextCACert").content == response.content  # signed once
+        # openssl agrees: the signature verifies up to the current CA, the content is the
+        # degenerate PKCS#7 with the next CA first.
+        (tmp_path / "next.der").write_bytes(response.content)
+        cms = subprocess.run(
+            ["openssl", "cms", "-verify", "-inform", "DER", "-in", str(tmp_path / "next.der")]
+            + ["-CAfile", str(old_ca_pem), "-purpose", "any", "-binary"]
+            + ["-out", str(tmp_path / "inner.der")],
+            capture_output=True,
+            text=True,
+        )
+        assert cms.returncode == 0 and "Verification successful" in cms.stderr, cms
+        inner = client.parse_ca_certs((tmp_path / "inner.der").read_bytes())
+        assert inner == [next_ca, next_ra]
+
+        # Requests encrypted to the current RA enroll under the current CA meanwhile.
+        before, _ = enroll(srv.url, ca, old, "before-activation")
+        assert openssl_verify(old_ca_pem, before, tmp_path)
+
+        # A request built now against the OLD RA certificate, sent after activation.
+        stale_key = rsa.generate_private_key(65537, 2048)
+        stale = client.build_pkcs_req(
+            key=stale_key,
+            ca_certs=old,
+            challenge=ca.challenge,
+            subject=x509.Name.from_rfc4514_string("CN=built-before-activation"),
+        )
+
+        # ---- activate + restart ---------------------------------------------------------
+        done = rollover(ca, "activate")
+        assert done.returncode == 0, done.stderr
+        activated = load_settings(ca.config)
+        assert activated.next_generation is None and activated.rollover_generation == 2
+        assert activated.ca_cert == ca.directory / "ca-g2.pem"
+        assert [p for _, p in activated.ra_previous] == [ca.directory / "ra.pem"]
+        nothing = rollover(ca, "activate")
+        assert nothing.returncode == 2 and "no next CA" in nothing.stderr, nothing
+        srv = restart(ca, srv)
+
+        assert "GetNextCACert" not in caps(srv.url)
+        assert get(srv.url, "GetNextCACert").status_code == 404
+        current = ca_certs(srv.url)
+        assert current[:2] == [next_ca, next_ra] and old_ca not in current
+
+        # New enrollments chain to the new CA (and not to the old one).
+        after, _ = enroll(srv.url, ca, current, "after-activation")
+        assert openssl_verify(ca.directory / "ca-g2.pem", after, tmp_path)
+        assert not openssl_verify(old_ca_pem, after, tmp_path)
+
+        # The request encrypted to the old RA certificate still decrypts and enrolls.
+        result = client.open_cert_rep(post(srv.url, stale.der), stale, current)
+        assert (result.pki_status, result.fail_info) == (SUCCESS, None)
+        assert result.signer_cert == next_ra  # answered by the current RA
+        [issued] = result.certificates
+        assert issued.public_key() == stale_key.public_key()
+        assert openssl_verify(ca.directory / "ca-g2.pem", issued, tmp_path)
+
+        # micromdm's scepclient fetches GetCACert afresh and enrolls under the new CA.
+        work = tmp_path / "scepclient"
+        run = enroll_with_scepclient(srv.url, ca.challenge, work, "scepclient-after")
+        assert run.returncode == 0, run.stdout + run.stderr
+        check_issued(replace(ca, settings=activated), work, "scepclient-after")
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.output()
+
+    # ---- a second rollover: generation 3, both earlier RA keys keep decrypting ---------
+    done = rollover(ca, "prepare", "--ca-key", "p256")
+    assert done.returncode == 0, done.stderr
+    assert rollover(ca, "activate").returncode == 0
+    third = load_settings(ca.config)
+    assert third.rollover_generation == 3 and third.ca_key.label == "hsmscep-ca-g3"
+    assert [p.name for _, p in third.ra_previous] == ["ra-g2.pem", "ra.pem"]
+    srv = start_server(ca)
+    try:
+        current = ca_certs(srv.url)
+        assert current[0].subject == old_ca.subject and current[0] != next_ca
+        request = client.build_pkcs_req(
+            key=rsa.generate_private_key(65537, 2048),
+            ca_certs=old,
+            challenge=ca.challenge,
+            subject=x509.Name.from_rfc4514_string("CN=two-generations-old"),
+        )
+        reply = client.open_cert_rep(post(srv.url, request.der), request, current)
+        assert (reply.pki_status, reply.fail_info) == (SUCCESS, None)
+        assert openssl_verify(ca.directory / "ca-g3.pem", reply.certificates[0], tmp_path)
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.output()
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ("[]", "must hold a JSON object"),
+        ("{", "cannot read"),
+        ('{"generation": 0}', "generation must be a positive integer"),
+        ('{"surprise": 1}', "unknown key(s) surprise"),
+        (
+            '{"next": {"ca_key_label": "x", "ca_cert": "c.pem", "ra_cert": "r.pem"}}',
+            "next.ra_key_label must be a non-empty string",
+        ),  # fmt: skip
+        ('{"current": []}', "current must be an object or null"),
+        ('{"previous_ra": [{"cert": "ra.pem"}]}', "previous_ra[0].key_label or"),
+        ('{"previous_ra": [{"key_id": "zz", "cert": "ra.pem"}]}', "previous_ra[0].key_id"),
+        ('{"previous_ra": [{"key_label": "a"}]}', "previous_ra[0].cert must be"),
+    ],
+)
+def test_rollover_state_is_checked(dev_ca: DevCa, tmp_path: Path, state: str, message: str) -> None:
+    config = tmp_path / "hsmscep.toml"
+    text = dev_ca.config.read_text().replace('"pin"', f'"{dev_ca.directory / "pin"}"')
+    text = text.replace('"challenge"', f'"{dev_ca.directory / "challenge"}"')
+    config.write_text(text)
+    (tmp_path / "rollover.json").write_text(state)
+    with pytest.raises(ConfigError) as info:
+        load_settings(config)
+    assert message in str(info.value)
+    assert "rollover" in str(info.value)
+
+
+def test_rollover_state_file_is_configurable(dev_ca: DevCa, tmp_path: Path) -> None:
+    settings = load_settings(dev_ca.config, {"HSMSCEP_ROLLOVER_STATE": str(tmp_path / "s.json")})
+    assert settings.rollover_state == tmp_path / "s.json"
+    assert settings.rollover_generation == 1 and settings.next_generation is None
+    assert settings.ra_previous == ()
