@@ -99,12 +99,14 @@ async def _running_service(settings: Settings) -> AsyncIterator[ScepService]:
     ra_decrypt = _load_cert(settings.ra_decrypt_cert, "ra_decrypt.cert")
     previous = [(k, p) for k, p in settings.ra_previous if k != settings.ra_decrypt_key]
     upcoming = settings.next_generation
-    next_certs = (
-        [_load_cert(upcoming.ca_cert, "rollover next.ca_cert")]
-        + [_load_cert(upcoming.ra_cert, "rollover next.ra_cert")]
-        if upcoming is not None
-        else []
-    )
+    next_certs: list[x509.Certificate] = []
+    if upcoming is not None:
+        next_certs = [
+            _load_cert(upcoming.ca_cert, "rollover next.ca_cert"),
+            _load_cert(upcoming.ra_cert, "rollover next.ra_cert"),
+        ]
+        if upcoming.ca_chain is not None:
+            next_certs += x509.load_pem_x509_certificates(upcoming.ca_chain.read_bytes())
     chain = (
         x509.load_pem_x509_certificates(settings.ca_chain.read_bytes())
         if settings.ca_chain is not None and settings.ca_chain.exists()

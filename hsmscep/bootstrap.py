@@ -95,26 +95,10 @@ def import_ca(
     settings: Settings, cert_path: Path, chain_path: Path | None, ra_days: int
 ) -> list[str]:
     """Install an externally signed CA certificate (and chain), then issue the RA certificates."""
-    try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read a PEM certificate from {cert_path}: {exc}") from None
-    chain: list[x509.Certificate] = []
-    if chain_path is not None:
-        try:
-            chain = x509.load_pem_x509_certificates(chain_path.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read PEM certificates from {chain_path}: {exc}") from None
+    cert, chain = _read_ca_files(cert_path, chain_path)
     logins = TokenLogin()
     try:
-        session = _rw(logins, settings.ca_key)
-        token_key = hsm.public_key_of(session, settings.ca_key)
-        if token_key.public_bytes(
-            Encoding.DER, PublicFormat.SubjectPublicKeyInfo
-        ) != cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo):
-            raise ConfigError(f"{cert_path} does not certify the CA key in the token")
-        if chain and cert.issuer != chain[0].subject:
-            raise ConfigError(f"the first certificate in {chain_path} did not issue {cert_path}")
+        _check_certifies(logins, settings.ca_key, cert, cert_path, chain, chain_path)
         _write(settings.ca_cert, cert.public_bytes(Encoding.PEM))
         done = [f"installed CA certificate {cert.subject.rfc4514_string()}"]
         if chain:
@@ -125,6 +109,39 @@ def import_ca(
         return done + _issue_ra_certificates(settings, logins, cert, ra_days)
     finally:
         logins.close()
+
+
+def _read_ca_files(
+    cert_path: Path, chain_path: Path | None
+) -> tuple[x509.Certificate, list[x509.Certificate]]:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read a PEM certificate from {cert_path}: {exc}") from None
+    chain: list[x509.Certificate] = []
+    if chain_path is not None:
+        try:
+            chain = x509.load_pem_x509_certificates(chain_path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read PEM certificates from {chain_path}: {exc}") from None
+    return cert, chain
+
+
+def _check_certifies(
+    logins: TokenLogin,
+    ref: KeyRef,
+    cert: x509.Certificate,
+    cert_path: Path,
+    chain: list[x509.Certificate],
+    chain_path: Path | None,
+) -> None:
+    token_key = hsm.public_key_of(_rw(logins, ref), ref)
+    if token_key.public_bytes(
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+    ) != cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo):
+        raise ConfigError(f"{cert_path} does not certify the CA key {ref.describe()} in the token")
+    if chain and cert.issuer != chain[0].subject:
+        raise ConfigError(f"the first certificate in {chain_path} did not issue {cert_path}")
 
 
 def _all_keys(settings: Settings) -> list[KeyRef]:
@@ -223,6 +240,7 @@ class RolloverOptions:
     validity_days: int = 3650
     ra_validity_days: int = 730
     force: bool = False  # replace leftover keys with the next generation's labels
+    csr_out: Path | None = None  # external root: write the next CA's CSR instead of self-signing
 
 
 def rollover_prepare(settings: Settings, options: RolloverOptions) -> list[str]:
@@ -233,12 +251,19 @@ def rollover_prepare(settings: Settings, options: RolloverOptions) -> list[str]:
         raise ConfigError(
             f"a next CA is already prepared in {state_path}; run `hsmscep rollover activate`"
         )
+    if settings.awaiting_generation is not None and not options.force:
+        raise ConfigError(
+            f"a next CA key awaits its certificate ({state_path}); run `hsmscep rollover "
+            "import-ca`, or prepare again with --force"
+        )
     if settings.ra_split:
         raise ConfigError("CA rollover does not support a separate [ra_decrypt] key yet")
     current = x509.load_pem_x509_certificate(settings.ca_cert.read_bytes())
-    if settings.ca_chain is not None or current.issuer != current.subject:
+    external = settings.ca_chain is not None or current.issuer != current.subject
+    if external and options.csr_out is None:
         raise ConfigError(
-            "the CA is signed by an external root: rollover prepares self-signed roots only"
+            "the CA is signed by an external root: pass --csr FILE, have the root sign it, "
+            "then run `hsmscep rollover import-ca`"
         )
     generation = settings.rollover_generation + 1
     base = settings.config_path.parent
@@ -276,6 +301,29 @@ def rollover_prepare(settings: Settings, options: RolloverOptions) -> list[str]:
         hsm.generate_key(_rw(logins, next_ra), next_ra, ra_spec, usage="both")
         done.append(f"generated next RA key {next_ra.describe()} ({ra_spec})")
         ca_key = _signing_key(logins, next_ca)
+        entry = {
+            "ca_key_label": next_ca.label,
+            "ca_cert": ca_path.name,
+            "ra_key_label": next_ra.label,
+            "ra_cert": ra_path.name,
+        }
+        state = _read_state(state_path)
+        state["generation"] = settings.rollover_generation
+        if options.csr_out is not None:
+            csr = (
+                x509.CertificateSigningRequestBuilder()
+                .subject_name(subject)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .sign(ca_key, hashes.SHA256())
+            )
+            _write(options.csr_out, csr.public_bytes(Encoding.PEM))
+            state["awaiting_cert"] = entry
+            _write(state_path, json.dumps(state, indent=2).encode() + b"\n")
+            done.append(
+                f"wrote the next CA's CSR to {options.csr_out}; have the root sign it, then run "
+                "`hsmscep rollover import-ca --cert FILE [--chain FILE]`"
+            )
+            return done
         ca_cert = _ca_certificate(subject, ca_key, datetime.now(UTC), options.validity_days)
         ra_public = hsm.public_key_of(_rw(logins, next_ra), next_ra)
         ra_cert = _ra_certificate(ca_key, ca_cert, ra_public, "both", options.ra_validity_days)
@@ -284,20 +332,55 @@ def rollover_prepare(settings: Settings, options: RolloverOptions) -> list[str]:
     _write(ca_path, ca_cert.public_bytes(Encoding.PEM))
     _write(ra_path, ra_cert.public_bytes(Encoding.PEM))
     done.append(f"wrote next CA certificate to {ca_path} and next RA certificate to {ra_path}")
-    state = _read_state(state_path)
-    state["generation"] = settings.rollover_generation
-    state["next"] = {
-        "ca_key_label": next_ca.label,
-        "ca_cert": ca_path.name,
-        "ra_key_label": next_ra.label,
-        "ra_cert": ra_path.name,
-    }
+    state["next"], state["awaiting_cert"] = entry, None
     _write(state_path, json.dumps(state, indent=2).encode() + b"\n")
-    done.append(
+    done.append(_prepared(state_path, generation))
+    return done
+
+
+def rollover_import_ca(
+    settings: Settings, cert_path: Path, chain_path: Path | None, ra_days: int
+) -> list[str]:
+    """Install the externally signed next CA certificate (checked against the next CA key in
+    the token) and its chain, issue the next RA certificate, and record the generation as
+    `next`: like `import-ca`, for the generation `rollover prepare --csr` made."""
+    state_path = _state_path(settings)
+    awaiting = settings.awaiting_generation
+    if awaiting is None:
+        raise ConfigError(f"no next CA awaits a certificate in {state_path}")
+    cert, chain = _read_ca_files(cert_path, chain_path)
+    generation = settings.rollover_generation + 1
+    base = settings.config_path.parent
+    logins = TokenLogin()
+    try:
+        _check_certifies(logins, awaiting.ca_key, cert, cert_path, chain, chain_path)
+        ca_key = _signing_key(logins, awaiting.ca_key)
+        ra_public = hsm.public_key_of(_rw(logins, awaiting.ra_key), awaiting.ra_key)
+        ra_cert = _ra_certificate(ca_key, cert, ra_public, "both", ra_days)
+    finally:
+        logins.close()
+    _write(awaiting.ca_cert, cert.public_bytes(Encoding.PEM))
+    _write(awaiting.ra_cert, ra_cert.public_bytes(Encoding.PEM))
+    done = [f"installed next CA certificate {cert.subject.rfc4514_string()} to {awaiting.ca_cert}"]
+    state = _read_state(state_path)
+    entry = dict(state["awaiting_cert"])
+    if chain:
+        chain_file = base / f"chain-g{generation}.pem"
+        _write(chain_file, b"".join(c.public_bytes(Encoding.PEM) for c in chain))
+        entry["ca_chain"] = chain_file.name
+        done.append(f"installed a chain of {len(chain)} certificate(s) to {chain_file}")
+    done.append(f"wrote next RA certificate to {awaiting.ra_cert}")
+    state["next"], state["awaiting_cert"] = entry, None
+    _write(state_path, json.dumps(state, indent=2).encode() + b"\n")
+    done.append(_prepared(state_path, generation))
+    return done
+
+
+def _prepared(state_path: Path, generation: int) -> str:
+    return (
         f"recorded generation {generation} as next in {state_path}; restart the servers to "
         "serve GetNextCACert, then run `hsmscep rollover activate`"
     )
-    return done
 
 
 def rollover_activate(settings: Settings) -> list[str]:

@@ -129,7 +129,18 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument(
         "--force", action="store_true", help="replace leftover keys with the next labels"
     )
+    prepare.add_argument(
+        "--csr", type=Path, help="external root: write the next CA's CSR instead of self-signing"
+    )
     prepare.set_defaults(func=_rollover_prepare)
+    rimp = rollover_sub.add_parser(
+        "import-ca", help="install the externally signed next CA certificate (after --csr)"
+    )
+    with_config(rimp)
+    rimp.add_argument("--cert", type=Path, required=True, help="signed next CA certificate (PEM)")
+    rimp.add_argument("--chain", type=Path, help="issuer chain (PEM), nearest issuer first")
+    rimp.add_argument("--ra-validity-days", type=int, default=730)
+    rimp.set_defaults(func=_rollover_import_ca)
     activate = rollover_sub.add_parser(
         "activate", help="make the prepared CA current (the old RA key keeps decrypting)"
     )
@@ -200,8 +211,18 @@ def _rollover_prepare(args: argparse.Namespace) -> int:
         validity_days=args.validity_days,
         ra_validity_days=args.ra_validity_days,
         force=args.force,
+        csr_out=args.csr,
     )
     for line in rollover_prepare(load_settings(args.config), options):
+        print(line)
+    return 0
+
+
+def _rollover_import_ca(args: argparse.Namespace) -> int:
+    from hsmscep.bootstrap import rollover_import_ca
+
+    settings = load_settings(args.config)
+    for line in rollover_import_ca(settings, args.cert, args.chain, args.ra_validity_days):
         print(line)
     return 0
 

@@ -39,6 +39,7 @@ class Generation:
     ca_cert: Path
     ra_key: KeyRef
     ra_cert: Path
+    ca_chain: Path | None = None  # issuers of a next CA signed by an external root
 
 
 ROLLOVER_STATE = "rollover.json"
@@ -79,6 +80,7 @@ class Settings:
     rollover_state: Path | None = None
     rollover_generation: int = 1  # of the current CA and RA keys
     next_generation: Generation | None = None  # prepared, served by GetNextCACert
+    awaiting_generation: Generation | None = None  # keys made, CA CSR out at the external root
     ra_previous: tuple[tuple[KeyRef, Path], ...] = ()  # old RA keys, still decrypting
 
     @property
@@ -269,14 +271,14 @@ class _Reader:
         state = _RolloverState.read(state_path, self.base, ca_token, ra_token)
         ca_cert = self.file("ca", "cert", "ca.pem") or self.base / "ca.pem"
         ca_chain = self.file("ca", "chain")
-        if state.current is not None or state.next is not None:
+        if state.current is not None or state.next is not None or state.awaiting_cert is not None:
             if has_split:
                 raise ConfigError(
                     f"{state_path}: CA rollover does not support a separate [ra_decrypt] key"
                 )
         if state.current is not None:
             current = state.current
-            ca_key, ca_cert, ca_chain = current.ca_key, current.ca_cert, None
+            ca_key, ca_cert, ca_chain = current.ca_key, current.ca_cert, current.ca_chain
             ra_key = dec_key = current.ra_key
             ra_cert = dec_cert = current.ra_cert
         return Settings(
@@ -312,6 +314,7 @@ class _Reader:
             rollover_state=state_path,
             rollover_generation=state.generation,
             next_generation=state.next,
+            awaiting_generation=state.awaiting_cert,
             ra_previous=state.previous_ra,
         )
 
@@ -323,7 +326,11 @@ class _RolloverState:
     {"generation": 2,
      "current": {"ca_key_label": L, "ca_cert": P, "ra_key_label": L, "ra_cert": P} | null,
      "next": {...the same keys...} | null,
+     "awaiting_cert": {...the same keys...} | null,
      "previous_ra": [{"key_label": L, "key_id": HEX | null, "cert": P}, ...]}
+
+    Generations may also name "ca_chain" (a PEM file of external issuers). `awaiting_cert` is a
+    generation whose keys exist but whose CA certificate the external root has yet to sign.
 
     `current` (when set) replaces [ca] key/cert/chain and [ra] key/cert; keys live on the
     [ca] and [ra] tokens. Paths are relative to the config file.
@@ -332,6 +339,7 @@ class _RolloverState:
     generation: int
     current: Generation | None
     next: Generation | None
+    awaiting_cert: Generation | None
     previous_ra: tuple[tuple[KeyRef, Path], ...]
 
     @classmethod
@@ -339,12 +347,12 @@ class _RolloverState:
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
-            return cls(1, None, None, ())
+            return cls(1, None, None, None, ())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"rollover.state: cannot read {path}: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"rollover.state: {path} must hold a JSON object")
-        unknown = set(raw) - {"generation", "current", "next", "previous_ra"}
+        unknown = set(raw) - {"generation", "current", "next", "awaiting_cert", "previous_ra"}
         if unknown:
             raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
         generation = raw.get("generation", 1)
@@ -363,11 +371,22 @@ class _RolloverState:
                 return None
             if not isinstance(entry, dict):
                 raise ConfigError(f"{path}: {where} must be an object or null")
+            unknown = set(entry) - {
+                "ca_key_label",
+                "ca_cert",
+                "ra_key_label",
+                "ra_cert",
+                "ca_chain",
+            }
+            if unknown:
+                raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} in {where}")
+            chain = text(entry, where, "ca_chain") if entry.get("ca_chain") is not None else None
             return Generation(
                 ca_key=KeyRef(ca, text(entry, where, "ca_key_label")),
                 ca_cert=base / text(entry, where, "ca_cert"),
                 ra_key=KeyRef(ra, text(entry, where, "ra_key_label")),
                 ra_cert=base / text(entry, where, "ra_cert"),
+                ca_chain=base / chain if chain is not None else None,
             )
 
         previous_raw = raw.get("previous_ra", [])
@@ -389,4 +408,4 @@ class _RolloverState:
             except ValueError:
                 raise ConfigError(f"{path}: {where}.key_id must be hex") from None
             previous.append((KeyRef(ra, label, raw_id), base / text(entry, where, "cert")))
-        return cls(generation, gen("current"), gen("next"), tuple(previous))
+        return cls(generation, gen("current"), gen("next"), gen("awaiting_cert"), tuple(previous))
