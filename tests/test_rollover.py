@@ -12,11 +12,13 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -224,6 +226,11 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
             "next.ra_key_label must be a non-empty string",
         ),  # fmt: skip
         ('{"current": []}', "current must be an object or null"),
+        (
+            '{"awaiting_cert": {"ca_key_label": "x", "ca_cert": "c.pem", "ra_key_label": "y", '
+            '"ra_cert": "r.pem", "extra": 1}}',
+            "unknown key(s) extra in awaiting_cert",
+        ),  # fmt: skip
         ('{"previous_ra": [{"cert": "ra.pem"}]}', "previous_ra[0].key_label or"),
         ('{"previous_ra": [{"key_id": "zz", "cert": "ra.pem"}]}', "previous_ra[0].key_id"),
         ('{"previous_ra": [{"key_label": "a"}]}', "previous_ra[0].cert must be"),
@@ -246,3 +253,115 @@ def test_rollover_state_file_is_configurable(dev_ca: DevCa, tmp_path: Path) -> N
     assert settings.rollover_state == tmp_path / "s.json"
     assert settings.rollover_generation == 1 and settings.next_generation is None
     assert settings.ra_previous == ()
+
+
+def sign_ca_csr(csr_pem: bytes, root_key: rsa.RSAPrivateKey, root: x509.Certificate) -> bytes:
+    csr = x509.load_pem_x509_csr(csr_pem)
+    assert csr.is_signature_valid
+    now = datetime.now(UTC)
+    ski = root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(csr.subject)
+        .issuer_name(root.subject)
+        .public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1000))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), False)
+        .sign(root_key, hashes.SHA256())
+    )
+    return cert.public_bytes(Encoding.PEM)
+
+
+def external_root() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    key = rsa.generate_private_key(65537, 2048)
+    name = x509.Name.from_rfc4514_string("CN=external test root")
+    now = datetime.now(UTC)
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=2000))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, root
+
+
+def test_rollover_to_a_ca_signed_by_an_external_root(softhsm_dir: Path, tmp_path: Path) -> None:
+    ca = make_ca(softhsm_dir, tmp_path / "ca", "rollover-ext")
+    root_key, root = external_root()
+    root_pem = tmp_path / "root.pem"
+    root_pem.write_bytes(root.public_bytes(Encoding.PEM))
+    csr_path = tmp_path / "next-ca.csr"
+
+    done = rollover(ca, "prepare", "--csr", str(csr_path), "--subject", "CN=issuing CA g2")
+    assert done.returncode == 0, done.stderr
+    waiting = load_settings(ca.config)
+    assert waiting.awaiting_generation is not None and waiting.next_generation is None
+    assert waiting.awaiting_generation.ca_key.label == "hsmscep-ca-g2"
+    assert rollover(ca, "activate").returncode == 2  # nothing prepared yet
+
+    # A certificate for another key is refused; the root's signature on the CSR is accepted.
+    (tmp_path / "root-as-ca.pem").write_bytes(root.public_bytes(Encoding.PEM))
+    wrong = rollover(ca, "import-ca", "--cert", str(tmp_path / "root-as-ca.pem"))
+    assert wrong.returncode == 2 and "does not certify" in wrong.stderr, wrong
+    signed = tmp_path / "next-ca.pem"
+    signed.write_bytes(sign_ca_csr(csr_path.read_bytes(), root_key, root))
+    done = rollover(ca, "import-ca", "--cert", str(signed), "--chain", str(root_pem))
+    assert done.returncode == 0, done.stderr
+    state = json.loads((ca.directory / "rollover.json").read_text())
+    assert state["awaiting_cert"] is None and state["next"]["ca_chain"] == "chain-g2.pem"
+
+    srv = start_server(ca)
+    try:
+        old = ca_certs(srv.url)
+        assert "GetNextCACert" in caps(srv.url)
+        response = get(srv.url, "GetNextCACert")
+        next_ca, next_ra, chain_root = client.parse_next_ca_certs(response.content, [old[1]])
+        assert chain_root == root and next_ca.issuer == root.subject
+        next_ra.verify_directly_issued_by(next_ca)
+        assert rollover(ca, "activate").returncode == 0
+        srv = restart(ca, srv)
+        current = ca_certs(srv.url)
+        assert current == [next_ca, next_ra, root]
+        assert "GetNextCACert" not in caps(srv.url)
+        cert, _ = enroll(srv.url, ca, current, "under-external-root")
+        path = tmp_path / "leaf.pem"
+        path.write_bytes(cert.public_bytes(Encoding.PEM))
+        verify = subprocess.run(
+            ["openssl", "verify", "-CAfile", str(root_pem)]
+            + ["-untrusted", str(ca.directory / "ca-g2.pem"), str(path)],
+            capture_output=True,
+            text=True,
+        )
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        # Sealed to the old RA certificate, still decrypted.
+        request = client.build_pkcs_req(
+            key=rsa.generate_private_key(65537, 2048),
+            ca_certs=old,
+            challenge=ca.challenge,
+            subject=x509.Name.from_rfc4514_string("CN=old-ra-external"),
+        )
+        reply = client.open_cert_rep(post(srv.url, request.der), request, current)
+        assert (reply.pki_status, reply.fail_info) == (SUCCESS, None)
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.output()
+
+    # The current CA now has an external root: a self-signed next CA is not offered.
+    refused = rollover(ca, "prepare")
+    assert refused.returncode == 2 and "external root" in refused.stderr, refused
