@@ -107,11 +107,17 @@ async def _running_service(settings: Settings) -> AsyncIterator[ScepService]:
         ]
         if upcoming.ca_chain is not None:
             next_certs += x509.load_pem_x509_certificates(upcoming.ca_chain.read_bytes())
+        if upcoming.cross_cert is not None:
+            next_certs.append(_load_cert(upcoming.cross_cert, "rollover next.cross_cert"))
     chain = (
         x509.load_pem_x509_certificates(settings.ca_chain.read_bytes())
         if settings.ca_chain is not None and settings.ca_chain.exists()
         else []
     )
+    if settings.ca_cross_cert is not None:
+        # NewWithOld after the CA and RA certificates: clients that trust only the previous
+        # root build new CA -> cross certificate -> previous root.
+        chain.append(_load_cert(settings.ca_cross_cert, "rollover current.cross_cert"))
     source = KeySource(
         ca_key=settings.ca_key,
         ca_cert=ca_cert,

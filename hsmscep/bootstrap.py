@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -180,6 +181,36 @@ def _ca_certificate(subject: x509.Name, key: Any, now: datetime, days: int) -> x
     )
 
 
+def _cross_certificate(
+    new: x509.Certificate, old: x509.Certificate, old_key: Any
+) -> x509.Certificate:
+    """NewWithOld: `new`'s subject and key, issued by the self-signed `old` CA with its key.
+    Valid no longer than `old`; SKI of the new key, AKI of the old one, so that path builders
+    tell the two same-named roots apart."""
+    now = datetime.now(UTC)
+    public_key = new.public_key()
+    try:
+        old_ski = old.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(old_ski)
+    except x509.ExtensionNotFound:
+        old_public: Any = old.public_key()
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(old_public)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(new.subject)
+        .issuer_name(old.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(max(now - timedelta(minutes=5), old.not_valid_before_utc))
+        .not_valid_after(min(new.not_valid_after_utc, old.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(aki, critical=False)
+        .sign(old_key, hashes.SHA256())
+    )
+
+
 def _issue_ra_certificates(
     settings: Settings, logins: TokenLogin, ca_cert: x509.Certificate, days: int
 ) -> list[str]:
@@ -244,8 +275,9 @@ class RolloverOptions:
 
 
 def rollover_prepare(settings: Settings, options: RolloverOptions) -> list[str]:
-    """Generate the next CA and RA keys in the token, a new self-signed root and its RA
-    certificate, and record them as `next` in the rollover state file."""
+    """Generate the next CA and RA keys in the token, a new self-signed root, its RA
+    certificate and the NewWithOld cross certificate (the new root certified by the current
+    one, signed by the current CA key), and record them as `next` in the rollover state file."""
     state_path = _state_path(settings)
     if settings.next_generation is not None:
         raise ConfigError(
@@ -327,11 +359,23 @@ def rollover_prepare(settings: Settings, options: RolloverOptions) -> list[str]:
         ca_cert = _ca_certificate(subject, ca_key, datetime.now(UTC), options.validity_days)
         ra_public = hsm.public_key_of(_rw(logins, next_ra), next_ra)
         ra_cert = _ra_certificate(ca_key, ca_cert, ra_public, "both", options.ra_validity_days)
+        # NewWithOld: the next CA certified by the current one, signed by the current CA key.
+        cross = _cross_certificate(ca_cert, current, _signing_key(logins, settings.ca_key))
     finally:
         logins.close()
+    try:
+        cross.verify_directly_issued_by(current)
+    except (InvalidSignature, ValueError, TypeError):
+        raise ConfigError(
+            f"the CA key {settings.ca_key.describe()} does not match {settings.ca_cert}"
+        ) from None
+    cross_path = base / f"cross-g{generation}.pem"
     _write(ca_path, ca_cert.public_bytes(Encoding.PEM))
     _write(ra_path, ra_cert.public_bytes(Encoding.PEM))
+    _write(cross_path, cross.public_bytes(Encoding.PEM))
+    entry["cross_cert"] = cross_path.name
     done.append(f"wrote next CA certificate to {ca_path} and next RA certificate to {ra_path}")
+    done.append(f"wrote the next CA certified by the current CA (NewWithOld) to {cross_path}")
     state["next"], state["awaiting_cert"] = entry, None
     _write(state_path, json.dumps(state, indent=2).encode() + b"\n")
     done.append(_prepared(state_path, generation))
@@ -389,8 +433,8 @@ def rollover_activate(settings: Settings) -> list[str]:
     upcoming = settings.next_generation
     if upcoming is None:
         raise ConfigError(f"no next CA is prepared in {state_path}; run `hsmscep rollover prepare`")
-    for path in (upcoming.ca_cert, upcoming.ra_cert):
-        if not path.exists():
+    for path in (upcoming.ca_cert, upcoming.ra_cert, upcoming.cross_cert):
+        if path is not None and not path.exists():
             raise ConfigError(f"{state_path}: next certificate {path} does not exist")
     base = settings.config_path.parent
     state = _read_state(state_path)

@@ -40,6 +40,9 @@ class Generation:
     ra_key: KeyRef
     ra_cert: Path
     ca_chain: Path | None = None  # issuers of a next CA signed by an external root
+    # NewWithOld: the CA's key and subject certified by the previous (self-signed) CA, so that
+    # clients trusting only the previous root can still build a path to the new CA.
+    cross_cert: Path | None = None
 
 
 ROLLOVER_STATE = "rollover.json"
@@ -82,6 +85,7 @@ class Settings:
     next_generation: Generation | None = None  # prepared, served by GetNextCACert
     awaiting_generation: Generation | None = None  # keys made, CA CSR out at the external root
     ra_previous: tuple[tuple[KeyRef, Path], ...] = ()  # old RA keys, still decrypting
+    ca_cross_cert: Path | None = None  # the current CA certified by the previous CA (NewWithOld)
 
     @property
     def ra_split(self) -> bool:
@@ -271,6 +275,7 @@ class _Reader:
         state = _RolloverState.read(state_path, self.base, ca_token, ra_token)
         ca_cert = self.file("ca", "cert", "ca.pem") or self.base / "ca.pem"
         ca_chain = self.file("ca", "chain")
+        cross_cert: Path | None = None
         if state.current is not None or state.next is not None or state.awaiting_cert is not None:
             if has_split:
                 raise ConfigError(
@@ -279,6 +284,7 @@ class _Reader:
         if state.current is not None:
             current = state.current
             ca_key, ca_cert, ca_chain = current.ca_key, current.ca_cert, current.ca_chain
+            cross_cert = current.cross_cert
             ra_key = dec_key = current.ra_key
             ra_cert = dec_cert = current.ra_cert
         return Settings(
@@ -316,6 +322,7 @@ class _Reader:
             next_generation=state.next,
             awaiting_generation=state.awaiting_cert,
             ra_previous=state.previous_ra,
+            ca_cross_cert=cross_cert,
         )
 
 
@@ -329,7 +336,9 @@ class _RolloverState:
      "awaiting_cert": {...the same keys...} | null,
      "previous_ra": [{"key_label": L, "key_id": HEX | null, "cert": P}, ...]}
 
-    Generations may also name "ca_chain" (a PEM file of external issuers). `awaiting_cert` is a
+    Generations may also name "ca_chain" (a PEM file of external issuers) and "cross_cert" (a
+    PEM file: the generation's CA key and subject certified by the previous self-signed CA,
+    which must exist and be readable). `awaiting_cert` is a
     generation whose keys exist but whose CA certificate the external root has yet to sign.
 
     `current` (when set) replaces [ca] key/cert/chain and [ra] key/cert; keys live on the
@@ -377,16 +386,27 @@ class _RolloverState:
                 "ra_key_label",
                 "ra_cert",
                 "ca_chain",
+                "cross_cert",
             }
             if unknown:
                 raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} in {where}")
             chain = text(entry, where, "ca_chain") if entry.get("ca_chain") is not None else None
+            cross: Path | None = None
+            if entry.get("cross_cert") is not None:
+                cross = base / text(entry, where, "cross_cert")
+                try:
+                    cross.read_bytes()
+                except OSError as exc:
+                    raise ConfigError(
+                        f"{path}: {where}.cross_cert: cannot read {cross}: {exc.strerror or exc}"
+                    ) from None
             return Generation(
                 ca_key=KeyRef(ca, text(entry, where, "ca_key_label")),
                 ca_cert=base / text(entry, where, "ca_cert"),
                 ra_key=KeyRef(ra, text(entry, where, "ra_key_label")),
                 ra_cert=base / text(entry, where, "ra_cert"),
                 ca_chain=base / chain if chain is not None else None,
+                cross_cert=cross,
             )
 
         previous_raw = raw.get("previous_ra", [])
