@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -57,13 +58,41 @@ def ca_certs(url: str) -> list[x509.Certificate]:
     return client.parse_ca_certs(get(url, "GetCACert").content)
 
 
-def openssl_verify(ca_pem: Path, cert: x509.Certificate, tmp_path: Path) -> bool:
+def openssl_verify(
+    ca_pem: Path, cert: x509.Certificate, tmp_path: Path, untrusted: Path | None = None
+) -> bool:
     path = tmp_path / f"{cert.serial_number:x}.pem"
     path.write_bytes(cert.public_bytes(Encoding.PEM))
+    extra = ["-untrusted", str(untrusted)] if untrusted is not None else []
     done = subprocess.run(
-        ["openssl", "verify", "-CAfile", str(ca_pem), str(path)], capture_output=True, text=True
+        ["openssl", "verify", "-CAfile", str(ca_pem), *extra, str(path)],
+        capture_output=True,
+        text=True,
     )
     return done.returncode == 0 and ": OK" in done.stdout
+
+
+def check_new_with_old(
+    cross: x509.Certificate, new_ca: x509.Certificate, old_ca: x509.Certificate
+) -> None:
+    """`cross` certifies `new_ca`'s subject and key, signed by the `old_ca` key."""
+    cross.verify_directly_issued_by(old_ca)  # the old CA's key signed it
+    with pytest.raises((InvalidSignature, ValueError)):
+        cross.verify_directly_issued_by(new_ca)  # not self-signed by the new key
+    assert cross.public_key() == new_ca.public_key() != old_ca.public_key()
+    assert cross.subject == new_ca.subject and cross.issuer == old_ca.subject
+    assert cross != new_ca and cross.serial_number != new_ca.serial_number
+    constraints = cross.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert constraints.critical and constraints.value == x509.BasicConstraints(True, 0)
+    usage = cross.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.key_cert_sign and usage.crl_sign and not usage.key_encipherment
+    ski = cross.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert ski == new_ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    aki = cross.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    old_ski = old_ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert aki.key_identifier == old_ski.digest
+    assert cross.not_valid_after_utc <= old_ca.not_valid_after_utc
+    assert cross.not_valid_before_utc <= datetime.now(UTC)
 
 
 def restart(ca: DevCa, srv: Server) -> Server:
@@ -91,6 +120,7 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
             "ca_cert": "ca-g2.pem",
             "ra_key_label": "hsmscep-ra-g2",
             "ra_cert": "ra-g2.pem",
+            "cross_cert": "cross-g2.pem",
         }
         prepared = load_settings(ca.config)
         assert prepared.next_generation is not None
@@ -114,7 +144,7 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
         response = get(srv.url, "GetNextCACert")
         assert response.status_code == 200
         assert response.headers["content-type"] == "application/x-x509-next-ca-cert"
-        next_ca, next_ra = client.parse_next_ca_certs(response.content, [old_ra])
+        next_ca, next_ra, cross = client.parse_next_ca_certs(response.content, [old_ra])
         with pytest.raises(MessageError):
             client.parse_next_ca_certs(response.content, [next_ra])  # not signed by the next RA
         on_disk = x509.load_pem_x509_certificate((ca.directory / "ca-g2.pem").read_bytes())
@@ -123,6 +153,8 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
         assert next_ca.public_key() != old_ca.public_key()
         next_ca.verify_directly_issued_by(next_ca)
         next_ra.verify_directly_issued_by(next_ca)
+        check_new_with_old(cross, next_ca, old_ca)
+        assert cross == x509.load_pem_x509_certificate((ca.directory / "cross-g2.pem").read_bytes())
         assert get(srv.url, "GetNextCACert").content == response.content  # signed once
         # openssl agrees: the signature verifies up to the current CA, the content is the
         # degenerate PKCS#7 with the next CA first.
@@ -136,7 +168,7 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
         )
         assert cms.returncode == 0 and "Verification successful" in cms.stderr, cms
         inner = client.parse_ca_certs((tmp_path / "inner.der").read_bytes())
-        assert inner == [next_ca, next_ra]
+        assert inner == [next_ca, next_ra, cross]
 
         # Requests encrypted to the current RA enroll under the current CA meanwhile.
         before, _ = enroll(srv.url, ca, old, "before-activation")
@@ -166,11 +198,16 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
         assert get(srv.url, "GetNextCACert").status_code == 404
         current = ca_certs(srv.url)
         assert current[:2] == [next_ca, next_ra] and old_ca not in current
+        assert current == [next_ca, next_ra, cross]  # NewWithOld after the CA and RA
 
         # New enrollments chain to the new CA (and not to the old one).
         after, _ = enroll(srv.url, ca, current, "after-activation")
         assert openssl_verify(ca.directory / "ca-g2.pem", after, tmp_path)
         assert not openssl_verify(old_ca_pem, after, tmp_path)
+        # A client that trusts only the old root: new CA -> cross certificate -> old root.
+        cross_pem = ca.directory / "cross-g2.pem"
+        assert openssl_verify(old_ca_pem, after, tmp_path, untrusted=cross_pem)
+        assert not openssl_verify(old_ca_pem, after, tmp_path, untrusted=ca.directory / "ra.pem")
 
         # The request encrypted to the old RA certificate still decrypts and enrolls.
         result = client.open_cert_rep(post(srv.url, stale.der), stale, current)
@@ -179,6 +216,7 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
         [issued] = result.certificates
         assert issued.public_key() == stale_key.public_key()
         assert openssl_verify(ca.directory / "ca-g2.pem", issued, tmp_path)
+        assert openssl_verify(old_ca_pem, issued, tmp_path, untrusted=cross_pem)
 
         # micromdm's scepclient fetches GetCACert afresh and enrolls under the new CA.
         work = tmp_path / "scepclient"
@@ -200,6 +238,9 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
     try:
         current = ca_certs(srv.url)
         assert current[0].subject == old_ca.subject and current[0] != next_ca
+        # Generation 3 is cross-certified by generation 2 (the CA it replaced).
+        assert len(current) == 3
+        check_new_with_old(current[2], current[0], next_ca)
         request = client.build_pkcs_req(
             key=rsa.generate_private_key(65537, 2048),
             ca_certs=old,
@@ -209,6 +250,9 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
         reply = client.open_cert_rep(post(srv.url, request.der), request, current)
         assert (reply.pki_status, reply.fail_info) == (SUCCESS, None)
         assert openssl_verify(ca.directory / "ca-g3.pem", reply.certificates[0], tmp_path)
+        g2_pem = ca.directory / "ca-g2.pem"
+        cross3 = ca.directory / "cross-g3.pem"
+        assert openssl_verify(g2_pem, reply.certificates[0], tmp_path, untrusted=cross3)
     finally:
         srv.stop()
     assert "Traceback" not in srv.output()
@@ -230,6 +274,21 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
             '{"awaiting_cert": {"ca_key_label": "x", "ca_cert": "c.pem", "ra_key_label": "y", '
             '"ra_cert": "r.pem", "extra": 1}}',
             "unknown key(s) extra in awaiting_cert",
+        ),  # fmt: skip
+        (
+            '{"next": {"ca_key_label": "x", "ca_cert": "c.pem", "ra_key_label": "y", '
+            '"ra_cert": "r.pem", "cross_cert": 5}}',
+            "next.cross_cert must be a non-empty string",
+        ),  # fmt: skip
+        (
+            '{"next": {"ca_key_label": "x", "ca_cert": "c.pem", "ra_key_label": "y", '
+            '"ra_cert": "r.pem", "cross_cert": "cross-g2.pem"}}',
+            "next.cross_cert: cannot read",
+        ),  # fmt: skip
+        (
+            '{"current": {"ca_key_label": "x", "ca_cert": "c.pem", "ra_key_label": "y", '
+            '"ra_cert": "r.pem", "cross_cert": "."}}',
+            "current.cross_cert: cannot read",
         ),  # fmt: skip
         ('{"previous_ra": [{"cert": "ra.pem"}]}', "previous_ra[0].key_label or"),
         ('{"previous_ra": [{"key_id": "zz", "cert": "ra.pem"}]}', "previous_ra[0].key_id"),
