@@ -39,6 +39,7 @@ from hsmscep.errors import (
     UnsupportedAlgorithm,
 )
 from hsmscep.issuance import (
+    CertRequest,
     IssuancePolicy,
     Issuer,
     build_certificate,
@@ -442,35 +443,50 @@ class ScepService:
                 cert_request = renewed_request(
                     request.signer_cert, check_csr(csr, self._renewal_csr_policy), self.renewal
                 )
-            cert = build_certificate(
-                cert_request,
-                issuer=self.issuer,
-                issuer_key=keys.ca_key,
-                serial=self._random_serial(),
-                now=now,
-                policy=self.policy,
+            transaction_id = (
+                request.transaction_id
+                if signer is None
+                else renewal_transaction_id(request.transaction_id, request.signer_serial)
             )
-            cert_der = cert.public_bytes(Encoding.DER)
-            sealed = seal_certificates([cert_der], request, _reply_cipher(envelope), oaep)
-            response = build_cert_rep(
+            response, record = self._issue(
                 request,
-                keys.response_signer,
-                status=PkiStatus.SUCCESS,
-                envelope=sealed,
-                sender_nonce=self._nonce(),
+                cert_request,
+                envelope,
+                oaep,
+                now,
+                transaction_id,
+                request.signer_fingerprint,
+                keys,
             )
-        except UnsupportedAlgorithm as exc:
-            return self._failure(request, FailInfo.BAD_ALG, str(exc), keys)
-        except MessageError as exc:
-            return self._failure(request, FailInfo.BAD_MESSAGE_CHECK, str(exc), keys)
-        except Rejected as exc:
-            return self._failure(request, exc.fail_info, exc.reason, keys)
         except HsmError:
             raise  # the HSM, not the request: HTTP 503, the client retries
-        except Exception:
-            # A bug must still be answered the way clients understand (interop-quirks #9).
-            log.exception("unexpected error for transaction %r", request.transaction_id)
-            return self._failure(request, FailInfo.BAD_REQUEST, "internal error", keys)
+        except Exception as exc:
+            return self._refusal(request, exc, keys)
+        reason = "issued" if signer is None else f"renewed {request.signer_serial:x}"
+        return _Outcome(response, record, reason, envelope, oaep)
+
+    def _issue(
+        self,
+        request: PkiRequest,
+        cert_request: CertRequest,
+        envelope: cms.Envelope,
+        oaep: cms.OaepParams | None,
+        now: datetime,
+        transaction_id: str,
+        requester_fingerprint: str,
+        keys: Keyring,
+    ) -> tuple[bytes, IssuedCert]:
+        """Sign the certificate with the CA key and the SUCCESS CertRep carrying it."""
+        cert = build_certificate(
+            cert_request,
+            issuer=self.issuer,
+            issuer_key=keys.ca_key,
+            serial=self._random_serial(),
+            now=now,
+            policy=self.policy,
+        )
+        cert_der = cert.public_bytes(Encoding.DER)
+        response = self._success(request, [cert_der], envelope, oaep, keys)
         spki = cert_request.public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
         record = IssuedCert(
             serial=cert.serial_number,
@@ -478,18 +494,31 @@ class ScepService:
             sans=describe_sans(cert_request.sans),
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
-            transaction_id=(
-                request.transaction_id
-                if signer is None
-                else renewal_transaction_id(request.transaction_id, request.signer_serial)
-            ),
-            requester_fingerprint=request.signer_fingerprint,
+            transaction_id=transaction_id,
+            requester_fingerprint=requester_fingerprint,
             public_key_sha256=hashlib.sha256(spki).hexdigest(),
             der=cert_der,
             issued_at=now,
         )
-        reason = "issued" if signer is None else f"renewed {request.signer_serial:x}"
-        return _Outcome(response, record, reason, envelope, oaep)
+        return response, record
+
+    def _success(
+        self,
+        request: PkiRequest,
+        certs_der: list[bytes],
+        envelope: cms.Envelope,
+        oaep: cms.OaepParams | None,
+        keys: Keyring,
+    ) -> bytes:
+        """A SUCCESS CertRep with `certs_der` sealed to the requester in its own cipher."""
+        sealed = seal_certificates(certs_der, request, _reply_cipher(envelope), oaep)
+        return build_cert_rep(
+            request,
+            keys.response_signer,
+            status=PkiStatus.SUCCESS,
+            envelope=sealed,
+            sender_nonce=self._nonce(),
+        )
 
     def _check_for_approval(
         self, request: PkiRequest, client: str, keys: Keyring
@@ -534,40 +563,20 @@ class ScepService:
             _, oaep = _decrypt_key(envelope, keys)  # the poll must be encrypted to us too
             now = self._clock()
             cert_request = check_csr(load_csr(stored.csr_der), self._approved_csr_policy)
-            cert = build_certificate(
-                cert_request,
-                issuer=self.issuer,
-                issuer_key=keys.ca_key,
-                serial=self._random_serial(),
-                now=now,
-                policy=self.policy,
-            )
-            cert_der = cert.public_bytes(Encoding.DER)
-            sealed = seal_certificates([cert_der], request, _reply_cipher(envelope), oaep)
-            response = build_cert_rep(
+            response, record = self._issue(
                 request,
-                keys.response_signer,
-                status=PkiStatus.SUCCESS,
-                envelope=sealed,
-                sender_nonce=self._nonce(),
+                cert_request,
+                envelope,
+                oaep,
+                now,
+                stored.transaction_id,
+                stored.requester_fingerprint,
+                keys,
             )
         except HsmError:
             raise
         except Exception as exc:
             return self._refusal(request, exc, keys)
-        spki = cert_request.public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-        record = IssuedCert(
-            serial=cert.serial_number,
-            subject=cert.subject.rfc4514_string(),
-            sans=describe_sans(cert_request.sans),
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
-            transaction_id=stored.transaction_id,
-            requester_fingerprint=stored.requester_fingerprint,
-            public_key_sha256=hashlib.sha256(spki).hexdigest(),
-            der=cert_der,
-            issued_at=now,
-        )
         return _Outcome(
             response, record, f"issued after approval of request {stored.id}", envelope, oaep
         )
@@ -577,18 +586,11 @@ class ScepService:
         try:
             envelope = decode_envelope(request.content)
             _, oaep = _decrypt_key(envelope, keys)
-            sealed = seal_certificates([issued.der], request, _reply_cipher(envelope), oaep)
+            response = self._success(request, [issued.der], envelope, oaep, keys)
         except HsmError:
             raise
         except Exception as exc:
             return self._refusal(request, exc, keys)
-        response = build_cert_rep(
-            request,
-            keys.response_signer,
-            status=PkiStatus.SUCCESS,
-            envelope=sealed,
-            sender_nonce=self._nonce(),
-        )
         return _Outcome(response, issued, "resent")
 
     def _open_query(self, request: PkiRequest, keys: Keyring) -> _Query | _Outcome:
@@ -652,16 +654,7 @@ class ScepService:
         self, request: PkiRequest, existing: IssuedCert, fresh: _Outcome, keys: Keyring
     ) -> _Outcome:
         assert fresh.envelope is not None
-        sealed = seal_certificates(
-            [existing.der], request, _reply_cipher(fresh.envelope), fresh.oaep
-        )
-        response = build_cert_rep(
-            request,
-            keys.response_signer,
-            status=PkiStatus.SUCCESS,
-            envelope=sealed,
-            sender_nonce=self._nonce(),
-        )
+        response = self._success(request, [existing.der], fresh.envelope, fresh.oaep, keys)
         return _Outcome(response, existing, "resent")
 
     def _failure(
