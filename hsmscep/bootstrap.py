@@ -73,13 +73,7 @@ def init(settings: Settings, options: InitOptions) -> list[str]:
             done.append(f"generated RA {usage} key {ref.describe()} (rsa{options.ra_key_bits})")
         ca_key = _signing_key(logins, settings.ca_key)
         if options.csr_out is not None:
-            csr = (
-                x509.CertificateSigningRequestBuilder()
-                .subject_name(subject)
-                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .sign(ca_key, hashes.SHA256())
-            )
-            _write(options.csr_out, csr.public_bytes(Encoding.PEM))
+            _write_ca_csr(subject, ca_key, options.csr_out)
             done.append(f"wrote CA CSR to {options.csr_out}; sign it, then run import-ca")
             return done
         now = datetime.now(UTC)
@@ -342,13 +336,7 @@ def rollover_prepare(settings: Settings, options: RolloverOptions) -> list[str]:
         state = _read_state(state_path)
         state["generation"] = settings.rollover_generation
         if options.csr_out is not None:
-            csr = (
-                x509.CertificateSigningRequestBuilder()
-                .subject_name(subject)
-                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .sign(ca_key, hashes.SHA256())
-            )
-            _write(options.csr_out, csr.public_bytes(Encoding.PEM))
+            _write_ca_csr(subject, ca_key, options.csr_out)
             state["awaiting_cert"] = entry
             _write(state_path, json.dumps(state, indent=2).encode() + b"\n")
             done.append(
@@ -505,6 +493,17 @@ def _key_usage(
         encipher_only=False,
         decipher_only=False,
     )
+
+
+def _write_ca_csr(subject: x509.Name, ca_key: Any, path: Path) -> None:
+    """A CSR for a CA key in the HSM, for an external root to sign."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(subject)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write(path, csr.public_bytes(Encoding.PEM))
 
 
 def _write(path: Path, data: bytes) -> None:
