@@ -96,6 +96,22 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX pending_requests_status ON pending_requests (status)",
     ),
+    (
+        # One-time enrollment challenges ([enroll] challenge_mode = "one_time"). Only the
+        # SHA-256 of the challenge is stored. `profile` is '' for the server-wide pool (named
+        # profiles come later). A challenge is consumed by one conditional UPDATE.
+        """CREATE TABLE challenges (
+            hash TEXT PRIMARY KEY,
+            profile TEXT NOT NULL,
+            subject_pattern TEXT,
+            san_pattern TEXT,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            used_at TEXT,
+            used_by TEXT
+        )""",
+        "CREATE INDEX challenges_expires ON challenges (expires_at)",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -207,6 +223,45 @@ def _pending_from_row(row: Any) -> PendingRequest:
         status=status,
         decided_at=datetime.fromisoformat(decided) if decided is not None else None,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class OneTimeChallenge:
+    """A one-time enrollment challenge as stored: its SHA-256 (hex), never its value."""
+
+    hash: str
+    created_at: datetime
+    expires_at: datetime
+    subject_pattern: str | None = None
+    san_pattern: str | None = None
+    profile: str = ""  # '' is the server-wide pool
+    used_at: datetime | None = None
+    used_by: str | None = None
+
+
+_CHALLENGE_COLUMNS = (
+    "hash, profile, subject_pattern, san_pattern, created_at, expires_at, used_at, used_by"
+)
+_SELECT_CHALLENGE = f"SELECT {_CHALLENGE_COLUMNS} FROM challenges"
+
+
+def _challenge_from_row(row: Any) -> OneTimeChallenge:
+    digest, profile, subject_pattern, san_pattern, created, expires, used, used_by = row
+    return OneTimeChallenge(
+        hash=digest,
+        profile=profile,
+        subject_pattern=subject_pattern,
+        san_pattern=san_pattern,
+        created_at=datetime.fromisoformat(created),
+        expires_at=datetime.fromisoformat(expires),
+        used_at=datetime.fromisoformat(used) if used is not None else None,
+        used_by=used_by,
+    )
+
+
+def _iso_fixed(value: datetime) -> str:
+    # Fixed width, so that SQLite's text comparison (expires_at > ?) is time order.
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
 
 
 def _serial_key(serial: int) -> str:
@@ -587,6 +642,52 @@ class CertStore:
                 " WHERE id = ? AND status = 'approved'",
                 (request_id,),
             )
+
+    # ---- one-time challenges: rare writes, short-lived connections ------------------------
+
+    async def add_challenge(self, challenge: OneTimeChallenge) -> None:
+        """Store a freshly issued challenge (by its hash; the value itself is never stored)."""
+        async with self._transaction() as db:
+            await _fetch(
+                db,
+                "INSERT INTO challenges (hash, profile, subject_pattern, san_pattern,"
+                " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    challenge.hash,
+                    challenge.profile,
+                    challenge.subject_pattern,
+                    challenge.san_pattern,
+                    _iso_fixed(challenge.created_at),
+                    _iso_fixed(challenge.expires_at),
+                ),
+            )
+
+    async def get_challenge(self, digest: str, profile: str = "") -> OneTimeChallenge | None:
+        """The stored challenge with this SHA-256 hex digest, used or not, if any."""
+        rows = await self._read(
+            f"{_SELECT_CHALLENGE} WHERE hash = ? AND profile = ?", (digest, profile)
+        )
+        return _challenge_from_row(rows[0]) if rows else None
+
+    async def consume_challenge(
+        self, digest: str, at: datetime, used_by: str, profile: str = ""
+    ) -> bool:
+        """Mark the challenge used; True for exactly one caller, False if unknown/used/expired.
+
+        One conditional UPDATE in its own transaction: of concurrent callers, only the first
+        to take SQLite's write lock sees a changed row.
+        """
+        if at.utcoffset() is None:
+            raise ValueError("at must be timezone-aware")
+        async with self._transaction() as db:
+            await _fetch(
+                db,
+                "UPDATE challenges SET used_at = ?, used_by = ? WHERE hash = ? AND profile = ?"
+                " AND used_at IS NULL AND expires_at > ?",
+                (_iso_fixed(at), used_by, digest, profile, _iso_fixed(at)),
+            )
+            [(changed,)] = await _fetch(db, "SELECT changes()")
+        return bool(changed)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
