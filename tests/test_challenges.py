@@ -58,3 +58,24 @@ def test_expired_challenge_is_not_consumed(tmp_path: Path) -> None:
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_pure_challenge_helpers() -> None:
+    import pytest
+
+    from hsmscep import challenges
+
+    a, b = challenges.new_challenge(), challenges.new_challenge()
+    assert a != b and len(a) == 32
+    assert challenges.challenge_hash(a) == challenges.challenge_hash(a.encode())
+    assert challenges.check_ttl(60) == timedelta(seconds=60)
+    for bad in (0, -1, 10**9):
+        with pytest.raises(ValueError, match="ttl_seconds"):
+            challenges.check_ttl(bad)
+    with pytest.raises(ValueError, match="subject_pattern"):
+        challenges.compile_pattern("(", "subject_pattern")
+    match = challenges.binding_mismatch
+    assert match("CN=dev1,O=Acme", ["DNS:dev1.acme"], r"CN=dev\d+,O=Acme", r"DNS:.*\.acme") is None
+    assert match("CN=evil", [], r"CN=dev\d+", None) is not None
+    assert match("CN=dev1", ["DNS:x.other"], None, r"DNS:.*\.acme") is not None
+    assert match("CN=anything", ["IP:1.2.3.4"], None, None) is None
