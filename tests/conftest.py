@@ -18,12 +18,15 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
+from cryptography import x509
 
 from hsmscep import devtoken
 from hsmscep.bootstrap import InitOptions, init
 from hsmscep.cli import dev_config
 from hsmscep.config import Settings, load_settings
+from hsmscep.keyring import KeySource
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REPO = Path(__file__).resolve().parents[1]
@@ -142,3 +145,29 @@ def server(dev_ca: DevCa) -> Iterator[Server]:
     srv = start_server(dev_ca)
     yield srv
     srv.stop()
+
+
+def key_source(ca: DevCa) -> KeySource:
+    """The CA's token keys paired with their certificates, as the server builds them."""
+    s = ca.settings
+    ra = x509.load_pem_x509_certificate(s.ra_sign_cert.read_bytes())
+    return KeySource(
+        ca_key=s.ca_key,
+        ca_cert=x509.load_pem_x509_certificate(s.ca_cert.read_bytes()),
+        ra_sign_key=s.ra_sign_key,
+        ra_sign_cert=ra,
+        decrypt=[(s.ra_decrypt_key, ra)],
+    )
+
+
+def post_pki_message(url: str, der: bytes, timeout: float = 30.0) -> bytes:
+    """POST a pkiMessage; the answer must be a 200 CertRep."""
+    response = httpx.post(
+        f"{url}/scep?operation=PKIOperation",
+        content=der,
+        headers={"Content-Type": "application/x-pki-message"},
+        timeout=timeout,
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/x-pki-message"
+    return response.content

@@ -7,30 +7,17 @@ import os
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.hashes import SHA256
 
 from hsmscep import hsm
 from hsmscep.errors import HsmBusy
 from hsmscep.hsm import TokenLogin
-from hsmscep.keyring import Keyring, KeySource
+from hsmscep.keyring import Keyring
 from hsmscep.pool import SigningPool
-from tests.conftest import DevCa
+from tests.conftest import DevCa, key_source
 
 pytestmark = pytest.mark.hsm
-
-
-def key_source(ca: DevCa) -> KeySource:
-    s = ca.settings
-    ra = x509.load_pem_x509_certificate(s.ra_sign_cert.read_bytes())
-    return KeySource(
-        ca_key=s.ca_key,
-        ca_cert=x509.load_pem_x509_certificate(s.ca_cert.read_bytes()),
-        ra_sign_key=s.ra_sign_key,
-        ra_sign_cert=ra,
-        decrypt=[(s.ra_decrypt_key, ra)],
-    )
 
 
 def test_ca_and_ra_keys_are_sensitive_and_not_extractable(dev_ca: DevCa) -> None:

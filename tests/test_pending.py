@@ -31,6 +31,7 @@ from hsmscep.config import load_settings
 from hsmscep.errors import ConfigError, RequestConflict, UnknownRequest
 from hsmscep.store import _MIGRATIONS, SCHEMA_VERSION, CertStore, PendingRequest
 from tests.conftest import DevCa, Server, make_ca, start_server
+from tests.conftest import post_pki_message as post
 
 pytestmark = pytest.mark.hsm
 
@@ -78,18 +79,6 @@ def stop_checked(srv: Server) -> None:
 def get_ca_certs(url: str) -> list[x509.Certificate]:
     response = httpx.get(f"{url}/scep", params={"operation": "GetCACert"}, timeout=TIMEOUT)
     return client.parse_ca_certs(response.content)
-
-
-def post(url: str, der: bytes) -> bytes:
-    response = httpx.post(
-        f"{url}/scep?operation=PKIOperation",
-        content=der,
-        headers={"Content-Type": "application/x-pki-message"},
-        timeout=TIMEOUT,
-    )
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"] == "application/x-pki-message"
-    return response.content
 
 
 class Requester:

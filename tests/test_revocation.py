@@ -31,7 +31,7 @@ from hsmscep.config import load_settings
 from hsmscep.errors import ConfigError
 from hsmscep.hsm import TokenLogin
 from hsmscep.issuance import IssuancePolicy
-from hsmscep.keyring import Keyring, KeySource
+from hsmscep.keyring import Keyring
 from hsmscep.pool import SigningPool
 from hsmscep.service import ScepService
 from hsmscep.store import (
@@ -42,7 +42,8 @@ from hsmscep.store import (
     CrlStatus,
     IssuedCert,
 )
-from tests.conftest import DevCa, Server, make_ca, start_server
+from tests.conftest import DevCa, Server, key_source, make_ca, start_server
+from tests.conftest import post_pki_message as post
 
 pytestmark = pytest.mark.hsm
 
@@ -77,18 +78,6 @@ def rserver(rca: DevCa) -> Iterator[Server]:
 def ca_certs(rserver: Server) -> list[x509.Certificate]:
     response = httpx.get(f"{rserver.url}/scep", params={"operation": "GetCACert"}, timeout=TIMEOUT)
     return client.parse_ca_certs(response.content)
-
-
-def post(url: str, der: bytes) -> bytes:
-    response = httpx.post(
-        f"{url}/scep?operation=PKIOperation",
-        content=der,
-        headers={"Content-Type": "application/x-pki-message"},
-        timeout=TIMEOUT,
-    )
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"] == "application/x-pki-message"
-    return response.content
 
 
 def enroll(
@@ -499,18 +488,6 @@ def test_crl_numbers_are_published_once(tmp_path: Path) -> None:
             await second.close()
 
     asyncio.run(scenario())
-
-
-def key_source(ca: DevCa) -> KeySource:
-    s = ca.settings
-    ra = x509.load_pem_x509_certificate(s.ra_sign_cert.read_bytes())
-    return KeySource(
-        ca_key=s.ca_key,
-        ca_cert=x509.load_pem_x509_certificate(s.ca_cert.read_bytes()),
-        ra_sign_key=s.ra_sign_key,
-        ra_sign_cert=ra,
-        decrypt=[(s.ra_decrypt_key, ra)],
-    )
 
 
 def record(serial: int, now: datetime) -> IssuedCert:
