@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,7 @@ def test_admin_revocation_reaches_the_crl(
 
     # The CLI sees the same revocation.
     cli = subprocess.run(
-        ["/tmp/venv/bin/hsmscep", "revoke", "--config", str(aca.config)]
+        [sys.executable, "-m", "hsmscep", "revoke", "--config", str(aca.config)]
         + ["--serial", f"{cert.serial_number:x}"],
         capture_output=True,
         text=True,
