@@ -14,6 +14,8 @@
   + StoreError            the database failed: HTTP 503
   |  - DuplicateSerial    serial already taken (retry with a new one)
   |  - DuplicateTransaction  transactionID already has a certificate
+  + WebhookError          the authorization webhook failed or answered nonsense: its
+                          on_error setting decides (deny by default)
 * ConfigError(ValueError) bad settings; the message names the key
 """
 
@@ -80,6 +82,10 @@ class DuplicateSerial(StoreError):
 
 class DuplicateTransaction(StoreError):
     """A certificate for this transactionID is already stored."""
+
+
+class WebhookError(ScepError):
+    """The authorization webhook was unreachable, too slow, or gave an invalid answer."""
 
 
 class ConfigError(ValueError):
