@@ -1,7 +1,9 @@
 """Issuance policy: check a decrypted CSR and build the certificate (RFC 5280). No I/O.
 
-The CA key is a parameter: on the server it is an HSM-backed key object and `sign()` runs
-on a signing worker thread.
+`check_csr` holds every request to the baseline; a profile's template (hsmscep.template)
+narrows it further and decides validity, key usages, EKU and signature hash. The CA key is a
+parameter: on the server it is an HSM-backed key object and `sign()` runs on a signing
+worker thread.
 """
 
 from __future__ import annotations
@@ -10,24 +12,27 @@ import hmac
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from asn1crypto import core
 from asn1crypto import csr as asn1_csr
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
+from cryptography.x509.oid import ExtensionOID
 
 from hsmscep import asn1
 from hsmscep.algorithms import DIGESTS_BY_NAME, ECDSA_SIGNATURE_DIGESTS, RSA_SIGNATURE_DIGESTS
 from hsmscep.errors import Rejected
 from hsmscep.keys import SigningKey
 from hsmscep.message import FailInfo
+from hsmscep.template import (
+    DEFAULT_TEMPLATE,
+    MAX_SANS,
+    MAX_SUBJECT_BYTES,
+    CertTemplate,
+    describe_name,
+)
 
 _CURVES = {"secp256r1": 256, "secp384r1": 384}
-MAX_SUBJECT_BYTES = 2048
-MAX_SANS = 64
-_UPN_OID = x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
 # Extensions a CSR may ask for that we either copy (SAN) or knowingly replace with our own.
 _KNOWN_EXTENSIONS = {
     ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
@@ -41,13 +46,14 @@ _KNOWN_EXTENSIONS = {
 
 @dataclass(frozen=True, slots=True)
 class IssuancePolicy:
-    """What a certificate request must satisfy and what the certificate looks like."""
+    """The baseline every request must satisfy, and what every certificate carries.
+
+    Validity, key usages, EKU and signature hash are the template's (CertTemplate).
+    """
 
     challenge: bytes | None  # None: no challenge required (only when configured so)
-    validity: timedelta = timedelta(days=365)
     backdate: timedelta = timedelta(minutes=5)
-    min_rsa_bits: int = 2048
-    signature_hash: str = "sha256"
+    min_rsa_bits: int = 2048  # no template goes below
     # Where relying parties find the CRL and the CA certificate; only with a public base URL.
     crl_distribution_points: x509.CRLDistributionPoints | None = None
     authority_information_access: x509.AuthorityInformationAccess | None = None
@@ -79,8 +85,10 @@ class CertRequest:
     subject: x509.Name
     public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
     sans: x509.SubjectAlternativeName | None
-    # None: clientAuth; a renewal keeps the EKU of the certificate it replaces.
+    # None: the template's; a renewal keeps the EKU of the certificate it replaces.
     extended_key_usage: x509.ExtendedKeyUsage | None = None
+    # None: the template's; set by an authorization webhook (template.with_overrides).
+    validity: timedelta | None = None
 
 
 def load_csr(der: bytes) -> x509.CertificateSigningRequest:
@@ -194,19 +202,32 @@ def check_csr(csr: x509.CertificateSigningRequest, policy: IssuancePolicy) -> Ce
 
 
 def _check_challenge(csr: x509.CertificateSigningRequest, expected: bytes | None) -> None:
-    try:
-        attributes = list(csr.attributes)
-    except ValueError:  # cryptography refuses multi-valued or empty attribute sets
-        raise Rejected(FailInfo.BAD_REQUEST, "CSR attributes are malformed") from None
-    values = [a.value for a in attributes if a.oid.dotted_string == asn1.OID_CHALLENGE_PASSWORD]
+    values = _challenge_values(csr)
     if expected is None:
         return
     if len(values) != 1:
         reason = "challengePassword missing" if not values else "several challengePasswords"
         raise Rejected(FailInfo.BAD_REQUEST, reason)
-    # PrintableString and UTF8String both arrive as their raw octets here.
     if not hmac.compare_digest(values[0], expected):
         raise Rejected(FailInfo.BAD_REQUEST, "challengePassword does not match")
+
+
+def challenge_password(csr: x509.CertificateSigningRequest) -> bytes | None:
+    """The CSR's challengePassword, for checks outside the CSR policy (one-time challenges,
+    webhooks); None when absent. Several values are refused with badRequest."""
+    values = _challenge_values(csr)
+    if len(values) > 1:
+        raise Rejected(FailInfo.BAD_REQUEST, "several challengePasswords")
+    return values[0] if values else None
+
+
+def _challenge_values(csr: x509.CertificateSigningRequest) -> list[bytes]:
+    try:
+        attributes = list(csr.attributes)
+    except ValueError:  # cryptography refuses multi-valued or empty attribute sets
+        raise Rejected(FailInfo.BAD_REQUEST, "CSR attributes are malformed") from None
+    # PrintableString and UTF8String both arrive as their raw octets here.
+    return [a.value for a in attributes if a.oid.dotted_string == asn1.OID_CHALLENGE_PASSWORD]
 
 
 def build_certificate(
@@ -217,10 +238,18 @@ def build_certificate(
     serial: int,
     now: datetime,
     policy: IssuancePolicy,
+    template: CertTemplate = DEFAULT_TEMPLATE,
 ) -> x509.Certificate:
-    """Build and sign an end-entity certificate (clientAuth) for a checked request."""
-    not_after = min(now + policy.validity, issuer.certificate.not_valid_after_utc)
-    if isinstance(request.public_key, rsa.RSAPublicKey):
+    """Build and sign an end-entity certificate for a checked request, as the template says.
+
+    The request's EKU (a renewal's) and validity (a webhook's) win over the template's; the
+    CA's notAfter bounds the validity.
+    """
+    validity = request.validity if request.validity is not None else template.validity
+    not_after = min(now + validity, issuer.certificate.not_valid_after_utc)
+    if template.key_usage is not None:
+        key_usage = template.key_usage
+    elif isinstance(request.public_key, rsa.RSAPublicKey):
         key_usage = _KU_RSA
     else:
         key_usage = _KU_EC
@@ -234,7 +263,7 @@ def build_certificate(
         .not_valid_after(not_after)
         .add_extension(_BASIC_CONSTRAINTS, critical=True)
         .add_extension(key_usage, critical=True)
-        .add_extension(request.extended_key_usage or _EKU_CLIENT_AUTH, critical=False)
+        .add_extension(request.extended_key_usage or template.extended_key_usage, False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(request.public_key), False)
         .add_extension(issuer.authority_key_id, critical=False)
     )
@@ -245,43 +274,14 @@ def build_certificate(
         builder = builder.add_extension(policy.crl_distribution_points, critical=False)
     if policy.authority_information_access is not None:
         builder = builder.add_extension(policy.authority_information_access, critical=False)
-    return builder.sign(issuer_key, _CERT_HASHES[policy.signature_hash]())
+    return builder.sign(issuer_key, _CERT_HASHES[template.signature_hash]())
 
 
 def describe_sans(sans: x509.SubjectAlternativeName | None) -> tuple[str, ...]:
     """SANs as 'TYPE:value' strings for the store and logs."""
     if sans is None:
         return ()
-    out: list[str] = []
-    for name in sans:
-        out.append(_describe_name(name))
-    return tuple(out)
-
-
-def _describe_name(name: x509.GeneralName) -> str:
-    if isinstance(name, x509.DNSName):
-        return f"DNS:{name.value}"
-    if isinstance(name, x509.IPAddress):
-        return f"IP:{name.value}"
-    if isinstance(name, x509.RFC822Name):
-        return f"email:{name.value}"
-    if isinstance(name, x509.UniformResourceIdentifier):
-        return f"URI:{name.value}"
-    if isinstance(name, x509.OtherName) and name.type_id == _UPN_OID:
-        return f"UPN:{_upn_value(name.value)}"
-    if isinstance(name, x509.OtherName):
-        return f"otherName:{name.type_id.dotted_string}"
-    if isinstance(name, x509.DirectoryName):
-        return f"dirName:{name.value.rfc4514_string()}"
-    return f"other:{type(name).__name__}"
-
-
-def _upn_value(der: bytes) -> str:
-    # OtherName.value is the DER of the [0] EXPLICIT content: usually a UTF8String.
-    try:
-        return str(core.UTF8String.load(der).native)
-    except Exception:
-        return der.hex()
+    return tuple(describe_name(name) for name in sans)
 
 
 _CERT_HASHES: dict[str, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
@@ -290,7 +290,6 @@ _CERT_HASHES: dict[str, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
     "sha512": hashes.SHA512,
 }
 _BASIC_CONSTRAINTS = x509.BasicConstraints(ca=False, path_length=None)
-_EKU_CLIENT_AUTH = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
 _KU_RSA = x509.KeyUsage(
     digital_signature=True,
     content_commitment=False,
