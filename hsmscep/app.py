@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,14 +38,18 @@ from hsmscep.errors import (
     RequestConflict,
     StoreError,
     UnknownCertificate,
+    UnknownProfile,
     UnknownRequest,
 )
 from hsmscep.hsm import TokenLogin
 from hsmscep.keyring import Keyring, KeySource
+from hsmscep.onetime import challenge_json, challenge_record, issue_challenge
 from hsmscep.pool import SigningPool
+from hsmscep.profiles import DEFAULT_CA, DEFAULT_PROFILE, Profiles
 from hsmscep.renewal import RenewalPolicy
 from hsmscep.service import NEXT_CA_CERT, ScepService, default_policy
 from hsmscep.store import CertStore, PendingRequest
+from hsmscep.webhook import WebhookClient
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("hsmscep.audit")
@@ -61,9 +65,26 @@ def create_app(settings: Settings) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        async with _running_service(settings) as service:
+        profiles = settings.profiles
+        async with AsyncExitStack() as stack:
+            webhooks: WebhookClient | None = None
+            if any(p.webhook or p.notify for p in profiles.all()):
+                webhooks = WebhookClient()
+                stack.push_async_callback(webhooks.aclose)
+            # One service (signing pool, store, CRL) per CA that a profile issues from.
+            services: dict[str, ScepService] = {}
+            for name in settings.ca_names:
+                ca_settings = settings.for_ca(name)
+                ca_profiles = ca_settings.ca_profiles()
+                if ca_profiles is None:
+                    log.warning("CA %r is configured but no profile uses it", name)
+                    continue
+                services[name] = await stack.enter_async_context(
+                    _running_service(ca_settings, ca_profiles, webhooks)
+                )
             yield {
-                "service": service,
+                "services": services,
+                "profiles": profiles,
                 "max_body": settings.max_body,
                 "admin_token": settings.admin_token,
             }
@@ -75,11 +96,14 @@ def create_app(settings: Settings) -> Starlette:
         Route("/healthz", health, methods=["GET"]),
         Route(crl.CRL_PATH, crl_endpoint, methods=["GET", "HEAD"]),
         Route(crl.CA_CERT_PATH, ca_cert_endpoint, methods=["GET", "HEAD"]),
+        Route("/crl/{ca}.crl", crl_endpoint, methods=["GET", "HEAD"]),
+        Route("/ca/{ca}.crt", ca_cert_endpoint, methods=["GET", "HEAD"]),
         # Every method reaches the handler: without a token the admin API is 404 throughout.
         Route("/admin/pending", admin_pending_list, methods=_ALL_METHODS),
         Route("/admin/pending/{id}/approve", admin_pending_approve, methods=_ALL_METHODS),
         Route("/admin/pending/{id}/reject", admin_pending_reject, methods=_ALL_METHODS),
         Route("/admin/certificates/{serial}/revoke", admin_revoke, methods=_ALL_METHODS),
+        Route("/admin/challenges", admin_challenge, methods=_ALL_METHODS),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
 
@@ -93,10 +117,18 @@ _ALL_METHODS = ["GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
 
 @asynccontextmanager
-async def _running_service(settings: Settings) -> AsyncIterator[ScepService]:
-    ca_cert = _load_cert(settings.ca_cert, "ca.cert")
-    ra_sign = _load_cert(settings.ra_sign_cert, "ra.cert")
-    ra_decrypt = _load_cert(settings.ra_decrypt_cert, "ra_decrypt.cert")
+async def _running_service(
+    settings: Settings, profiles: Profiles, webhooks: WebhookClient | None
+) -> AsyncIterator[ScepService]:
+    """The service of one CA (`settings.for_ca(name)`) and the profiles it issues for."""
+    if settings.ca_name == DEFAULT_CA:
+        ca_cert = _load_cert(settings.ca_cert, "ca.cert")
+        ra_sign = _load_cert(settings.ra_sign_cert, "ra.cert")
+        ra_decrypt = _load_cert(settings.ra_decrypt_cert, "ra_decrypt.cert")
+    else:
+        where, init = f"cas.{settings.ca_name}", f"hsmscep init --ca {settings.ca_name}"
+        ca_cert = _load_cert(settings.ca_cert, f"{where}.cert", init)
+        ra_sign = ra_decrypt = _load_cert(settings.ra_sign_cert, f"{where}.ra_cert", init)
     previous = [(k, p) for k, p in settings.ra_previous if k != settings.ra_decrypt_key]
     upcoming = settings.next_generation
     next_certs: list[x509.Certificate] = []
@@ -154,10 +186,9 @@ async def _running_service(settings: Settings) -> AsyncIterator[ScepService]:
             ca_cert=ca_cert,
             ra_certs=ra_certs,
             chain=chain,
-            policy=default_policy(
-                settings.challenge, settings.validity_days, settings.crl_base_url
-            ),
-            caps=settings.caps,
+            policy=default_policy(None, settings.crl_base_url, settings.ca_name),
+            profiles=profiles,
+            webhooks=webhooks,
             crl_lifetime=timedelta(hours=settings.crl_next_update_hours),
             renewal=RenewalPolicy(
                 enabled=settings.renewal_enabled,
@@ -165,8 +196,6 @@ async def _running_service(settings: Settings) -> AsyncIterator[ScepService]:
                 allow_key_reuse=settings.renewal_allow_key_reuse,
                 revoke_replaced=settings.renewal_revoke_replaced,
             ),
-            manual_approval=settings.approval == "manual",
-            pending_ttl=timedelta(hours=settings.pending_ttl_hours),
             next_ca_certs=next_certs,
         )
         async with service.crl_refresher():
@@ -178,11 +207,11 @@ async def _running_service(settings: Settings) -> AsyncIterator[ScepService]:
         await asyncio.to_thread(logins.close)
 
 
-def _load_cert(path: Path, key: str) -> x509.Certificate:
+def _load_cert(path: Path, key: str, init: str = "hsmscep init") -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(path.read_bytes())
     except FileNotFoundError:
-        raise ConfigError(f"{key}: {path} does not exist (run `hsmscep init` first)") from None
+        raise ConfigError(f"{key}: {path} does not exist (run `{init}` first)") from None
     except ValueError as exc:
         raise ConfigError(f"{key}: {path} is not a PEM certificate: {exc}") from None
 
@@ -194,9 +223,17 @@ async def health(request: Request) -> Response:
     return PlainTextResponse("ok\n")
 
 
+def _service(request: Request, name: str | None) -> ScepService | None:
+    """The service of CA `name` (None: the default CA); None if there is no such CA."""
+    services: dict[str, ScepService] = request.state.services
+    return services.get(name or DEFAULT_CA)
+
+
 async def crl_endpoint(request: Request) -> Response:
-    """The CA's current CRL (DER), the URL issued certificates name as their CRL DP."""
-    service: ScepService = request.state.service
+    """A CA's current CRL (DER), the URL its certificates name as their CRL DP."""
+    service = _service(request, request.path_params.get("ca"))
+    if service is None or request.path_params.get("ca") == DEFAULT_CA:
+        return PlainTextResponse("not found\n", status_code=404)
     try:
         der = await service.current_crl()
     except HsmBusy:
@@ -208,8 +245,10 @@ async def crl_endpoint(request: Request) -> Response:
 
 
 async def ca_cert_endpoint(request: Request) -> Response:
-    """The CA certificate (DER), the AIA caIssuers URL of issued certificates."""
-    service: ScepService = request.state.service
+    """A CA certificate (DER), the AIA caIssuers URL of its certificates."""
+    service = _service(request, request.path_params.get("ca"))
+    if service is None or request.path_params.get("ca") == DEFAULT_CA:
+        return PlainTextResponse("not found\n", status_code=404)
     return Response(service.ca_cert_der, media_type=PKIX_CERT)
 
 
@@ -235,6 +274,11 @@ def _admin_refusal(request: Request, method: str) -> Response | None:
     return None
 
 
+def _admin_service(request: Request) -> ScepService | None:
+    """The CA an admin request is about: `?ca=NAME`, default the default CA."""
+    return _service(request, request.query_params.get("ca"))
+
+
 def _pending_json(pending: PendingRequest, now: datetime, ttl: timedelta) -> dict[str, Any]:
     return {
         "id": pending.id,
@@ -248,6 +292,7 @@ def _pending_json(pending: PendingRequest, now: datetime, ttl: timedelta) -> dic
         "age_seconds": max(0, int((now - pending.created_at).total_seconds())),
         "status": pending.status,
         "expired": pending.expired(now, ttl),
+        "profile": pending.profile,
     }
 
 
@@ -255,14 +300,16 @@ async def admin_pending_list(request: Request) -> Response:
     refusal = _admin_refusal(request, "GET")
     if refusal is not None:
         return refusal
-    service: ScepService = request.state.service
+    service = _admin_service(request)
+    if service is None:
+        return PlainTextResponse("no such CA\n", status_code=404)
     try:
         pending = await service.pending_requests()
     except StoreError as exc:
         log.error("admin: listing pending requests failed: %s", exc)
         return PlainTextResponse("temporarily unavailable\n", status_code=503, headers=RETRY_AFTER)
     now = datetime.now(UTC)
-    return JSONResponse([_pending_json(p, now, service.pending_ttl) for p in pending])
+    return JSONResponse([_pending_json(p, now, service.pending_ttl(p)) for p in pending])
 
 
 async def admin_pending_approve(request: Request) -> Response:
@@ -280,7 +327,9 @@ async def _admin_decide(request: Request, *, approve: bool) -> Response:
     raw_id = request.path_params["id"]
     if not raw_id.isdigit() or len(raw_id) > 18:
         return PlainTextResponse("no such pending request\n", status_code=404)
-    service: ScepService = request.state.service
+    service = _admin_service(request)
+    if service is None:
+        return PlainTextResponse("no such CA\n", status_code=404)
     try:
         pending, changed = await service.decide(int(raw_id), approve)
     except UnknownRequest as exc:
@@ -304,7 +353,7 @@ async def _admin_decide(request: Request, *, approve: bool) -> Response:
             ensure_ascii=False,
         )
     )
-    body = _pending_json(pending, datetime.now(UTC), service.pending_ttl)
+    body = _pending_json(pending, datetime.now(UTC), service.pending_ttl(pending))
     return JSONResponse(body | {"changed": changed})
 
 
@@ -329,7 +378,9 @@ async def admin_revoke(request: Request) -> Response:
         reason = crl.parse_reason(document.get("reason", "unspecified")).value
     except ValueError as exc:
         return PlainTextResponse(f"{exc}\n", status_code=400)
-    service: ScepService = request.state.service
+    service = _admin_service(request)
+    if service is None:
+        return PlainTextResponse("no such CA\n", status_code=404)
     try:
         revocation, changed = await service.revoke(serial, reason)
     except UnknownCertificate as exc:
@@ -343,6 +394,53 @@ async def admin_revoke(request: Request) -> Response:
     )
     audit.info(json.dumps(entry))
     return JSONResponse(entry | {"changed": changed})
+
+
+async def admin_challenge(request: Request) -> Response:
+    """POST /admin/challenges, body {"profile": NAME, "ttl_seconds": N, "subject_pattern": RE,
+    "san_pattern": RE} (all optional): a fresh one-time challenge, shown only in this answer."""
+    refusal = _admin_refusal(request, "POST")
+    if refusal is not None:
+        return refusal
+    body = await request.body()
+    try:
+        document = json.loads(body) if body.strip() else {}
+    except (ValueError, UnicodeDecodeError):
+        return PlainTextResponse("body must be JSON\n", status_code=400)
+    if not isinstance(document, dict):
+        return PlainTextResponse("body must be a JSON object\n", status_code=400)
+    unknown = set(document) - {"profile", "ttl_seconds", "subject_pattern", "san_pattern"}
+    if unknown:
+        return PlainTextResponse(f"unknown field(s): {', '.join(sorted(unknown))}\n", 400)
+    profiles: Profiles = request.state.profiles
+    name = document.get("profile", DEFAULT_PROFILE)
+    profile = profiles.get(name) if isinstance(name, str) else None
+    # The challenge lives in the store of the CA that issues for the profile.
+    service = _service(request, profile.ca if profile is not None else None)
+    assert service is not None
+    try:
+        value, issued = await issue_challenge(
+            service.store,
+            profiles,
+            name,
+            ttl_seconds=document.get("ttl_seconds"),
+            subject_pattern=document.get("subject_pattern"),
+            san_pattern=document.get("san_pattern"),
+        )
+    except UnknownProfile as exc:
+        return PlainTextResponse(f"{exc}\n", status_code=404)
+    except ValueError as exc:
+        return PlainTextResponse(f"{exc}\n", status_code=400)
+    except StoreError as exc:
+        log.error("admin: issuing a challenge failed: %s", exc)
+        return PlainTextResponse("temporarily unavailable\n", status_code=503, headers=RETRY_AFTER)
+    client = request.client.host if request.client else "-"
+    audit.info(json.dumps(challenge_record(issued, f"admin:{client}")))
+    return JSONResponse(
+        {"challenge": value} | challenge_json(issued),
+        status_code=201,
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 async def scep_endpoint(request: Request) -> Response:
@@ -372,9 +470,11 @@ async def _scep(request: Request) -> Response:
         reason = "operation parameter missing" if not operations else "operation given twice"
         raise MessageError(reason)
     operation = unquote_to_bytes(operations[0]).decode("latin-1")
-    service: ScepService = request.state.service
+    profiles: Profiles = request.state.profiles
+    profile = profiles.for_path(request.path_params.get("suffix", ""))
+    service: ScepService = request.state.services[profile.ca]
     if operation == "GetCACaps":
-        return Response(service.ca_caps, media_type="text/plain")
+        return Response(service.ca_caps(profile), media_type="text/plain")
     if operation == "GetCACert":
         # Any message= value is fine: CA identifiers, "default", Apple instance names.
         return Response(service.ca_cert_body, media_type=service.ca_cert_type)
@@ -395,7 +495,7 @@ async def _scep(request: Request) -> Response:
             raise PayloadTooLarge("message parameter too large")
         der = decode_message_param(messages[0])
     client = request.client.host if request.client else "-"
-    reply = await service.pki_operation(der, client)
+    reply = await service.pki_operation(der, client, profile)
     return Response(reply, media_type=PKI_MESSAGE)
 
 

@@ -1,4 +1,4 @@
-"""The `hsmscep` command: init, import-ca, serve, dev, revoke, pending, rollover.
+"""The `hsmscep` command: init, import-ca, serve, dev, revoke, pending, challenge, rollover.
 
 Flags override the config file by setting the matching HSMSCEP_* variables, so uvicorn's
 spawned worker processes see the same settings. Secrets never come from argv.
@@ -24,12 +24,14 @@ from hsmscep.errors import (
     RequestConflict,
     StoreError,
     UnknownCertificate,
+    UnknownProfile,
     UnknownRequest,
 )
 from hsmscep.hsm import KEY_SPECS
+from hsmscep.profiles import DEFAULT_CA
 
 if TYPE_CHECKING:
-    from hsmscep.store import PendingRequest, Revocation
+    from hsmscep.store import OneTimeChallenge, PendingRequest, Revocation
 
 DEFAULT_CONFIG = "hsmscep.toml"
 
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         StoreError,
         UnknownCertificate,
         UnknownRequest,
+        UnknownProfile,
         RequestConflict,
     ) as exc:
         print(f"hsmscep: {exc}", file=sys.stderr)
@@ -57,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
+    def with_ca(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--ca",
+            default=DEFAULT_CA,
+            help="which CA: default ([ca]/[ra]) or a [cas.<name>] of the config file",
+        )
+
     def with_config(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--config",
@@ -66,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
     init = sub.add_parser("init", help="generate CA and RA keys in the HSM and their certificates")
     with_config(init)
+    with_ca(init)
     init.add_argument("--ca-key", choices=KEY_SPECS, default="rsa2048")
     init.add_argument("--ra-key-size", type=int, default=2048, choices=(2048, 3072, 4096))
     init.add_argument("--subject", default="CN=hsmscep CA", help="CA subject, RFC 4514")
@@ -79,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser("import-ca", help="install an externally signed CA certificate")
     with_config(imp)
+    with_ca(imp)
     imp.add_argument("--cert", type=Path, required=True, help="signed CA certificate (PEM)")
     imp.add_argument("--chain", type=Path, help="issuer chain (PEM), nearest issuer first")
     imp.add_argument("--ra-validity-days", type=int, default=730)
@@ -91,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
 
     revoke = sub.add_parser("revoke", help="revoke an issued certificate (RFC 5280 reason)")
     with_config(revoke)
+    with_ca(revoke)
     revoke.add_argument("--serial", type=_serial, required=True, help="serial number in hex")
     revoke.add_argument(
         "--reason",
@@ -107,13 +120,32 @@ def _parser() -> argparse.ArgumentParser:
     pending_sub = pending.add_subparsers(required=True, metavar="ACTION")
     listing = pending_sub.add_parser("list", help="list requests waiting for a decision")
     with_config(listing)
+    with_ca(listing)
     listing.add_argument("--json", action="store_true", help="one JSON array instead of a table")
     listing.set_defaults(func=_pending_list)
     for action, text in (("approve", "approve"), ("reject", "reject")):
         decide = pending_sub.add_parser(action, help=f"{text} a pending request by its id")
         with_config(decide)
+        with_ca(decide)
         decide.add_argument("id", type=int, help="request id (from `hsmscep pending list`)")
         decide.set_defaults(func=_pending_decide, approve=action == "approve")
+
+    challenge = sub.add_parser(
+        "challenge", help='one-time enrollment challenges (challenge_mode = "one_time")'
+    )
+    challenge_sub = challenge.add_subparsers(required=True, metavar="ACTION")
+    issue = challenge_sub.add_parser(
+        "issue", help="print a fresh one-time challenge (shown once, stored only as a hash)"
+    )
+    with_config(issue)
+    issue.add_argument("--profile", default="default", help="enrollment profile (default: default)")
+    issue.add_argument(
+        "--ttl", type=int, default=None, help="seconds until it expires (default: the profile's)"
+    )
+    issue.add_argument("--subject-pattern", help="regex the CSR subject (RFC 4514) must match")
+    issue.add_argument("--san-pattern", help='regex every SAN ("DNS:host.example") must match')
+    issue.add_argument("--json", action="store_true", help="one JSON object with the expiry")
+    issue.set_defaults(func=_challenge_issue)
 
     rollover = sub.add_parser("rollover", help="CA rollover: prepare the next CA, then activate it")
     rollover_sub = rollover.add_subparsers(required=True, metavar="ACTION")
@@ -177,7 +209,7 @@ def _apply_overrides(args: argparse.Namespace) -> None:
 def _init(args: argparse.Namespace) -> int:
     from hsmscep.bootstrap import InitOptions, init
 
-    settings = load_settings(args.config)
+    settings = load_settings(args.config).for_ca(args.ca)
     options = InitOptions(
         ca_key=args.ca_key,
         ra_key_bits=args.ra_key_size,
@@ -195,7 +227,7 @@ def _init(args: argparse.Namespace) -> int:
 def _import_ca(args: argparse.Namespace) -> int:
     from hsmscep.bootstrap import import_ca
 
-    settings = load_settings(args.config)
+    settings = load_settings(args.config).for_ca(args.ca)
     for line in import_ca(settings, args.cert, args.chain, args.ra_validity_days):
         print(line)
     return 0
@@ -247,7 +279,7 @@ def _serial(text: str) -> int:
 def _revoke(args: argparse.Namespace) -> int:
     from hsmscep.crl import revocation_record
 
-    settings = load_settings(args.config)
+    settings = load_settings(args.config).for_ca(args.ca)
     reason = revocation_reason(args.reason, "--reason")
     revocation, changed = asyncio.run(_record_revocation(settings, args.serial, reason))
     when = revocation.revoked_at.isoformat(timespec="seconds")
@@ -293,22 +325,22 @@ async def _record_revocation(
 
 
 def _pending_list(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime, timedelta
+    from datetime import UTC, datetime
 
-    settings = load_settings(args.config)
-    ttl = timedelta(hours=settings.pending_ttl_hours)
+    settings = load_settings(args.config).for_ca(args.ca)
     requests = asyncio.run(_read_pending(settings))
     now = datetime.now(UTC)
     rows = [
         {
             "id": p.id,
+            "profile": p.profile,
             "transaction_id": p.transaction_id,
             "subject": p.subject,
             "sans": list(p.sans),
             "key": p.key_description,
             "requester_ip": p.requester_ip,
             "age_seconds": max(0, int((now - p.created_at).total_seconds())),
-            "expired": p.expired(now, ttl),
+            "expired": p.expired(now, settings.profiles.pending_ttl(p.profile)),
         }
         for p in requests
     ]
@@ -318,13 +350,16 @@ def _pending_list(args: argparse.Namespace) -> int:
     if not rows:
         print("no pending requests")
         return 0
-    print("ID\tAGE\tKEY\tREQUESTER\tSUBJECT\tSANS")
+    print("ID\tPROFILE\tAGE\tKEY\tREQUESTER\tSUBJECT\tSANS")
     for p in requests:
         age = f"{max(0, int((now - p.created_at).total_seconds()))}s"
-        if p.expired(now, ttl):
+        if p.expired(now, settings.profiles.pending_ttl(p.profile)):
             age += " (expired)"
         sans = ", ".join(p.sans) or "-"
-        print(f"{p.id}\t{age}\t{p.key_description}\t{p.requester_ip}\t{p.subject}\t{sans}")
+        print(
+            f"{p.id}\t{p.profile}\t{age}\t{p.key_description}\t{p.requester_ip}"
+            f"\t{p.subject}\t{sans}"
+        )
     return 0
 
 
@@ -339,7 +374,7 @@ async def _read_pending(settings: Settings) -> list[PendingRequest]:
 
 
 def _pending_decide(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
+    settings = load_settings(args.config).for_ca(args.ca)
     pending, changed = asyncio.run(_record_decision(settings, args.id, args.approve))
     entry = {
         "event": "approve" if args.approve else "reject",
@@ -361,7 +396,7 @@ def _pending_decide(args: argparse.Namespace) -> int:
 async def _record_decision(
     settings: Settings, request_id: int, approve: bool
 ) -> tuple[PendingRequest, bool]:
-    from datetime import UTC, datetime, timedelta
+    from datetime import UTC, datetime
 
     from hsmscep.store import CertStore
 
@@ -371,7 +406,49 @@ async def _record_decision(
             request_id,
             "approved" if approve else "rejected",
             datetime.now(UTC),
-            timedelta(hours=settings.pending_ttl_hours),
+            settings.profiles.pending_ttl,
+        )
+    finally:
+        await store.close()
+
+
+def _challenge_issue(args: argparse.Namespace) -> int:
+    from hsmscep.onetime import challenge_json, challenge_record
+
+    settings = load_settings(args.config)
+    try:
+        value, issued = asyncio.run(_issue_challenge(settings, args))
+    except ValueError as exc:
+        print(f"hsmscep: {exc}", file=sys.stderr)
+        return 2
+    record = challenge_record(issued, f"cli:{os.environ.get('USER', '-')}")
+    logging.getLogger("hsmscep.audit").info(json.dumps(record))
+    if args.json:
+        print(json.dumps({"challenge": value} | challenge_json(issued)))
+    else:
+        print(value)
+        print(f"profile {issued.profile}, expires {issued.expires_at.isoformat()}", file=sys.stderr)
+    return 0
+
+
+async def _issue_challenge(
+    settings: Settings, args: argparse.Namespace
+) -> tuple[str, OneTimeChallenge]:
+    from hsmscep.onetime import issue_challenge
+    from hsmscep.store import CertStore
+
+    profile = settings.profiles.get(args.profile)
+    # The challenge lives in the store of the CA that issues for the profile.
+    ca_settings = settings.for_ca(profile.ca) if profile is not None else settings
+    store = await CertStore.open(ca_settings.db_path, synchronous=settings.db_synchronous)
+    try:
+        return await issue_challenge(
+            store,
+            settings.profiles,
+            args.profile,
+            ttl_seconds=args.ttl,
+            subject_pattern=args.subject_pattern,
+            san_pattern=args.san_pattern,
         )
     finally:
         await store.close()

@@ -130,8 +130,10 @@ def build_csr(
     sans: Sequence[x509.GeneralName] = (),
     digest: str = "sha256",
     challenge_as_utf8: bool = False,
+    template_name: str | None = None,
 ) -> bytes:
-    """A PKCS#10 request (RFC 2986) with challengePassword and a SAN extension request.
+    """A PKCS#10 request (RFC 2986) with challengePassword and a SAN extension request,
+    and the Microsoft certificate template name extension (a BMPString) if given.
 
     Written with asn1.py rather than cryptography's builder, which refuses SHA-1 and writes
     the challenge as UTF8String; most clients send PrintableString (interop-quirks #13).
@@ -144,12 +146,22 @@ def build_csr(
         else:
             value = asn1.printable_string(challenge)
         attrs.append(asn1.attribute(asn1.OID_CHALLENGE_PASSWORD, value))
+    extensions = []
     if sans:
         san = x509.SubjectAlternativeName(sans).public_bytes()
-        ext = asn1.seq(
-            asn1.oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME.dotted_string), asn1.octet_string(san)
+        extensions.append(
+            asn1.seq(
+                asn1.oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME.dotted_string),
+                asn1.octet_string(san),
+            )
         )
-        attrs.append(asn1.attribute(asn1.OID_EXTENSION_REQUEST, asn1.seq(ext)))
+    if template_name is not None:
+        bmp = asn1.tlv(0x1E, template_name.encode("utf-16-be"))
+        extensions.append(
+            asn1.seq(asn1.oid(asn1.OID_MS_CERT_TEMPLATE_NAME), asn1.octet_string(bmp))
+        )
+    if extensions:
+        attrs.append(asn1.attribute(asn1.OID_EXTENSION_REQUEST, asn1.seq(*extensions)))
     spki = key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     attributes = asn1.explicit(0, b"".join(sorted(attrs)))  # [0] IMPLICIT SET OF Attribute
     info = asn1.seq(asn1.integer(0), subject.public_bytes(), spki, attributes)
@@ -230,6 +242,7 @@ def build_pkcs_req(
     oaep: bool = False,
     csr: bytes | None = None,
     challenge_as_utf8: bool = False,
+    template_name: str | None = None,
 ) -> ClientRequest:
     """A signed PKCSReq (or RenewalReq with `message_type="17"`) around an encrypted CSR."""
     content_cipher = CIPHERS_BY_NAME.get(cipher)
@@ -247,6 +260,7 @@ def build_pkcs_req(
             sans=sans,
             digest=digest,
             challenge_as_utf8=challenge_as_utf8,
+            template_name=template_name,
         )
     envelope = cms.seal(
         csr,

@@ -11,12 +11,26 @@ import json
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from hsmscep.challenges import check_ttl
 from hsmscep.errors import ConfigError
 from hsmscep.hsm import KeyRef, TokenRef
+from hsmscep.profiles import (
+    CHALLENGE_MODES,
+    DEFAULT_CA,
+    DEFAULT_PROFILE,
+    PROFILE_NAME,
+    RESERVED_NAMES,
+    ChallengeMode,
+    Profile,
+    Profiles,
+)
+from hsmscep.template import DEFAULT_TEMPLATE, parse_template
+from hsmscep.webhook import WebhookConfig, parse_notify, parse_webhook
 
 ALL_CAPS = (
     "POSTPKIOperation",
@@ -45,7 +59,51 @@ class Generation:
     cross_cert: Path | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ExtraCa:
+    """A CA of its own for some profiles ([cas.<name>]): keys, certificates and store."""
+
+    name: str
+    ca_key: KeyRef
+    ca_cert: Path
+    ca_chain: Path | None
+    ra_key: KeyRef
+    ra_cert: Path
+    db_path: Path
+
+
 ROLLOVER_STATE = "rollover.json"
+# Keys of [enroll] and of every [profiles.<name>] table; [enroll] also has the server-wide ones.
+_PROFILE_KEYS = {
+    "challenge_mode",
+    "challenge_env",
+    "challenge_file",
+    "challenge_ttl_seconds",
+    "approval",
+    "pending_ttl_hours",
+    "caps",
+    "ms_template",
+    "template",
+    "webhook",
+    "notify",
+}
+_ENROLL_KEYS = {"require_challenge", "validity_days"}
+_NAMED_PROFILE_KEYS = {"ca"}
+_CA_KEYS = {
+    "module",
+    "token_label",
+    "token_serial",
+    "pin_env",
+    "pin_file",
+    "key_label",
+    "key_id",
+    "cert",
+    "chain",
+    "ra_key_label",
+    "ra_key_id",
+    "ra_cert",
+    "store",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +128,7 @@ class Settings:
     db_path: Path
     db_synchronous: Literal["FULL", "NORMAL"]
     log_level: str
+    profiles: Profiles  # [enroll] is the default profile; [profiles.<name>] the named ones
     crl_base_url: str | None = None  # public http(s) prefix of /crl/ca.crl and /ca.crt
     crl_next_update_hours: int = 24
     renewal_enabled: bool = True  # GetCACaps advertises Renewal exactly when this is set
@@ -86,6 +145,47 @@ class Settings:
     awaiting_generation: Generation | None = None  # keys made, CA CSR out at the external root
     ra_previous: tuple[tuple[KeyRef, Path], ...] = ()  # old RA keys, still decrypting
     ca_cross_cert: Path | None = None  # the current CA certified by the previous CA (NewWithOld)
+    ca_name: str = DEFAULT_CA  # which CA these CA/RA/store settings describe
+    extra_cas: tuple[ExtraCa, ...] = ()  # [cas.<name>]
+
+    @property
+    def ca_names(self) -> tuple[str, ...]:
+        return (DEFAULT_CA, *(ca.name for ca in self.extra_cas))
+
+    def ca_profiles(self) -> Profiles | None:
+        """The profiles whose certificates this CA issues; None if no profile uses it."""
+        mine = [p for p in self.profiles.all() if p.ca == self.ca_name]
+        if not mine:
+            return None
+        return Profiles.of(mine[0], mine[1:])
+
+    def for_ca(self, name: str) -> Settings:
+        """These settings with the CA, RA and store of CA `name` ("default": [ca]/[ra])."""
+        if name == self.ca_name:
+            return self
+        extra = next((ca for ca in self.extra_cas if ca.name == name), None)
+        if extra is None:
+            known = ", ".join(self.ca_names)
+            raise ConfigError(f"no CA {name!r} is configured (known: {known}); add [cas.{name}]")
+        return replace(
+            self,
+            ca_name=name,
+            ca_key=extra.ca_key,
+            ca_cert=extra.ca_cert,
+            ca_chain=extra.ca_chain,
+            ra_sign_key=extra.ra_key,
+            ra_sign_cert=extra.ra_cert,
+            ra_decrypt_key=extra.ra_key,
+            ra_decrypt_cert=extra.ra_cert,
+            db_path=extra.db_path,
+            # Rollover covers the default CA only.
+            rollover_state=None,
+            rollover_generation=1,
+            next_generation=None,
+            awaiting_generation=None,
+            ra_previous=(),
+            ca_cross_cert=None,
+        )
 
     @property
     def ra_split(self) -> bool:
@@ -115,23 +215,31 @@ class _Reader:
             "renewal",
             "admin",
             "rollover",
+            "profiles",
+            "cas",
         }
         for section in raw:
             if section not in known:
                 raise ConfigError(f"unknown section [{section}] in {path}")
 
+    def table(self, section: str) -> dict[str, Any]:
+        """The table at a dotted path ("enroll", "profiles.wifi.template"); {} if absent."""
+        table: dict[str, Any] = self.raw
+        for part in section.split("."):
+            value = table.get(part, {})
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{section}] must be a table")
+            table = value
+        return table
+
     def get(self, section: str, key: str, default: Any = None) -> Any:
-        env_key = f"HSMSCEP_{section.upper()}_{key.upper()}"
+        env_key = f"HSMSCEP_{section.replace('.', '_').upper()}_{key.upper()}"
         if env_key in self.env:
             return self.env[env_key]
-        value = self.raw.get(section, {})
-        if not isinstance(value, dict):
-            raise ConfigError(f"[{section}] must be a table")
-        return value.get(key, default)
+        return self.table(section).get(key, default)
 
     def has(self, section: str, key: str) -> bool:
-        table = self.raw.get(section, {})
-        return isinstance(table, dict) and key in table
+        return key in self.table(section)
 
     def integer(self, section: str, key: str, default: int, minimum: int = 0) -> int:
         value = self.get(section, key, default)
@@ -165,7 +273,7 @@ class _Reader:
 
     def secret(self, section: str, key: str, default_env: str) -> str | None:
         """A secret from `<key>_env` (an env var name) or `<key>_file`; never inline."""
-        if key in self.raw.get(section, {}):
+        if key in self.table(section):
             raise ConfigError(
                 f"{section}.{key} must not be written in the config file; "
                 f"use {section}.{key}_env or {section}.{key}_file"
@@ -214,21 +322,181 @@ class _Reader:
             raise ConfigError(f"{section}.key_id must be hex, got {key_id!r}") from None
         return KeyRef(token, label, raw_id)
 
-    def settings(self) -> Settings:
-        workers_raw = self.get("server", "workers", 1)
-        workers = 0 if workers_raw == "auto" else self.integer("server", "workers", 1, 1)
-        caps_raw = self.get("server", "caps", list(ALL_CAPS))
+    def profile_names(self) -> list[str]:
+        raw = self.raw.get("profiles", {})
+        if not isinstance(raw, dict):
+            raise ConfigError("[profiles] must be a table of [profiles.<name>] tables")
+        for name, table in raw.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"profiles.{name} must be a table ([profiles.{name}])")
+            if not PROFILE_NAME.fullmatch(name) or name in RESERVED_NAMES:
+                raise ConfigError(
+                    f"profiles.{name}: a profile name is 1-64 letters, digits, '-', '_' or '.'"
+                    f" (and not {', '.join(sorted(RESERVED_NAMES))}); it is the URL /scep/<name>"
+                )
+        return list(raw)
+
+    def profile(
+        self, section: str, name: str, server_caps: tuple[str, ...], *, default: bool
+    ) -> Profile:
+        """[enroll] (the default profile) or one [profiles.<name>] table."""
+        table = self.table(section)
+        known = _PROFILE_KEYS | (_ENROLL_KEYS if default else _NAMED_PROFILE_KEYS)
+        for key in table:
+            if key not in known:
+                raise ConfigError(f"{section}.{key}: unknown key (profile {name!r})")
+        mode = self.challenge_mode(section)
+        secret = self.secret(section, "challenge", "HSMSCEP_CHALLENGE" if default else "")
+        if mode == "static" and not secret:
+            raise ConfigError(
+                f"{section}: no challenge configured: set {section}.challenge_env or "
+                f"{section}.challenge_file, or {section}.challenge_mode = "
+                '"one_time", "webhook" or "none"'
+            )
+        if mode != "static" and (
+            self.has(section, "challenge_env") or self.has(section, "challenge_file")
+        ):
+            raise ConfigError(
+                f'{section}.challenge_env/challenge_file only go with challenge_mode = "static"'
+            )
+        approval = str(self.get(section, "approval", "auto")).lower()
+        if approval not in ("auto", "manual"):
+            raise ConfigError(f"{section}.approval must be auto or manual, not {approval!r}")
+        webhook = self.webhook(f"{section}.webhook")
+        if mode == "webhook" and webhook is None:
+            raise ConfigError(
+                f'{section}: challenge_mode = "webhook" needs a [{section}.webhook] table'
+            )
+        if mode != "webhook" and webhook is not None:
+            raise ConfigError(
+                f'[{section}.webhook] is only used with {section}.challenge_mode = "webhook"'
+            )
+        if mode == "webhook" and approval == "manual":
+            raise ConfigError(
+                f'{section}: approval = "manual" cannot be combined with challenge_mode ='
+                ' "webhook" (the webhook decides)'
+            )
+        caps = self.caps(section, list(server_caps)) if self.has(section, "caps") else server_caps
+        validity_days = self.integer("enroll", "validity_days", 365, 1)
+        base_template = replace(DEFAULT_TEMPLATE, validity=timedelta(days=validity_days))
+        template_table = self.table(f"{section}.template")
+        template = (
+            parse_template(template_table, f"{section}.template", defaults=base_template)
+            if template_table
+            else base_template
+        )
+        ms_template = self.text(section, "ms_template")
+        if ms_template is not None and not ms_template.strip():
+            raise ConfigError(f"{section}.ms_template must not be empty")
+        ca = self.text(section, "ca", DEFAULT_CA) if not default else DEFAULT_CA
+        ttl_seconds = self.integer(section, "challenge_ttl_seconds", 3600, 1)
+        try:
+            challenge_ttl = check_ttl(ttl_seconds)
+        except ValueError as exc:
+            raise ConfigError(f"{section}.challenge_ttl_seconds: {exc}") from None
+        return Profile(
+            name=name,
+            caps=caps,
+            challenge_mode=mode,
+            static_challenge=secret.encode() if mode == "static" and secret else None,
+            template=template,
+            manual_approval=approval == "manual",
+            pending_ttl=timedelta(hours=self.integer(section, "pending_ttl_hours", 72, 1)),
+            ms_template=ms_template,
+            webhook=webhook,
+            notify=self.webhook(f"{section}.notify", notify=True),
+            challenge_ttl=challenge_ttl,
+            ca=ca or DEFAULT_CA,
+        )
+
+    def challenge_mode(self, section: str) -> ChallengeMode:
+        raw = self.get(section, "challenge_mode")
+        if raw is None and section == "enroll":
+            # The setting before profiles existed: require_challenge = false means none.
+            require = self.get("enroll", "require_challenge", True)
+            if isinstance(require, str):
+                require = require.lower() not in ("0", "false", "no")
+            return "static" if require else "none"
+        if raw is None:
+            return "static"
+        if self.has(section, "require_challenge"):
+            raise ConfigError(f"{section}: set challenge_mode or require_challenge, not both")
+        mode = str(raw).lower()
+        for known in CHALLENGE_MODES:
+            if mode == known:
+                return known
+        raise ConfigError(
+            f"{section}.challenge_mode must be one of {', '.join(CHALLENGE_MODES)}, not {raw!r}"
+        )
+
+    def webhook(self, section: str, *, notify: bool = False) -> WebhookConfig | None:
+        table = self.table(section)
+        if not table:
+            return None
+        parse = parse_notify if notify else parse_webhook
+        return parse(table, section, self.base, self.env)
+
+    def caps(self, section: str, default: list[str]) -> tuple[str, ...]:
+        caps_raw = self.get(section, "caps", default)
         if isinstance(caps_raw, str):
             caps_raw = [c.strip() for c in caps_raw.split(",") if c.strip()]
         if not isinstance(caps_raw, list) or not all(isinstance(c, str) for c in caps_raw):
-            raise ConfigError("server.caps must be a list of strings")
+            raise ConfigError(f"{section}.caps must be a list of strings")
         for cap in caps_raw:
             if cap not in KNOWN_CAPS:
-                raise ConfigError(f"server.caps: unknown capability {cap!r}")
-        # Renewal is advertised only while it is enabled, even if server.caps lists it.
-        renewal = self.boolean("renewal", "enabled", True)
-        if not renewal:
+                raise ConfigError(f"{section}.caps: unknown capability {cap!r}")
+        # Renewal is advertised only while it is enabled, even if the caps list it.
+        if not self.boolean("renewal", "enabled", True):
             caps_raw = [c for c in caps_raw if c != "Renewal"]
+        return tuple(caps_raw)
+
+    def extra_cas(self, main_token: TokenRef) -> tuple[ExtraCa, ...]:
+        raw = self.raw.get("cas", {})
+        if not isinstance(raw, dict):
+            raise ConfigError("[cas] must be a table of [cas.<name>] tables")
+        cas = []
+        for name, table in raw.items():
+            section = f"cas.{name}"
+            if not isinstance(table, dict):
+                raise ConfigError(f"{section} must be a table ([{section}])")
+            if not PROFILE_NAME.fullmatch(name) or name in (DEFAULT_CA, "ca"):
+                raise ConfigError(
+                    f"{section}: a CA name is 1-64 letters, digits, '-', '_' or '.' (not"
+                    f" {DEFAULT_CA!r} or 'ca'); it names /crl/<name>.crl and /ca/<name>.crt"
+                )
+            for key in table:
+                if key not in _CA_KEYS:
+                    raise ConfigError(f"{section}.{key}: unknown key")
+            token = self.token(section, main_token) if "module" in table else main_token
+            ca_key = self.key(section, token, None)
+            ra_label = self.text(section, "ra_key_label")
+            ra_id = self.text(section, "ra_key_id")
+            if ra_label is None and ra_id is None:
+                raise ConfigError(f"{section}.ra_key_label or {section}.ra_key_id is required")
+            try:
+                ra_key = KeyRef(token, ra_label, bytes.fromhex(ra_id) if ra_id else None)
+            except ValueError:
+                raise ConfigError(f"{section}.ra_key_id must be hex, got {ra_id!r}") from None
+            if ra_key == ca_key:
+                raise ConfigError(f"{section}: the RA key must not be the CA key")
+            cas.append(
+                ExtraCa(
+                    name=name,
+                    ca_key=ca_key,
+                    ca_cert=self.file(section, "cert", f"{name}-ca.pem") or self.base,
+                    ca_chain=self.file(section, "chain"),
+                    ra_key=ra_key,
+                    ra_cert=self.file(section, "ra_cert", f"{name}-ra.pem") or self.base,
+                    db_path=self.file(section, "store", f"{name}.db") or self.base,
+                )
+            )
+        return tuple(cas)
+
+    def settings(self) -> Settings:
+        workers_raw = self.get("server", "workers", 1)
+        workers = 0 if workers_raw == "auto" else self.integer("server", "workers", 1, 1)
+        caps_raw = list(self.caps("server", list(ALL_CAPS)))
+        renewal = self.boolean("renewal", "enabled", True)
 
         main_token = self.token("pkcs11", None)
         ca_token = (
@@ -247,15 +515,25 @@ class _Reader:
         if dec_cert is None:
             raise ConfigError("ra_decrypt.cert is required when [ra_decrypt] is configured")
 
-        require = self.get("enroll", "require_challenge", True)
-        if isinstance(require, str):
-            require = require.lower() not in ("0", "false", "no")
-        challenge = self.secret("enroll", "challenge", "HSMSCEP_CHALLENGE")
-        if require and not challenge:
-            raise ConfigError(
-                "no challenge configured: set enroll.challenge_env or enroll.challenge_file, "
-                "or enroll.require_challenge = false to enroll without one"
-            )
+        default_profile = self.profile("enroll", DEFAULT_PROFILE, tuple(caps_raw), default=True)
+        named = [
+            self.profile(f"profiles.{name}", name, tuple(caps_raw), default=False)
+            for name in self.profile_names()
+        ]
+        try:
+            profiles = Profiles.of(default_profile, named)
+        except ValueError as exc:
+            raise ConfigError(f"profiles: {exc}") from None
+        extra_cas = self.extra_cas(main_token)
+        ca_names = {DEFAULT_CA, *(ca.name for ca in extra_cas)}
+        for profile in profiles.all():
+            if profile.ca not in ca_names:
+                where = "enroll" if profile.name == DEFAULT_PROFILE else f"profiles.{profile.name}"
+                raise ConfigError(
+                    f"{where}.ca: no CA {profile.ca!r}; define [cas.{profile.ca}] or use one of"
+                    f" {', '.join(sorted(ca_names))}"
+                )
+        challenge = default_profile.static_challenge
         synchronous = str(self.get("store", "synchronous", "FULL")).upper()
         if synchronous not in ("FULL", "NORMAL"):
             raise ConfigError("store.synchronous must be FULL or NORMAL")
@@ -264,9 +542,6 @@ class _Reader:
         if base_url is not None and not base_url.startswith(("http://", "https://")):
             # RFC 5280 §4.2.1.13: relying parties fetch the CRL by HTTP; no other scheme here.
             raise ConfigError(f"crl.base_url must be an http:// or https:// URL, not {base_url!r}")
-        approval = str(self.get("enroll", "approval", "auto")).lower()
-        if approval not in ("auto", "manual"):
-            raise ConfigError(f"enroll.approval must be auto or manual, not {approval!r}")
         admin_token = self.secret("admin", "token", "")
         if admin_token is not None and len(admin_token) < 16:
             raise ConfigError("the admin token (admin.token_file / admin.token_env) is too short")
@@ -303,7 +578,7 @@ class _Reader:
             ra_sign_cert=ra_cert,
             ra_decrypt_key=dec_key,
             ra_decrypt_cert=dec_cert,
-            challenge=challenge.encode() if (require and challenge) else None,
+            challenge=challenge,
             validity_days=self.integer("enroll", "validity_days", 365, 1),
             db_path=self.file("store", "path", "hsmscep.db") or self.base / "hsmscep.db",
             db_synchronous=synchronous,  # type: ignore[arg-type]
@@ -314,8 +589,10 @@ class _Reader:
             renewal_window_days=self.integer("renewal", "window_days", 0, 0),
             renewal_allow_key_reuse=self.boolean("renewal", "allow_key_reuse", False),
             renewal_revoke_replaced=self.boolean("renewal", "revoke_replaced", False),
-            approval=approval,  # type: ignore[arg-type]
+            approval="manual" if default_profile.manual_approval else "auto",
             pending_ttl_hours=self.integer("enroll", "pending_ttl_hours", 72, 1),
+            profiles=profiles,
+            extra_cas=extra_cas,
             admin_token=admin_token or None,
             rollover_state=state_path,
             rollover_generation=state.generation,

@@ -107,9 +107,12 @@ class PublicUrls:
     ca_cert: str
 
     @classmethod
-    def of(cls, base_url: str) -> PublicUrls:
+    def of(cls, base_url: str, ca_name: str | None = None) -> PublicUrls:
+        """The URLs of the default CA, or of the CA `ca_name` ([cas.<name>])."""
         base = base_url.rstrip("/")
-        return cls(base + CRL_PATH, base + CA_CERT_PATH)
+        if ca_name is None:
+            return cls(base + CRL_PATH, base + CA_CERT_PATH)
+        return cls(f"{base}/crl/{ca_name}.crl", f"{base}/ca/{ca_name}.crt")
 
     def crl_distribution_points(self) -> x509.CRLDistributionPoints:
         point = x509.DistributionPoint(

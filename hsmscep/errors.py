@@ -8,6 +8,7 @@
   + PayloadTooLarge       request body over the cap: HTTP 413
   + UnknownCertificate    no certificate with that serial: CLI exit 2 (admin API: 404)
   + UnknownRequest        no pending request with that id: CLI exit 2, admin API 404
+  + UnknownProfile        no enrollment profile of that name: CLI exit 2, admin API 404
   + RequestConflict       the pending request was already decided or expired: exit 2, 409
   + HsmError              the PKCS#11 module failed: HTTP 503 (we may not be able to sign)
   |  - HsmBusy            signing queue full: HTTP 503 with Retry-After
@@ -58,6 +59,10 @@ class UnknownCertificate(ScepError):
 
 class UnknownRequest(ScepError):
     """No pending request with the given id."""
+
+
+class UnknownProfile(ScepError):
+    """No enrollment profile with the given name."""
 
 
 class RequestConflict(ScepError):

@@ -16,7 +16,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Literal
@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hsmscep import cms, crl
 from hsmscep.algorithms import CIPHERS_BY_NAME, ContentCipher
 from hsmscep.certrep import build_cert_rep, seal_certificates, seal_reply, sign_next_ca_certs
+from hsmscep.challenges import binding_mismatch, challenge_hash
 from hsmscep.cms import decode_envelope
 from hsmscep.errors import (
     DuplicateSerial,
@@ -43,6 +44,7 @@ from hsmscep.issuance import (
     IssuancePolicy,
     Issuer,
     build_certificate,
+    challenge_password,
     check_csr,
     describe_sans,
     load_csr,
@@ -50,6 +52,7 @@ from hsmscep.issuance import (
 from hsmscep.keyring import Keyring
 from hsmscep.message import FailInfo, MessageType, PkiRequest, PkiStatus, decode_pki_message
 from hsmscep.pool import SigningPool
+from hsmscep.profiles import DEFAULT_CA, Profile, Profiles
 from hsmscep.renewal import (
     DEFAULT_RENEWAL,
     RenewalPolicy,
@@ -60,6 +63,8 @@ from hsmscep.renewal import (
     renewed_request,
 )
 from hsmscep.store import CertStore, CrlInfo, IssuedCert, PendingRequest, Revocation
+from hsmscep.template import apply_template, check_key, ms_template_name, with_overrides
+from hsmscep.webhook import AuthorizationRequest, WebhookClient
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("hsmscep.audit")
@@ -79,6 +84,29 @@ class _Outcome:
     reason: str
     envelope: cms.Envelope | None = None
     oaep: cms.OaepParams | None = None
+    profile: str | None = None  # the profile that decided; None: the endpoint's
+    subject: str | None = None  # of the CSR, once it was read
+    fail_info: FailInfo | None = None  # set on FAILURE
+    pending: bool = False  # PENDING (manual approval)
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """A decrypted request that passed its profile's checks and waits for a decision
+    (one-time challenge, webhook, operator) before the CA key signs."""
+
+    profile: Profile
+    cert_request: CertRequest
+    csr_der: bytes
+    envelope: cms.Envelope
+    oaep: cms.OaepParams | None
+    transaction_id: str  # under which the certificate is stored
+    challenge: bytes | None = field(repr=False)  # only where the store or a webhook checks it
+    signer_serial: int | None = None  # a renewal: the certificate it replaces
+
+    @property
+    def subject(self) -> str:
+        return self.cert_request.subject.rfc4514_string()
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,27 +130,38 @@ class ScepService:
         ra_certs: list[x509.Certificate],
         chain: list[x509.Certificate],
         policy: IssuancePolicy,
-        caps: tuple[str, ...],
+        profiles: Profiles,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         random_serial: Callable[[], int] = x509.random_serial_number,
         nonce: Callable[[], bytes] = cms.random_nonce,
         crl_lifetime: timedelta = timedelta(hours=24),
         renewal: RenewalPolicy = DEFAULT_RENEWAL,
-        manual_approval: bool = False,
-        pending_ttl: timedelta = timedelta(hours=72),
         next_ca_certs: list[x509.Certificate] | None = None,
+        webhooks: WebhookClient | None = None,
     ) -> None:
+        """`policy` holds what every profile shares (CRL DP, AIA); each profile adds its own
+        challenge and template. `webhooks` is required when a profile uses one."""
         self.pool, self.store, self.policy = pool, store, policy
+        self.profiles, self.webhooks = profiles, webhooks
+        if webhooks is None and any(p.webhook or p.notify for p in profiles.all()):
+            raise ValueError("a profile uses a webhook: pass a WebhookClient")
+        self._policies = {
+            p.name: replace(policy, challenge=p.static_challenge) for p in profiles.all()
+        }
+        # Renewals (authenticated by the signer certificate) and approved requests (whose
+        # challenge was checked when they arrived) are checked without a challenge.
+        self._unchallenged = replace(policy, challenge=None)
+        self._holds_requests = any(p.manual_approval for p in profiles.all())
         self.renewal = renewal
-        # A renewal is authenticated by the signer certificate, not by the challenge.
-        self._renewal_csr_policy = replace(policy, challenge=None)
         self.issuer = Issuer.of(ca_cert)
         self._clock, self._random_serial, self._nonce = clock, random_serial, nonce
         # GetNextCACert is advertised exactly while a next CA is prepared (RFC 8894 §3.5.2).
-        caps = tuple(c for c in caps if c != "GetNextCACert")
-        if next_ca_certs:
-            caps += ("GetNextCACert",)
-        self.ca_caps = "\n".join(caps).encode()
+        self._caps: dict[str, bytes] = {}
+        for profile in profiles.all():
+            caps = tuple(c for c in profile.caps if c != "GetNextCACert")
+            if next_ca_certs:
+                caps += ("GetNextCACert",)
+            self._caps[profile.name] = "\n".join(caps).encode()
         self._next_ca_ders = [c.public_bytes(Encoding.DER) for c in next_ca_certs or []]
         self._next_ca_body: bytes | None = None
         ders = [c.public_bytes(Encoding.DER) for c in (ca_cert, *ra_certs, *chain)]
@@ -134,9 +173,6 @@ class ScepService:
         self._crl_lifetime = crl_lifetime
         self._crl_lock = asyncio.Lock()
         self._crl_cache: tuple[int, bytes] | None = None
-        self.manual_approval, self.pending_ttl = manual_approval, pending_ttl
-        # The challenge was checked when the request arrived; it may have changed since.
-        self._approved_csr_policy = replace(policy, challenge=None)
 
     async def next_ca_cert(self) -> bytes | None:
         """The GetNextCACert reply, signed by the current RA key once per process; None
@@ -148,16 +184,24 @@ class ScepService:
             self._next_ca_body = signed
         return self._next_ca_body
 
-    async def pki_operation(self, der: bytes, client: str = "-") -> bytes:
-        """Answer a pkiMessage; MessageError means the request never verified (HTTP 400)."""
+    def ca_caps(self, profile: Profile) -> bytes:
+        """The GetCACaps body of an endpoint."""
+        return self._caps[profile.name]
+
+    async def pki_operation(
+        self, der: bytes, client: str = "-", profile: Profile | None = None
+    ) -> bytes:
+        """Answer a pkiMessage sent to `profile`'s endpoint (default: the default profile);
+        MessageError means the request never verified (HTTP 400)."""
+        endpoint = profile or self.profiles.default
         request = decode_pki_message(der)
         if request.message_type in (MessageType.GET_CERT, MessageType.GET_CRL):
             outcome = await self._query(request)
-            self._audit(request, client, outcome, None)
+            self._audit(request, client, endpoint, outcome)
             return outcome.response
         if request.message_type == MessageType.CERT_POLL:
             outcome = await self._poll(request)
-            self._audit(request, client, outcome, outcome.record)
+            self._audit(request, client, endpoint, outcome)
             return outcome.response
         refusal = None
         if request.message_type not in (MessageType.PKCS_REQ, MessageType.RENEWAL_REQ):
@@ -177,16 +221,23 @@ class ScepService:
             outcome = await self.pool.run(
                 partial(self._failure, request, FailInfo.BAD_REQUEST, refusal)
             )
-            self._audit(request, client, outcome, None)
+            self._audit(request, client, endpoint, outcome)
             return outcome.response
-        if self.manual_approval and signer is None:
-            outcome = await self._hold(request, client)
-            self._audit(request, client, outcome, outcome.record)
-            return outcome.response
+        if self._holds_requests and signer is None:
+            # A re-sent PKCSReq of a held request is a poll (RFC 8894 §3.3.1.1).
+            stored = await self.store.get_pending(request.transaction_id)
+            if stored is not None:
+                outcome = await self._answer_pending(request, stored)
+                self._audit(request, client, endpoint, outcome)
+                return outcome.response
         for _ in range(MAX_SERIAL_ATTEMPTS):
-            outcome = await self.pool.run(partial(self._enroll, request, signer))
+            opened = await self.pool.run(partial(self._open_request, request, signer, endpoint))
+            if isinstance(opened, _Checked):
+                outcome = await self._decide(request, opened, client)
+            else:
+                outcome = opened
             if outcome.record is None:
-                self._audit(request, client, outcome, None)
+                self._audit(request, client, endpoint, outcome)
                 return outcome.response
             try:
                 await self.store.put(outcome.record)
@@ -203,32 +254,113 @@ class ScepService:
                 # After the new certificate is stored; a failure here is a 503 and the client's
                 # retry (same transactionID) gets the same certificate and revokes again.
                 await self._revoke_replaced(request)
-            self._audit(request, client, outcome, outcome.record)
+            self._audit(request, client, endpoint, outcome)
             return outcome.response
         raise StoreError("no unique serial number after several attempts")
 
+    async def _decide(self, request: PkiRequest, checked: _Checked, client: str) -> _Outcome:
+        """The steps between decryption and signing that need the store or a webhook:
+        one-time challenges, the authorization webhook, holding for approval."""
+        profile = checked.profile
+        if checked.signer_serial is None and profile.challenge_mode == "one_time":
+            refusal = await self._consume_challenge(request, checked)
+            if refusal is not None:
+                return await self._refuse(request, checked, refusal)
+        elif checked.signer_serial is None and profile.challenge_mode == "webhook":
+            assert profile.webhook is not None and self.webhooks is not None
+            decision = await self.webhooks.authorize(
+                profile.webhook, self._authorization_request(request, checked, client)
+            )
+            if not decision.allowed:
+                return await self._refuse(request, checked, f"webhook denied: {decision.reason}")
+            cert_request = with_overrides(
+                checked.cert_request, sans=decision.sans, validity=decision.validity
+            )
+            if decision.subject is not None:
+                cert_request = replace(cert_request, subject=decision.subject)
+            checked = replace(checked, cert_request=cert_request)
+        if checked.signer_serial is None and profile.manual_approval:
+            return await self._hold(request, checked, client)
+        return await self.pool.run(partial(self._issue_checked, request, checked))
+
+    async def _consume_challenge(self, request: PkiRequest, checked: _Checked) -> str | None:
+        """Use up the CSR's one-time challenge; None if it may enroll, else why not."""
+        if checked.challenge is None:
+            return "challengePassword missing"
+        digest = challenge_hash(checked.challenge)
+        profile = checked.profile.name
+        stored = await self.store.get_challenge(digest, profile)
+        if stored is None:
+            return "unknown challenge"
+        mismatch = binding_mismatch(
+            checked.cert_request.subject.rfc4514_string(),
+            describe_sans(checked.cert_request.sans),
+            stored.subject_pattern,
+            stored.san_pattern,
+        )
+        if mismatch is not None:
+            return mismatch
+        used_by = f"{checked.transaction_id} {_spki_sha256(checked.cert_request.public_key)}"
+        if await self.store.consume_challenge(digest, self._clock(), used_by, profile):
+            return None
+        # The same request again (a client retrying after a lost reply or a 503): the stored
+        # certificate, if any, is resent; the challenge is not used twice.
+        again = await self.store.get_challenge(digest, profile)
+        if again is not None and again.used_by == used_by:
+            return None
+        return "challenge already used or expired"
+
+    async def _refuse(self, request: PkiRequest, checked: _Checked, reason: str) -> _Outcome:
+        outcome = await self.pool.run(partial(self._failure, request, FailInfo.BAD_REQUEST, reason))
+        return replace(outcome, profile=checked.profile.name, subject=checked.subject)
+
+    def _authorization_request(
+        self, request: PkiRequest, checked: _Checked, client: str
+    ) -> AuthorizationRequest:
+        cert_request = checked.cert_request
+        return AuthorizationRequest(
+            profile=checked.profile.name,
+            transaction_id=request.transaction_id,
+            message_type=request.message_type,
+            subject=checked.subject,
+            sans=describe_sans(cert_request.sans),
+            key=describe_key(cert_request.public_key),
+            challenge=checked.challenge.decode("utf-8", "replace")
+            if checked.challenge is not None
+            else None,
+            client_ip=client,
+        )
+
     # ---- manual approval: PENDING, CertPoll (GetCertInitial), the operator's decision -------
 
-    async def _hold(self, request: PkiRequest, client: str) -> _Outcome:
-        """A PKCSReq to wait for approval; a re-sent one (same transactionID) is a poll."""
-        stored = await self.store.get_pending(request.transaction_id)
-        if stored is not None:
-            return await self._answer_pending(request, stored)
-        checked = await self.pool.run(partial(self._check_for_approval, request, client))
-        if isinstance(checked, _Outcome):
-            return checked
-        pending, outcome = checked
+    async def _hold(self, request: PkiRequest, checked: _Checked, client: str) -> _Outcome:
+        """A checked PKCSReq to wait for approval."""
+        cert_request = checked.cert_request
+        pending = PendingRequest(
+            transaction_id=request.transaction_id,
+            csr_der=checked.csr_der,
+            requester_fingerprint=request.signer_fingerprint,
+            requester_key_sha256=_key_sha256(request),
+            requester_ip=client,
+            subject=checked.subject,
+            sans=describe_sans(cert_request.sans),
+            key_description=describe_key(cert_request.public_key),
+            created_at=self._clock(),
+            profile=checked.profile.name,
+        )
         stored = await self.store.add_pending(pending)
         if stored.created_at != pending.created_at:
             # The same transactionID arrived twice at once: answer as the stored one says.
             return await self._answer_pending(request, stored)
         log.info(
-            "request %d (transaction %r, %s) waits for approval",
+            "request %d (transaction %r, %s, profile %s) waits for approval",
             stored.id,
             stored.transaction_id,
             stored.subject,
+            stored.profile,
         )
-        return outcome
+        outcome = await self.pool.run(partial(self._pending_reply, request))
+        return replace(outcome, profile=checked.profile.name, subject=checked.subject)
 
     async def _poll(self, request: PkiRequest) -> _Outcome:
         """CertPoll/GetCertInitial (RFC 8894 §3.3.3), matched by transactionID."""
@@ -243,13 +375,18 @@ class ScepService:
             partial(self._failure, request, FailInfo.BAD_REQUEST, "unknown transactionID")
         )
 
+    def pending_ttl(self, pending: PendingRequest) -> timedelta:
+        """How long a held request waits for a decision: its profile's pending_ttl_hours."""
+        return self.profiles.pending_ttl(pending.profile)
+
     async def _answer_pending(self, request: PkiRequest, stored: PendingRequest) -> _Outcome:
+        profile = self.profiles.get(stored.profile) or self.profiles.default
         refusal = None
         if stored.requester_key_sha256 != _key_sha256(request):
             refusal = "transactionID belongs to another requester"
         elif stored.status == "rejected":
             refusal = f"request {stored.id} was rejected"
-        elif stored.expired(self._clock(), self.pending_ttl):
+        elif stored.expired(self._clock(), profile.pending_ttl):
             refusal = f"request {stored.id} expired before approval"
         if refusal is not None:
             return await self.pool.run(
@@ -261,7 +398,7 @@ class ScepService:
         if issued is not None:
             return await self.pool.run(partial(self._send_issued, request, issued))
         for _ in range(MAX_SERIAL_ATTEMPTS):
-            outcome = await self.pool.run(partial(self._issue_approved, request, stored))
+            outcome = await self.pool.run(partial(self._issue_approved, request, stored, profile))
             if outcome.record is None:
                 return outcome
             try:
@@ -282,7 +419,7 @@ class ScepService:
         """Approve or reject a pending request; the certificate is issued at the next poll."""
         decision: Literal["approved", "rejected"] = "approved" if approve else "rejected"
         return await self.store.decide_pending(
-            request_id, decision, self._clock(), self.pending_ttl
+            request_id, decision, self._clock(), self.profiles.pending_ttl
         )
 
     # ---- renewal: PKCSReq or RenewalReq signed by a certificate we issued ------------------
@@ -420,8 +557,15 @@ class ScepService:
 
     # ---- jobs: these run on a signing worker thread with that thread's keys ------------
 
-    def _enroll(self, request: PkiRequest, signer: StoredSigner | None, keys: Keyring) -> _Outcome:
-        """Issue for a PKCSReq, or renew when `signer` (the stored signer certificate) is set."""
+    def _open_request(
+        self, request: PkiRequest, signer: StoredSigner | None, endpoint: Profile, keys: Keyring
+    ) -> _Outcome | _Checked:
+        """Decrypt and check a PKCSReq or RenewalReq against its profile, and issue at once
+        unless the store, a webhook or an operator must decide first (then: _Checked).
+
+        `signer` (the stored signer certificate) set means a renewal."""
+        csr_subject: x509.Name | None = None  # for the refusal's audit line
+        profile = endpoint
         try:
             if not isinstance(request.signer_cert.public_key(), rsa.RSAPublicKey):
                 raise Rejected(FailInfo.BAD_ALG, "the reply can only be encrypted to an RSA key")
@@ -436,39 +580,75 @@ class ScepService:
                 )
             envelope = decode_envelope(request.content)
             cek, oaep = _decrypt_key(envelope, keys)
-            csr = load_csr(envelope.open(cek))
+            csr_der = envelope.open(cek)
+            csr = load_csr(csr_der)
+            csr_subject = csr.subject
+            profile = self.profiles.for_template(endpoint, ms_template_name(csr))
             if signer is None:
-                cert_request = check_csr(csr, self.policy)
-            else:
-                cert_request = renewed_request(
-                    request.signer_cert, check_csr(csr, self._renewal_csr_policy), self.renewal
+                cert_request = apply_template(
+                    check_csr(csr, self._policies[profile.name]), profile.template
                 )
-            transaction_id = (
-                request.transaction_id
-                if signer is None
-                else renewal_transaction_id(request.transaction_id, request.signer_serial)
+                transaction_id = request.transaction_id
+            else:
+                # A renewal is authenticated by the signer certificate, not by the challenge,
+                # and keeps the old subject and SANs: of the template, only the key rules apply.
+                checked_csr = check_csr(csr, self._unchallenged)
+                check_key(checked_csr.public_key, profile.template)
+                cert_request = renewed_request(request.signer_cert, checked_csr, self.renewal)
+                transaction_id = renewal_transaction_id(
+                    request.transaction_id, request.signer_serial
+                )
+            checked = _Checked(
+                profile=profile,
+                cert_request=cert_request,
+                csr_der=csr_der,
+                envelope=envelope,
+                oaep=oaep,
+                transaction_id=transaction_id,
+                challenge=challenge_password(csr)
+                if profile.challenge_mode == "one_time" or profile.webhook is not None
+                else None,
+                signer_serial=request.signer_serial if signer is not None else None,
             )
-            response, record = self._issue(
-                request,
-                cert_request,
-                envelope,
-                oaep,
-                now,
-                transaction_id,
-                request.signer_fingerprint,
-                keys,
-            )
+            if signer is None and (profile.authorizes_later or profile.manual_approval):
+                return checked
+            outcome = self._issue_checked(request, checked, keys)
         except HsmError:
             raise  # the HSM, not the request: HTTP 503, the client retries
         except Exception as exc:
-            return self._refusal(request, exc, keys)
-        reason = "issued" if signer is None else f"renewed {request.signer_serial:x}"
-        return _Outcome(response, record, reason, envelope, oaep)
+            subject = csr_subject.rfc4514_string() if csr_subject is not None else None
+            return replace(self._refusal(request, exc, keys), profile=profile.name, subject=subject)
+        return outcome
+
+    def _issue_checked(self, request: PkiRequest, checked: _Checked, keys: Keyring) -> _Outcome:
+        """Sign the certificate of a checked request and the SUCCESS CertRep carrying it."""
+        reason = "issued" if checked.signer_serial is None else f"renewed {checked.signer_serial:x}"
+        response, record = self._issue(
+            request,
+            checked.cert_request,
+            checked.profile,
+            checked.envelope,
+            checked.oaep,
+            self._clock(),
+            checked.transaction_id,
+            request.signer_fingerprint,
+            keys,
+        )
+        return _Outcome(
+            response,
+            record,
+            reason,
+            checked.envelope,
+            checked.oaep,
+            profile=checked.profile.name,
+            subject=record.subject,
+        )
 
     def _issue(
         self,
         request: PkiRequest,
         cert_request: CertRequest,
+        profile: Profile,
         envelope: cms.Envelope,
         oaep: cms.OaepParams | None,
         now: datetime,
@@ -484,10 +664,10 @@ class ScepService:
             serial=self._random_serial(),
             now=now,
             policy=self.policy,
+            template=profile.template,
         )
         cert_der = cert.public_bytes(Encoding.DER)
         response = self._success(request, [cert_der], envelope, oaep, keys)
-        spki = cert_request.public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
         record = IssuedCert(
             serial=cert.serial_number,
             subject=cert.subject.rfc4514_string(),
@@ -496,7 +676,7 @@ class ScepService:
             not_after=cert.not_valid_after_utc,
             transaction_id=transaction_id,
             requester_fingerprint=requester_fingerprint,
-            public_key_sha256=hashlib.sha256(spki).hexdigest(),
+            public_key_sha256=_spki_sha256(cert_request.public_key),
             der=cert_der,
             issued_at=now,
         )
@@ -520,52 +700,28 @@ class ScepService:
             sender_nonce=self._nonce(),
         )
 
-    def _check_for_approval(
-        self, request: PkiRequest, client: str, keys: Keyring
-    ) -> tuple[PendingRequest, _Outcome] | _Outcome:
-        """Decrypt and check a PKCSReq as for issuance, then answer PENDING instead."""
-        try:
-            if not isinstance(request.signer_cert.public_key(), rsa.RSAPublicKey):
-                raise Rejected(FailInfo.BAD_ALG, "the reply can only be encrypted to an RSA key")
-            envelope = decode_envelope(request.content)
-            cek, _ = _decrypt_key(envelope, keys)
-            csr_der = envelope.open(cek)
-            cert_request = check_csr(load_csr(csr_der), self.policy)
-            pending = PendingRequest(
-                transaction_id=request.transaction_id,
-                csr_der=csr_der,
-                requester_fingerprint=request.signer_fingerprint,
-                requester_key_sha256=_key_sha256(request),
-                requester_ip=client,
-                subject=cert_request.subject.rfc4514_string(),
-                sans=describe_sans(cert_request.sans),
-                key_description=describe_key(cert_request.public_key),
-                created_at=self._clock(),
-            )
-        except HsmError:
-            raise
-        except Exception as exc:
-            return self._refusal(request, exc, keys)
-        return pending, self._pending_reply(request, keys)
-
     def _pending_reply(self, request: PkiRequest, keys: Keyring) -> _Outcome:
         response = build_cert_rep(
             request, keys.response_signer, status=PkiStatus.PENDING, sender_nonce=self._nonce()
         )
-        return _Outcome(response, None, "pending approval")
+        return _Outcome(response, None, "pending approval", pending=True)
 
     def _issue_approved(
-        self, request: PkiRequest, stored: PendingRequest, keys: Keyring
+        self, request: PkiRequest, stored: PendingRequest, profile: Profile, keys: Keyring
     ) -> _Outcome:
         """Issue an approved request's stored CSR, sealed to the polling signer."""
         try:
             envelope = decode_envelope(request.content)
             _, oaep = _decrypt_key(envelope, keys)  # the poll must be encrypted to us too
             now = self._clock()
-            cert_request = check_csr(load_csr(stored.csr_der), self._approved_csr_policy)
+            # The challenge was checked when the request arrived; it may have changed since.
+            cert_request = apply_template(
+                check_csr(load_csr(stored.csr_der), self._unchallenged), profile.template
+            )
             response, record = self._issue(
                 request,
                 cert_request,
+                profile,
                 envelope,
                 oaep,
                 now,
@@ -578,7 +734,13 @@ class ScepService:
         except Exception as exc:
             return self._refusal(request, exc, keys)
         return _Outcome(
-            response, record, f"issued after approval of request {stored.id}", envelope, oaep
+            response,
+            record,
+            f"issued after approval of request {stored.id}",
+            envelope,
+            oaep,
+            profile=profile.name,
+            subject=record.subject,
         )
 
     def _send_issued(self, request: PkiRequest, issued: IssuedCert, keys: Keyring) -> _Outcome:
@@ -667,23 +829,40 @@ class ScepService:
             fail_info=fail_info,
             sender_nonce=self._nonce(),
         )
-        return _Outcome(response, None, f"{fail_info.name}: {reason}")
+        return _Outcome(response, None, f"{fail_info.name}: {reason}", fail_info=fail_info)
 
     def _audit(
-        self, request: PkiRequest, client: str, outcome: _Outcome, record: IssuedCert | None
+        self, request: PkiRequest, client: str, endpoint: Profile, outcome: _Outcome
     ) -> None:
-        if not audit.isEnabledFor(logging.INFO):
-            return
-        entry = {
+        """One JSON line per decision (never the challenge), and the profile's notification."""
+        profile = self.profiles.get(outcome.profile or endpoint.name) or endpoint
+        record = outcome.record
+        if outcome.fail_info is not None:
+            decision = "denied"
+        elif outcome.pending:
+            decision = "pending"
+        elif record is not None:
+            decision = "issued"
+        else:
+            decision = "answered"
+        entry: dict[str, object] = {
             "event": "pki_operation",
+            "profile": profile.name,
             "message_type": request.message_type,
             "transaction_id": request.transaction_id,
             "client": client,
+            "subject": record.subject if record is not None else outcome.subject,
+            "decision": decision,
             "outcome": outcome.reason,
         }
         if record is not None:
-            entry |= {"serial": f"{record.serial:x}", "subject": record.subject}
-        audit.info(json.dumps(entry, ensure_ascii=False))
+            entry["serial"] = f"{record.serial:x}"
+        if audit.isEnabledFor(logging.INFO):
+            audit.info(json.dumps(entry, ensure_ascii=False))
+        if profile.notify is not None and decision in ("issued", "denied"):
+            assert self.webhooks is not None
+            event = entry | {"event": decision, "time": self._clock().isoformat()}
+            self.webhooks.notify(profile.notify, event)
 
 
 def _sign_next_ca(certs_der: list[bytes], keys: Keyring) -> bytes:
@@ -699,6 +878,12 @@ def _decrypt_key(envelope: cms.Envelope, keys: Keyring) -> tuple[bytes, cms.Oaep
                 pad = oaep.padding() if oaep is not None else padding.PKCS1v15()
                 return key.decrypt(transport.encrypted_key, pad), oaep
     raise MessageError("the envelope is not encrypted to any of our RA certificates")
+
+
+def _spki_sha256(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> str:
+    return hashlib.sha256(
+        key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    ).hexdigest()
 
 
 def _key_sha256(request: PkiRequest) -> str:
@@ -727,15 +912,15 @@ def _unique(items: list[bytes]) -> list[bytes]:
 
 
 def default_policy(
-    challenge: bytes | None, validity_days: int, base_url: str | None = None
+    challenge: bytes | None, base_url: str | None = None, ca_name: str = DEFAULT_CA
 ) -> IssuancePolicy:
-    """The issuance policy; with a public base URL, certificates point to the CRL and CA."""
+    """The issuance policy; with a public base URL, certificates point to their CA's CRL and
+    certificate."""
     if base_url is None:
-        return IssuancePolicy(challenge=challenge, validity=timedelta(days=validity_days))
-    urls = crl.PublicUrls.of(base_url)
+        return IssuancePolicy(challenge=challenge)
+    urls = crl.PublicUrls.of(base_url, None if ca_name == DEFAULT_CA else ca_name)
     return IssuancePolicy(
         challenge=challenge,
-        validity=timedelta(days=validity_days),
         crl_distribution_points=urls.crl_distribution_points(),
         authority_information_access=urls.authority_information_access(),
     )

@@ -11,7 +11,7 @@ import logging
 import os
 import sqlite3
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -112,6 +112,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX challenges_expires ON challenges (expires_at)",
     ),
+    (
+        # The enrollment profile a held request came in through: its template applies when
+        # the request is issued after approval.
+        "ALTER TABLE pending_requests ADD COLUMN profile TEXT NOT NULL DEFAULT 'default'",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -194,6 +199,7 @@ class PendingRequest:
     status: PendingStatus = "pending"
     decided_at: datetime | None = None
     id: int = 0  # assigned by the store
+    profile: str = "default"  # the enrollment profile it came in through
 
     def expired(self, now: datetime, ttl: timedelta) -> bool:
         """Still undecided after `ttl`: polls are refused and it can no longer be approved."""
@@ -202,14 +208,17 @@ class PendingRequest:
 
 _PENDING_COLUMNS = (
     "id, transaction_id, csr_der, requester_fingerprint, requester_key_sha256, requester_ip,"
-    " subject, sans_json, key_description, created_at, status, decided_at"
+    " subject, sans_json, key_description, created_at, status, decided_at, profile"
 )
 _SELECT_PENDING = f"SELECT {_PENDING_COLUMNS} FROM pending_requests"
 
 
 def _pending_from_row(row: Any) -> PendingRequest:
-    rid, tid, csr, fingerprint, key_hash, ip, subject, sans, key, created, status, decided = row
+    rid, tid, csr, fingerprint, key_hash, ip, subject, sans, key, created, status, decided = row[
+        :12
+    ]
     return PendingRequest(
+        profile=row[12],
         id=int(rid),
         transaction_id=tid,
         csr_der=bytes(csr),
@@ -566,7 +575,7 @@ class CertStore:
                 db,
                 "INSERT INTO pending_requests (transaction_id, csr_der, requester_fingerprint,"
                 " requester_key_sha256, requester_ip, subject, sans_json, key_description,"
-                " created_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending')"
+                " created_at, status, profile) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)"
                 " ON CONFLICT (transaction_id) DO NOTHING",
                 (
                     request.transaction_id,
@@ -578,6 +587,7 @@ class CertStore:
                     json.dumps(list(request.sans), ensure_ascii=False),
                     request.key_description,
                     _iso(request.created_at),
+                    request.profile,
                 ),
             )
             rows = await _fetch(
@@ -604,9 +614,10 @@ class CertStore:
         request_id: int,
         decision: Literal["approved", "rejected"],
         at: datetime,
-        ttl: timedelta,
+        ttl: Callable[[str], timedelta],
     ) -> tuple[PendingRequest, bool]:
         """Approve or reject; (request, False) if it already had this decision (idempotent).
+        `ttl` gives the pending TTL of the request's profile.
 
         Raises UnknownRequest for an unknown id and RequestConflict if the request was decided
         otherwise or has expired.
@@ -623,7 +634,7 @@ class CertStore:
                 return current, False
             if current.status != "pending":
                 raise RequestConflict(f"request {request_id} is already {current.status}")
-            if current.expired(at, ttl):
+            if current.expired(at, ttl(current.profile)):
                 raise RequestConflict(f"request {request_id} has expired")
             await _fetch(
                 db,

@@ -475,7 +475,9 @@ def test_migration_3_and_pending_decisions_in_the_store(tmp_path: Path) -> None:
              "2026-01-01T00:00:00+00:00"),
         )  # fmt: skip
     t0 = datetime(2026, 5, 1, tzinfo=UTC)
-    ttl = timedelta(hours=TTL_HOURS)
+
+    def ttl(profile: str) -> timedelta:
+        return timedelta(hours=TTL_HOURS)
 
     def request(tid: str, at: datetime) -> PendingRequest:
         return PendingRequest(
@@ -507,7 +509,7 @@ def test_migration_3_and_pending_decisions_in_the_store(tmp_path: Path) -> None:
             assert (await store.decide_pending(first.id, "approved", t0, ttl))[1] is False
             with pytest.raises(RequestConflict, match="already approved"):
                 await store.decide_pending(first.id, "rejected", t0, ttl)
-            late = t0 + ttl + timedelta(minutes=1)
+            late = t0 + ttl("default") + timedelta(minutes=1)
             with pytest.raises(RequestConflict, match="expired"):
                 await store.decide_pending(second.id, "approved", late, ttl)
             with pytest.raises(UnknownRequest):

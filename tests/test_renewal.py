@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import closing
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from hsmscep.hsm import TokenLogin
 from hsmscep.issuance import CertRequest, IssuancePolicy
 from hsmscep.keyring import Keyring, KeySource
 from hsmscep.pool import SigningPool
+from hsmscep.profiles import Profile, Profiles
 from hsmscep.renewal import (
     RenewalPolicy,
     StoredSigner,
@@ -41,6 +43,7 @@ from hsmscep.renewal import (
 )
 from hsmscep.service import ScepService
 from hsmscep.store import CertStore
+from hsmscep.template import DEFAULT_TEMPLATE
 from tests.conftest import DevCa, Server, make_ca, start_server
 
 pytestmark = pytest.mark.hsm
@@ -553,8 +556,16 @@ def test_renewal_window_and_expired_signer(nca: DevCa, tmp_path: Path) -> None:
                 ca_cert=source.ca_cert,
                 ra_certs=[ra],
                 chain=[],
-                policy=IssuancePolicy(challenge=b"pw", validity=timedelta(days=30)),
-                caps=(),
+                policy=IssuancePolicy(challenge=None),
+                profiles=Profiles.of(
+                    Profile(
+                        name="default",
+                        caps=(),
+                        challenge_mode="static",
+                        static_challenge=b"pw",
+                        template=replace(DEFAULT_TEMPLATE, validity=timedelta(days=30)),
+                    )
+                ),
                 clock=lambda: now[0],
                 renewal=RenewalPolicy(window=timedelta(days=7)),
             )

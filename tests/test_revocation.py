@@ -33,6 +33,7 @@ from hsmscep.hsm import TokenLogin
 from hsmscep.issuance import IssuancePolicy
 from hsmscep.keyring import Keyring
 from hsmscep.pool import SigningPool
+from hsmscep.profiles import Profile, Profiles
 from hsmscep.service import ScepService
 from hsmscep.store import (
     _MIGRATIONS,
@@ -527,7 +528,7 @@ def test_crl_is_resigned_halfway_to_next_update_and_after_revocations(
                 ra_certs=[source.ra_sign_cert],
                 chain=[],
                 policy=IssuancePolicy(challenge=None),
-                caps=(),
+                profiles=Profiles.of(Profile(name="default", caps=(), challenge_mode="none")),
                 clock=lambda: now[0],
                 crl_lifetime=timedelta(hours=6),
             )
