@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -322,19 +322,22 @@ class _Reader:
             raise ConfigError(f"{section}.key_id must be hex, got {key_id!r}") from None
         return KeyRef(token, label, raw_id)
 
-    def profile_names(self) -> list[str]:
-        raw = self.raw.get("profiles", {})
+    def named_tables(
+        self, root: str, reserved: Iterable[str], used_as: str
+    ) -> dict[str, dict[str, Any]]:
+        """The [<root>.<name>] tables, their names checked (`used_as`: where a name shows)."""
+        raw = self.raw.get(root, {})
         if not isinstance(raw, dict):
-            raise ConfigError("[profiles] must be a table of [profiles.<name>] tables")
+            raise ConfigError(f"[{root}] must be a table of [{root}.<name>] tables")
         for name, table in raw.items():
             if not isinstance(table, dict):
-                raise ConfigError(f"profiles.{name} must be a table ([profiles.{name}])")
-            if not PROFILE_NAME.fullmatch(name) or name in RESERVED_NAMES:
+                raise ConfigError(f"{root}.{name} must be a table ([{root}.{name}])")
+            if not PROFILE_NAME.fullmatch(name) or name in reserved:
                 raise ConfigError(
-                    f"profiles.{name}: a profile name is 1-64 letters, digits, '-', '_' or '.'"
-                    f" (and not {', '.join(sorted(RESERVED_NAMES))}); it is the URL /scep/<name>"
+                    f"{root}.{name}: a name is 1-64 letters, digits, '-', '_' or '.' (and not"
+                    f" {', '.join(sorted(reserved))}); it is used in {used_as}"
                 )
-        return list(raw)
+        return raw
 
     def profile(
         self, section: str, name: str, server_caps: tuple[str, ...], *, default: bool
@@ -451,19 +454,10 @@ class _Reader:
         return tuple(caps_raw)
 
     def extra_cas(self, main_token: TokenRef) -> tuple[ExtraCa, ...]:
-        raw = self.raw.get("cas", {})
-        if not isinstance(raw, dict):
-            raise ConfigError("[cas] must be a table of [cas.<name>] tables")
+        tables = self.named_tables("cas", (DEFAULT_CA, "ca"), "/crl/<name>.crl, /ca/<name>.crt")
         cas = []
-        for name, table in raw.items():
+        for name, table in tables.items():
             section = f"cas.{name}"
-            if not isinstance(table, dict):
-                raise ConfigError(f"{section} must be a table ([{section}])")
-            if not PROFILE_NAME.fullmatch(name) or name in (DEFAULT_CA, "ca"):
-                raise ConfigError(
-                    f"{section}: a CA name is 1-64 letters, digits, '-', '_' or '.' (not"
-                    f" {DEFAULT_CA!r} or 'ca'); it names /crl/<name>.crl and /ca/<name>.crt"
-                )
             for key in table:
                 if key not in _CA_KEYS:
                     raise ConfigError(f"{section}.{key}: unknown key")
@@ -518,7 +512,7 @@ class _Reader:
         default_profile = self.profile("enroll", DEFAULT_PROFILE, tuple(caps_raw), default=True)
         named = [
             self.profile(f"profiles.{name}", name, tuple(caps_raw), default=False)
-            for name in self.profile_names()
+            for name in self.named_tables("profiles", RESERVED_NAMES, "the URL /scep/<name>")
         ]
         try:
             profiles = Profiles.of(default_profile, named)

@@ -814,8 +814,12 @@ def write_config(pca: DevCa, tmp_path: Path, extra: str) -> Path:
             "[profiles.y]\nchallenge_mode = 'none'\nms_template = 't'\n",
             "both claim the certificate template",
         ),
-        ("[profiles.'bad/name']\nchallenge_mode = 'none'\n", "profiles.bad/name: a profile name"),
-        ("[profiles.default]\nchallenge_mode = 'none'\n", "profiles.default: a profile name"),
+        ("[profiles.'bad/name']\nchallenge_mode = 'none'\n", "profiles.bad/name: a name is 1-64"),
+        ("[profiles.default]\nchallenge_mode = 'none'\n", "profiles.default: a name is 1-64"),
+        ("[cas.ca]\nkey_label = 'x'\nra_key_label = 'y'\n", "cas.ca: a name is 1-64"),
+        ("[cas.r]\nkey_label = 'x'\n", "cas.r.ra_key_label or cas.r.ra_key_id is required"),
+        ("[cas.r]\nkey_label = 'x'\nra_key_label = 'x'\n", "cas.r: the RA key must not be"),
+        ("[cas.r]\nkey_label = 'x'\nra_key_label = 'y'\nsize = 1\n", "cas.r.size: unknown key"),
         (
             "[profiles.x]\nchallenge_mode = 'webhook'\n[profiles.x.webhook]\n"
             "url = 'http://127.0.0.1:1/'\nsecret = 'inline-secret-0123456789'\n",
