@@ -14,7 +14,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hsmscep import __version__
 from hsmscep.config import Settings, load_settings
@@ -461,10 +461,14 @@ def _serve(args: argparse.Namespace) -> int:
     return run_server(config, settings)
 
 
+_APP = "hsmscep.app:app_from_env"
+
+
 def run_server(config: str, settings: Settings) -> int:
     """Run uvicorn with `settings.workers` processes, each opening its own HSM pool."""
     import uvicorn
 
+    from hsmscep import balance
     from hsmscep.httpproto import BoundedHttpToolsProtocol
 
     for path, key in ((settings.ca_cert, "ca.cert"), (settings.ra_sign_cert, "ra.cert")):
@@ -473,20 +477,24 @@ def run_server(config: str, settings: Settings) -> int:
     os.environ["HSMSCEP_CONFIG"] = config
     workers = settings.workers or os.cpu_count() or 1
     logging.getLogger("hsmscep").setLevel(settings.log_level)
-    uvicorn.run(
-        "hsmscep.app:app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=workers if workers > 1 else None,
-        loop="uvloop",
-        http=BoundedHttpToolsProtocol,
-        access_log=False,
-        log_level=settings.log_level.lower(),
-        backlog=4096,
-        timeout_keep_alive=15,
-        timeout_graceful_shutdown=30,
-    )
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "uvloop",
+        "http": BoundedHttpToolsProtocol,
+        "access_log": False,
+        "log_level": settings.log_level.lower(),
+        "backlog": 4096,
+        "timeout_keep_alive": 15,
+        "timeout_graceful_shutdown": 30,
+    }
+    if workers > 1:
+        # One HSM session per process: connections must be spread by load, which uvicorn's
+        # shared accept does not do (hsmscep/balance.py).
+        balance.serve(uvicorn.Config(_APP, workers=workers, **options))
+    else:
+        uvicorn.run(_APP, **options)
     return 0
 
 

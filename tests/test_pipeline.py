@@ -1,18 +1,27 @@
-"""The signing pipeline under pressure: admission control and graceful shutdown, live server."""
+"""The signing pipeline under pressure: admission control, graceful shutdown, connections spread
+over worker processes; live server."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import signal
 import socket
 import sqlite3
+import struct
+import time
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hsmscep import client
+from hsmscep.balance import TABLE_ENV, ConnectionTable
 from tests.conftest import DevCa, Server, start_server
 
 pytestmark = pytest.mark.hsm
@@ -115,3 +124,148 @@ def test_graceful_shutdown_drains_in_flight_requests(dev_ca: DevCa) -> None:
     assert issued >= 1
     assert rows(dev_ca) - before == issued  # nothing stored that was not delivered, and back
     assert "Application shutdown complete" in srv.output()
+
+
+def worker_pids(parent: int) -> list[int]:
+    """uvicorn's worker processes under `parent`, from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            # multiprocessing's resource tracker is a child too; workers run spawn_main.
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"spawn_main" in cmdline:
+                children.append(int(entry.name))
+    return children
+
+
+def holder_of(client_port: int, server_port: int, pids: list[int]) -> int:
+    """Which of `pids` holds the server side of the loopback connection from client_port."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == server_port and (
+            int(remote.split(":")[1], 16) == client_port
+        ):
+            inode = fields[9]
+    assert inode is not None, "no server-side socket for the connection"
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    raise AssertionError(f"no worker holds socket {inode}")
+
+
+def published_counts(worker: int) -> list[int]:
+    """The connection counts in the workers' shared table (negative: no worker)."""
+    environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+    prefix = TABLE_ENV.encode() + b"="
+    [path] = [entry[len(prefix) :] for entry in environ if entry.startswith(prefix)]
+    data = Path(path.decode()).read_bytes()
+    counts = [value for (value,) in struct.iter_unpack("=q", data)]
+    return [count for count in counts if count >= 0]
+
+
+def keep_alive_get(sock: socket.socket, path: str) -> bytes:
+    sock.sendall(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path.encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return body
+
+
+def test_keep_alive_connections_are_spread_evenly_over_worker_processes(dev_ca: DevCa) -> None:
+    srv = start_server(dev_ca, {"HSMSCEP_SERVER_WORKERS": "2"})
+    connections: list[socket.socket] = []
+    try:
+        port = port_of(srv)
+        pids = worker_pids(srv.process.pid)
+        assert len(pids) == 2
+        # /healthz answers as soon as one worker is up; the other joins when its lifespan is done.
+        for _ in range(300):
+            if srv.output().count("Application startup complete") == 2:
+                break
+            time.sleep(0.1)
+        # One at a time, like clients arriving: uvicorn's shared accept alone lets whichever
+        # process wakes first take each of them (21 of 32 in bench/PROFILE.md).
+        for _ in range(24):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            connections.append(sock)
+            keep_alive_get(sock, "/healthz")
+        holders = Counter(holder_of(sock.getsockname()[1], port, pids) for sock in connections)
+        # Each connection served a request, so each was accepted and counted.
+        assert sorted(holders) == sorted(pids)
+        assert max(holders.values()) - min(holders.values()) <= 2, holders
+        # What each worker tells the other: its own count, exactly.
+        assert sorted(published_counts(pids[0])) == sorted(holders.values())
+        # The connections work after the hand-over: each answers on its own process.
+        for sock in connections:
+            assert b"POSTPKIOperation" in keep_alive_get(sock, "/scep?operation=GetCACaps")
+    finally:
+        for sock in connections:
+            sock.close()
+        code = srv.stop()
+    assert code in (0, -signal.SIGTERM)
+    assert srv.output().count("Application shutdown complete") == 2
+
+
+def _hold_slot(path: str, count: int, pipe: Connection) -> None:
+    table = ConnectionTable(path)
+    table.publish(count)
+    pipe.send(table.slot)
+    pipe.recv()  # until the parent is done looking
+
+
+def test_connection_table_counts_only_live_peers() -> None:
+    ctx = multiprocessing.get_context("spawn")
+    peers: list[tuple[multiprocessing.process.BaseProcess, Connection, int]] = []
+
+    def start_peer(path: str, count: int) -> int:
+        parent_end, child_end = ctx.Pipe()
+        proc = ctx.Process(target=_hold_slot, args=(path, count, child_end))
+        proc.start()
+        assert parent_end.poll(30), "peer did not start"
+        slot = int(parent_end.recv())
+        peers.append((proc, parent_end, slot))
+        return slot
+
+    with ConnectionTable.created(4) as path:
+        mine = ConnectionTable(path)
+        try:
+            assert mine.least_loaded_peer() is None
+            busy = start_peer(path, 7)
+            idle = start_peer(path, 3)
+            assert len({mine.slot, busy, idle}) == 3
+            assert mine.least_loaded_peer() == 3
+            # A peer that exits leaves its count behind, but its lock goes with it.
+            proc, pipe, _ = peers[1]
+            pipe.send(None)
+            proc.join(30)
+            assert mine.least_loaded_peer() == 7
+            # Its slot is free again for a replacement worker.
+            assert start_peer(path, 1) == idle
+            assert mine.least_loaded_peer() == 1
+        finally:
+            for proc, pipe, _ in peers:
+                if proc.is_alive():
+                    pipe.send(None)
+                    proc.join(30)
+            mine.close()
