@@ -179,7 +179,12 @@ class Bench:
         else:
             need = math.ceil((expected_rate or series.est_rate) * duration * 1.3) + 2 * users
         self.build(series, need - len(series.unsent))
-        phase_dir = self.workdir / f"{series.label}-{name or f'c{users}'}-{len(series.phases)}"
+        base = f"{series.label}-{name or f'c{users}'}-{len(series.phases)}"
+        phase_dir = self.workdir / base
+        rerun = 0
+        while phase_dir.exists():  # a phase rerun after it ran out of requests
+            rerun += 1
+            phase_dir = self.workdir / f"{base}-rerun{rerun}"
         phase_dir.mkdir(parents=True)
         sent = list(series.unsent)
         write_requests(phase_dir / "requests-0.pkl", sent)
