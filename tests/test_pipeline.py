@@ -3,6 +3,7 @@ over worker processes; live server."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import signal
@@ -13,6 +14,7 @@ import time
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hsmscep import client
 from hsmscep.balance import TABLE_ENV, ConnectionTable
+from hsmscep.store import CertStore, IssuedCert
 from tests.conftest import DevCa, Server, start_server
 
 pytestmark = pytest.mark.hsm
@@ -269,3 +272,47 @@ def test_connection_table_counts_only_live_peers() -> None:
                     pipe.send(None)
                     proc.join(30)
             mine.close()
+
+
+def _stored_cert(serial: int) -> IssuedCert:
+    now = datetime.now(UTC)
+    return IssuedCert(
+        serial=serial,
+        subject=f"CN=lock-{serial}",
+        sans=(),
+        not_before=now,
+        not_after=now + timedelta(days=1),
+        transaction_id=f"lock-{serial}",
+        requester_fingerprint="aa" * 32,
+        public_key_sha256=f"{serial:064x}",
+        der=b"\x30\x03\x02\x01\x00",
+    )
+
+
+def test_group_commits_of_two_processes_wait_for_each_others_write_lock(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+
+    async def scenario() -> int:
+        first = await CertStore.open(path)
+        second = await CertStore.open(path)
+        try:
+            # Another writer (a peer process, the CLI) holds the lock: commits wait, not fail.
+            with sqlite3.connect(path, isolation_level=None) as other:
+                other.execute("BEGIN IMMEDIATE")
+                waiting = asyncio.ensure_future(first.put(_stored_cert(1)))
+                await asyncio.sleep(0.2)
+                assert not waiting.done()
+                other.execute("COMMIT")
+            await waiting
+            # Two writers at full speed on one file, as the worker processes run.
+            await asyncio.gather(
+                *(first.put(_stored_cert(serial)) for serial in range(2, 202)),
+                *(second.put(_stored_cert(serial)) for serial in range(202, 402)),
+            )
+        finally:
+            await first.close()
+            await second.close()
+        with sqlite3.connect(path) as db:
+            return int(db.execute("SELECT count(*) FROM certificates").fetchone()[0])
+
+    assert asyncio.run(scenario()) == 401
