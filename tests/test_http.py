@@ -301,8 +301,10 @@ GET_VARIANTS = [
 def _request_with_padding(
     ca_certs: list[x509.Certificate], challenge: str, name: str
 ) -> ClientRequest:
-    # base64 pads unless the length is a multiple of 3: one of three CN lengths will do.
-    for extra in range(3):
+    # base64 pads unless the length is a multiple of 3. The CSR is padded to the cipher's
+    # block size inside the envelope, so a longer CN changes the length only every 16 bytes:
+    # try CN lengths across several blocks.
+    for extra in range(64):
         request = new_request(ca_certs, challenge, cn=f"get-{name}" + "x" * extra)
         if len(request.der) % 3:
             return request
