@@ -129,8 +129,10 @@ class ContentCipher:
     def encrypt(self, content: bytes) -> tuple[bytes, bytes, bytes]:
         """Encrypt under a fresh key and IV; return (key, iv, ciphertext)."""
         key, iv = os.urandom(self.key_size), os.urandom(self.block_size)
-        padder = padding.PKCS7(self.block_size * 8).padder()
-        padded = padder.update(content) + padder.finalize()
+        # PKCS#7 padding of our own content (nothing secret depends on it), without
+        # cryptography's padder objects: this runs for every CertRep.
+        pad = self.block_size - len(content) % self.block_size
+        padded = content + bytes((pad,)) * pad
         encryptor = self._cipher(key, iv).encryptor()
         return key, iv, encryptor.update(padded) + encryptor.finalize()
 

@@ -20,6 +20,17 @@ from hsmscep.keys import ExternalRsaKey
 from hsmscep.message import FailInfo, MessageType, PkiRequest, PkiStatus
 
 _RSA_SIGNATURE = asn1.algorithm_identifier(asn1.OID_RSA_ENCRYPTION)
+# The signed attributes that never vary, encoded once.
+_CONTENT_TYPE_DATA = asn1.attribute(asn1.OID_CONTENT_TYPE, asn1.oid(asn1.OID_DATA))
+_MESSAGE_TYPE_CERT_REP = asn1.attribute(
+    asn1.OID_MESSAGE_TYPE, asn1.printable_string(MessageType.CERT_REP.value)
+)
+_PKI_STATUS = {
+    s: asn1.attribute(asn1.OID_PKI_STATUS, asn1.printable_string(s.value)) for s in PkiStatus
+}
+_FAIL_INFO = {
+    f: asn1.attribute(asn1.OID_FAIL_INFO, asn1.printable_string(f.value)) for f in FailInfo
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +61,12 @@ def build_cert_rep(
     digest = request.digest
     content = envelope or b""
     attrs = [
-        asn1.attribute(asn1.OID_CONTENT_TYPE, asn1.oid(asn1.OID_DATA)),
+        _CONTENT_TYPE_DATA,
         asn1.attribute(
             asn1.OID_MESSAGE_DIGEST, asn1.octet_string(hashlib.new(digest.name, content).digest())
         ),
-        asn1.attribute(asn1.OID_MESSAGE_TYPE, asn1.printable_string(MessageType.CERT_REP.value)),
-        asn1.attribute(asn1.OID_PKI_STATUS, asn1.printable_string(status.value)),
+        _MESSAGE_TYPE_CERT_REP,
+        _PKI_STATUS[status],
         asn1.attribute(asn1.OID_TRANSACTION_ID, _transaction_id(request.transaction_id)),
         asn1.attribute(asn1.OID_SENDER_NONCE, asn1.octet_string(sender_nonce)),
     ]
@@ -64,7 +75,7 @@ def build_cert_rep(
             asn1.attribute(asn1.OID_RECIPIENT_NONCE, asn1.octet_string(request.sender_nonce))
         )
     if fail_info is not None:
-        attrs.append(asn1.attribute(asn1.OID_FAIL_INFO, asn1.printable_string(fail_info.value)))
+        attrs.append(_FAIL_INFO[fail_info])
     signed_attrs = asn1.set_of(*attrs)
     to_sign = digest.digest_info_prefix + hashlib.new(digest.name, signed_attrs).digest()
     return cms.signed_data(

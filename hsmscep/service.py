@@ -670,7 +670,7 @@ class ScepService:
         response = self._success(request, [cert_der], envelope, oaep, keys)
         record = IssuedCert(
             serial=cert.serial_number,
-            subject=cert.subject.rfc4514_string(),
+            subject=cert_request.subject.rfc4514_string(),  # the builder's, not parsed back
             sans=describe_sans(cert_request.sans),
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,

@@ -335,37 +335,41 @@ def _insert_error(cert: IssuedCert, exc: sqlite3.IntegrityError) -> StoreError:
 
 
 def _begin_immediate(conn: sqlite3.Connection) -> None:
-    """Take the write lock, polling every _LOCK_POLL seconds for up to the busy timeout."""
+    """Take the write lock, polling every _LOCK_POLL seconds for up to the busy timeout.
+
+    `conn` has busy_timeout 0 (the group-commit writer's connection, see CertStore.open).
+    """
     # SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25 ms between attempts, and another
     # server process that commits every millisecond takes the lock again in between: batches
     # waited up to 80 ms for it (bench/PROFILE.md).
-    conn.execute("PRAGMA busy_timeout = 0")
     deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
-    try:
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
-                    raise
-            time.sleep(_LOCK_POLL)
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(_LOCK_POLL)
 
 
 def _insert_batch(conn: sqlite3.Connection, certs: list[IssuedCert]) -> list[BaseException | None]:
     """Insert and commit certs in one transaction, on the database thread; one outcome each."""
-    outcomes: list[BaseException | None] = []
+    outcomes: list[BaseException | None] | None = None
     _begin_immediate(conn)
-    # executemany in the common case; a duplicate sends us back to row-by-row inserts to tell
-    # each caller its outcome.
-    conn.execute("SAVEPOINT batch")
-    try:
-        conn.executemany(_INSERT, [_to_row(cert) for cert in certs])
-        outcomes = [None] * len(certs)
-    except sqlite3.IntegrityError:
-        conn.execute("ROLLBACK TO batch")
+    if len(certs) > 1:
+        # executemany in the common case; a duplicate sends us back to row-by-row inserts to
+        # tell each caller its outcome.
+        conn.execute("SAVEPOINT batch")
+        try:
+            conn.executemany(_INSERT, [_to_row(cert) for cert in certs])
+            outcomes = [None] * len(certs)
+        except sqlite3.IntegrityError:
+            conn.execute("ROLLBACK TO batch")
+    if outcomes is None:
+        # A lone row (most batches under load) needs no savepoint: row by row, every statement
+        # the database thread runs per commit counts.
+        outcomes = []
         for cert in certs:
             try:
                 conn.execute(_INSERT, _to_row(cert))
@@ -495,6 +499,9 @@ class CertStore:
         try:
             opened.append(await _connect(where, synchronous))
             await _migrate(opened[0], where)
+            # The group-commit writer polls for the write lock itself (_begin_immediate);
+            # once it holds the lock nothing it runs can be busy.
+            await _fetch(opened[0], "PRAGMA busy_timeout = 0")
             # Reads use their own connection so they never see a batch that is not committed yet.
             opened.append(await _connect(where, synchronous))
             await _fetch(opened[1], "PRAGMA query_only = ON")
