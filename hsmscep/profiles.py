@@ -13,10 +13,12 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from hsmscep.template import DEFAULT_TEMPLATE, CertTemplate
-from hsmscep.webhook import WebhookConfig
+
+if TYPE_CHECKING:  # the webhook module is an edge (httpx); profiles only hold its settings
+    from hsmscep.webhook import WebhookConfig
 
 ChallengeMode = Literal["static", "one_time", "webhook", "none"]
 CHALLENGE_MODES: tuple[ChallengeMode, ...] = ("static", "one_time", "webhook", "none")
