@@ -198,7 +198,11 @@ class TokenLogin:
         with self._lock:
             login = self._logins.get(ref)
             if login is None:
-                login = self._logins[ref] = _with_retries(lambda: _log_in(ref))
+                # No session of this process uses the module yet: a retry may start it afresh.
+                fresh = all(other.module != ref.module for other in self._logins)
+                login = self._logins[ref] = _with_retries(
+                    lambda: _log_in(ref), reinitialise=ref.module if fresh else None
+                )
             if rw:
                 return login
             return _with_retries(lambda: _open(ref))
@@ -237,16 +241,21 @@ def _open(ref: TokenRef) -> Any:
         return token.open()
 
 
-def _with_retries(action: Callable[[], T], attempts: int = 5) -> T:
+def _with_retries(action: Callable[[], T], attempts: int = 6, reinitialise: str | None = None) -> T:
     # SoftHSM2 (and network HSMs during fail-over) sometimes answer NoSuchToken or
     # GeneralError when several processes log in at the same moment, as uvicorn's workers do.
+    # SoftHSM2 reads its token directory at C_Initialize: a process that initialised while
+    # another was rewriting the token files may not see the token at all until it initialises
+    # again, so `reinitialise` (a module no session of ours uses yet) is finalised between tries.
     for attempt in range(attempts):
         try:
             return action()
         except HsmError as exc:
             if attempt == attempts - 1:
                 raise
-            log.info("HSM not ready (%s); retrying", exc)
+            log.warning("HSM not ready (%s); retrying", exc)
+            if reinitialise is not None:
+                close_library(reinitialise)
             time.sleep(0.05 * 2**attempt)
     raise AssertionError("unreachable")
 
