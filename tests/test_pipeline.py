@@ -210,7 +210,10 @@ def test_keep_alive_connections_are_spread_evenly_over_worker_processes(dev_ca: 
         # One at a time, like clients arriving: uvicorn's shared accept alone lets whichever
         # process wakes first take each of them (21 of 32 in bench/PROFILE.md).
         for _ in range(24):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            except OSError as exc:
+                pytest.fail(f"connect failed ({exc}); server output:\n{srv.output()}")
             connections.append(sock)
             keep_alive_get(sock, "/healthz")
         holders = Counter(holder_of(sock.getsockname()[1], port, pids) for sock in connections)
