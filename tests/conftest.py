@@ -16,11 +16,14 @@ import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hsmscep import devtoken
 from hsmscep.bootstrap import InitOptions, init
@@ -171,3 +174,19 @@ def post_pki_message(url: str, der: bytes, timeout: float = 30.0) -> bytes:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/x-pki-message"
     return response.content
+
+
+def software_root(key: rsa.RSAPrivateKey, name: x509.Name, now: datetime) -> x509.Certificate:
+    """A self-signed CA certificate with a software key, for tests of pure issuance code."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )

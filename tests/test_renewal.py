@@ -44,7 +44,7 @@ from hsmscep.renewal import (
 from hsmscep.service import ScepService
 from hsmscep.store import CertStore
 from hsmscep.template import DEFAULT_TEMPLATE
-from tests.conftest import DevCa, Server, make_ca, start_server
+from tests.conftest import DevCa, Server, make_ca, software_root, start_server
 
 pytestmark = pytest.mark.hsm
 
@@ -626,20 +626,7 @@ def test_renewal_window_and_expired_signer(nca: DevCa, tmp_path: Path) -> None:
 def software_ca(cn: str) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
     key = rsa.generate_private_key(65537, 2048)
     name = x509.Name.from_rfc4514_string(f"CN={cn}")
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
+    return software_root(key, name, datetime.now(UTC)), key
 
 
 def issue(

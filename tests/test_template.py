@@ -39,6 +39,7 @@ from hsmscep.template import (
     parse_template,
     with_overrides,
 )
+from tests.conftest import software_root
 
 WHERE = "profiles.wifi.template"
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -67,19 +68,7 @@ def ec_key(curve: str) -> ec.EllipticCurvePrivateKey:
 def software_ca() -> tuple[Issuer, rsa.RSAPrivateKey]:
     key = rsa_key(2048)
     name = x509.Name.from_rfc4514_string("CN=Template Test CA")
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(NOW - timedelta(days=1))
-        .not_valid_after(NOW + timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .sign(key, hashes.SHA256())
-    )
-    return Issuer.of(cert), key
+    return Issuer.of(software_root(key, name, NOW)), key
 
 
 def name(rfc4514: str) -> x509.Name:
