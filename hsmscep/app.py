@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from hsmscep import crl
+from hsmscep import affinity, crl, logs
 from hsmscep.config import Settings, load_settings
 from hsmscep.errors import (
     ConfigError,
@@ -110,7 +110,9 @@ def create_app(settings: Settings) -> Starlette:
 
 def app_from_env() -> Starlette:
     """uvicorn factory for worker processes: the config path travels in HSMSCEP_CONFIG."""
-    return create_app(load_settings(os.environ["HSMSCEP_CONFIG"]))
+    settings = load_settings(os.environ["HSMSCEP_CONFIG"])
+    logs.configure(settings.log_level)
+    return create_app(settings)
 
 
 _ALL_METHODS = ["GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"]
@@ -166,7 +168,7 @@ async def _running_service(
     # SoftHSM2 is CPU-bound: with one process per core, one session per process keeps every
     # core busy with the least GIL contention (measured in bench/PROFILE.md). Network HSMs
     # are latency-bound and want pool_size set to ~30.
-    cores = os.cpu_count() or 1
+    cores = len(affinity.usable_cpus())
     size = settings.pool_size or max(1, cores // (settings.workers or cores))
     pool: SigningPool[Keyring] = SigningPool(
         lambda: Keyring.open(source, logins),

@@ -34,6 +34,8 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import multiprocess
 
+from hsmscep import affinity
+
 log = logging.getLogger(__name__)
 
 TABLE_ENV = "HSMSCEP_CONNECTION_TABLE"
@@ -100,7 +102,9 @@ class ConnectionTable:
                 if exc.errno in (errno.EACCES, errno.EAGAIN):
                     continue
                 raise
-            _SLOT.pack_into(self._map, slot * _SLOT.size, 0)
+            # Claimed before the process can accept (its slot also picks its CPU): peers must
+            # not leave connections to it until its listener publishes a count.
+            _SLOT.pack_into(self._map, slot * _SLOT.size, _NOT_ACCEPTING)
             return slot
         raise OSError(f"no free slot in the connection table ({self._slots} slots)")
 
@@ -232,6 +236,12 @@ class BalancedServer(uvicorn.Server):
         if sockets is None or path is None:
             await super().startup(sockets)
             return
+        self._table = ConnectionTable(path)
+        pinned = os.environ.get(affinity.ENV)
+        if pinned:
+            # Before the lifespan starts the signing, store and HSM threads: they inherit it.
+            cpus = [int(cpu) for cpu in pinned.split(",")]
+            affinity.pin_process(affinity.cpu_for(self._table.slot, cpus))
         await self.lifespan.startup()
         if self.lifespan.should_exit:
             sys.exit(STARTUP_FAILURE)
@@ -243,7 +253,6 @@ class BalancedServer(uvicorn.Server):
                 config=config, server_state=state, app_state=self.lifespan.state
             )
 
-        self._table = ConnectionTable(path)
         self._listeners = [
             BalancedListener(sock, create_protocol, self._table, state.connections)
             for sock in sockets

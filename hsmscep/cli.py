@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hsmscep import __version__
+from hsmscep import __version__, logs
 from hsmscep.config import Settings, load_settings
 from hsmscep.errors import (
     ConfigError,
@@ -39,7 +39,7 @@ DEFAULT_CONFIG = "hsmscep.toml"
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure()
     try:
         return int(args.func(args) or 0)
     except (
@@ -468,15 +468,16 @@ def run_server(config: str, settings: Settings) -> int:
     """Run uvicorn with `settings.workers` processes, each opening its own HSM pool."""
     import uvicorn
 
-    from hsmscep import balance
+    from hsmscep import affinity, balance
     from hsmscep.httpproto import BoundedHttpToolsProtocol
 
     for path, key in ((settings.ca_cert, "ca.cert"), (settings.ra_sign_cert, "ra.cert")):
         if not path.exists():
             raise ConfigError(f"{key}: {path} does not exist (run `hsmscep init` first)")
     os.environ["HSMSCEP_CONFIG"] = config
-    workers = settings.workers or os.cpu_count() or 1
-    logging.getLogger("hsmscep").setLevel(settings.log_level)
+    cpus = affinity.usable_cpus()
+    workers = settings.workers or len(cpus)
+    logs.configure(settings.log_level)
     options: dict[str, Any] = {
         "factory": True,
         "host": settings.host,
@@ -489,6 +490,8 @@ def run_server(config: str, settings: Settings) -> int:
         "timeout_keep_alive": 15,
         "timeout_graceful_shutdown": 30,
     }
+    if affinity.should_pin(settings.pin_cpus, workers, len(cpus)):
+        os.environ[affinity.ENV] = ",".join(map(str, cpus))
     if workers > 1:
         # One HSM session per process: connections must be spread by load, which uvicorn's
         # shared accept does not do (hsmscep/balance.py).

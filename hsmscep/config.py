@@ -113,6 +113,7 @@ class Settings:
     port: int
     workers: int  # processes; 0 means one per core
     pool_size: int  # signing threads (= HSM sessions) per process
+    pin_cpus: bool  # one CPU per worker process when there is one process per CPU
     max_pending: int  # admitted HSM jobs per process before answering 503
     max_body: int
     caps: tuple[str, ...]
@@ -562,6 +563,7 @@ class _Reader:
             port=self.integer("server", "port", 8080, 0),
             workers=workers,
             pool_size=self.integer("server", "pool_size", 0, 0),
+            pin_cpus=self.boolean("server", "pin_cpus", True),
             max_pending=self.integer("server", "max_pending", 128, 1),
             max_body=self.integer("server", "max_body", 64 * 1024, 1024),
             caps=tuple(caps_raw),

@@ -4,6 +4,7 @@ over worker processes; live server."""
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
 import signal
@@ -231,6 +232,65 @@ def test_keep_alive_connections_are_spread_evenly_over_worker_processes(dev_ca: 
         code = srv.stop()
     assert code in (0, -signal.SIGTERM)
     assert srv.output().count("Application shutdown complete") == 2
+
+
+def thread_cpus(pid: int) -> set[frozenset[int]]:
+    """The distinct CPU sets the threads of process `pid` may run on."""
+    return {
+        frozenset(os.sched_getaffinity(int(task.name)))
+        for task in Path(f"/proc/{pid}/task").iterdir()
+    }
+
+
+def audit_lines(output: str) -> list[dict[str, str]]:
+    return [
+        json.loads(line.split(" hsmscep.audit ", 1)[1])
+        for line in output.splitlines()
+        if " hsmscep.audit " in line
+    ]
+
+
+@pytest.mark.parametrize("pin", [True, False], ids=["pinned", "unpinned"])
+def test_one_worker_per_cpu_pins_each_and_every_worker_writes_audit_lines(
+    dev_ca: DevCa, pin: bool
+) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs at least 2 CPUs")
+    env = {"HSMSCEP_SERVER_WORKERS": str(len(cpus)), "HSMSCEP_SERVER_PIN_CPUS": str(pin).lower()}
+    srv = start_server(dev_ca, env)
+    try:
+        for _ in range(300):
+            if srv.output().count("Application startup complete") == len(cpus):
+                break
+            time.sleep(0.1)
+        pids = worker_pids(srv.process.pid)
+        assert len(pids) == len(cpus)
+        placement = [thread_cpus(pid) for pid in pids]
+        requests, ca_certs = build_requests(srv.url, dev_ca, 12)
+        # Each on its own connection, a few at a time: the balancer spreads them over workers.
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            answers = list(pool.map(lambda r: raw_post(port_of(srv), r.der), requests))
+        output = srv.output()
+    finally:
+        srv.stop()
+    if pin:
+        # Every thread of a worker (loop, signing worker, store) on one CPU; one worker per CPU.
+        assert all(len(threads) == 1 for threads in placement), placement
+        assert sorted(next(iter(next(iter(t)))) for t in placement) == cpus
+        assert output.count("pinned to CPU") == len(cpus)
+    else:
+        assert all(threads == {frozenset(cpus)} for threads in placement), placement
+        assert "pinned to CPU" not in output
+    assert [status for status, _, _ in answers] == [200] * len(requests)
+    for (_, _, body), request in zip(answers, requests, strict=True):
+        assert client.open_cert_rep(body, request, ca_certs).pki_status == "0"
+    # Worker processes are spawned and run none of the CLI's logging set-up: every issued
+    # certificate must still have its audit line.
+    issued = [line for line in audit_lines(output) if line["decision"] == "issued"]
+    assert sorted(line["transaction_id"] for line in issued) == sorted(
+        r.transaction_id for r in requests
+    )
 
 
 def _hold_slot(path: str, count: int, pipe: Connection) -> None:
