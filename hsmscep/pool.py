@@ -4,6 +4,8 @@ The aiosqlite pattern applied to PKCS#11: callers queue `(future, job)` pairs, a
 runs `job(context)` with its own sessions and key handles, and hands the result back to the
 event loop. python-pkcs11 releases the GIL inside C_* calls, so N threads keep N operations
 in flight. Admission is bounded: past `max_pending` jobs the caller gets HsmBusy at once.
+A job may hand its last step to another thread (Deferred): the certificate's commit runs on
+the store's thread while the worker signs the next request.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, TypeVar, cast
 
 from hsmscep.errors import HsmBusy, HsmError
@@ -24,6 +28,17 @@ C = TypeVar("C")
 T = TypeVar("T")
 
 _STOP = object()
+
+# How a deferred job reports its result: finish(result, None) or finish(None, error), once.
+Finish = Callable[[Any, BaseException | None], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """What a job returns when another thread completes it (the store's committer, once the
+    certificate is durable): the worker calls `start(finish)` and goes on with the next job."""
+
+    start: Callable[[Finish], None]
 
 
 class SigningPool(Generic[C]):
@@ -100,6 +115,11 @@ class SigningPool(Generic[C]):
             if not self._pending:
                 self._idle.set()
 
+    async def run_deferred(self, job: Callable[[C], T | Deferred]) -> T:
+        """run() for a job that may return Deferred: then the result is what its `start`
+        reports, from whichever thread finishes the work."""
+        return cast(T, await self.run(job))
+
     async def aclose(self) -> None:
         """Stop admitting work, let queued jobs finish, then close every context."""
         if self._closed:
@@ -132,6 +152,9 @@ class SigningPool(Generic[C]):
             else:
                 try:
                     result, error = job(context), None
+                    if isinstance(result, Deferred):
+                        result.start(partial(self._complete, loop, fut))
+                        continue
                 except HsmError as exc:
                     # The session may be dead (device removed, token logged out): drop it and
                     # reopen before the next job instead of failing every request after this.

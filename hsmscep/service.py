@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Literal
+from typing import Literal, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -51,7 +51,7 @@ from hsmscep.issuance import (
 )
 from hsmscep.keyring import Keyring
 from hsmscep.message import FailInfo, MessageType, PkiRequest, PkiStatus, decode_pki_message
-from hsmscep.pool import SigningPool
+from hsmscep.pool import Deferred, Finish, SigningPool
 from hsmscep.profiles import DEFAULT_CA, Profile, Profiles
 from hsmscep.renewal import (
     DEFAULT_RENEWAL,
@@ -88,6 +88,7 @@ class _Outcome:
     subject: str | None = None  # of the CSR, once it was read
     fail_info: FailInfo | None = None  # set on FAILURE
     pending: bool = False  # PENDING (manual approval)
+    resent: bool = False  # the transaction already had a certificate: send that one instead
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,10 @@ class _Checked:
     @property
     def subject(self) -> str:
         return self.cert_request.subject.rfc4514_string()
+
+
+# What a signing job hands back: an answer, or (for _open_request) a request awaiting a decision.
+_Opened = TypeVar("_Opened", bound="_Outcome | _Checked")
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,33 +235,53 @@ class ScepService:
                 outcome = await self._answer_pending(request, stored)
                 self._audit(request, client, endpoint, outcome)
                 return outcome.response
+        opened = await self._issue_and_store(partial(self._open_request, request, signer, endpoint))
+        if isinstance(opened, _Checked):
+            outcome = await self._decide(request, opened, client)
+        else:
+            outcome = opened
+        if outcome.resent:
+            outcome = await self._resend(request, outcome)
+        if (
+            signer is not None
+            and self.renewal.revoke_replaced
+            and outcome.record is not None
+            and outcome.record.serial != request.signer_serial
+        ):
+            # After the new certificate is stored; a failure here is a 503 and the client's
+            # retry (same transactionID) gets the same certificate and revokes again.
+            await self._revoke_replaced(request)
+        self._audit(request, client, endpoint, outcome)
+        return outcome.response
+
+    async def _issue_and_store(self, job: Callable[[Keyring], _Opened]) -> _Opened:
+        """Run `job` on the pool; the certificate it issues is committed before this returns."""
         for _ in range(MAX_SERIAL_ATTEMPTS):
-            opened = await self.pool.run(partial(self._open_request, request, signer, endpoint))
-            if isinstance(opened, _Checked):
-                outcome = await self._decide(request, opened, client)
-            else:
-                outcome = opened
-            if outcome.record is None:
-                self._audit(request, client, endpoint, outcome)
-                return outcome.response
             try:
-                await self.store.put(outcome.record)
+                return await self.pool.run_deferred(partial(self._committed, job))
             except DuplicateSerial:
-                continue
-            except DuplicateTransaction:
-                outcome = await self._resend(request, outcome)
-            if (
-                signer is not None
-                and self.renewal.revoke_replaced
-                and outcome.record is not None
-                and outcome.record.serial != request.signer_serial
-            ):
-                # After the new certificate is stored; a failure here is a 503 and the client's
-                # retry (same transactionID) gets the same certificate and revokes again.
-                await self._revoke_replaced(request)
-            self._audit(request, client, endpoint, outcome)
-            return outcome.response
+                continue  # a fresh random serial on the next attempt
         raise StoreError("no unique serial number after several attempts")
+
+    def _committed(self, job: Callable[[Keyring], _Opened], keys: Keyring) -> _Opened | Deferred:
+        """Run `job`; hand the certificate it issued to the store's commit thread, which
+        completes the request once the row is durable. The signing worker goes straight on
+        with the next request, and the event loop sees this one only once (bench/PROFILE.md)."""
+        outcome = job(keys)
+        if not isinstance(outcome, _Outcome) or outcome.record is None:
+            return outcome
+        store, record = self.store, outcome.record
+
+        def start(finish: Finish) -> None:
+            def stored(error: BaseException | None) -> None:
+                if isinstance(error, DuplicateTransaction):
+                    finish(replace(outcome, resent=True), None)
+                else:
+                    finish(outcome if error is None else None, error)
+
+            store.submit(record, stored)
+
+        return Deferred(start)
 
     async def _decide(self, request: PkiRequest, checked: _Checked, client: str) -> _Outcome:
         """The steps between decryption and signing that need the store or a webhook:
@@ -281,7 +306,7 @@ class ScepService:
             checked = replace(checked, cert_request=cert_request)
         if checked.signer_serial is None and profile.manual_approval:
             return await self._hold(request, checked, client)
-        return await self.pool.run(partial(self._issue_checked, request, checked))
+        return await self._issue_and_store(partial(self._issue_checked, request, checked))
 
     async def _consume_challenge(self, request: PkiRequest, checked: _Checked) -> str | None:
         """Use up the CSR's one-time challenge; None if it may enroll, else why not."""

@@ -11,12 +11,11 @@ import logging
 import os
 import sqlite3
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import aiosqlite
 
@@ -29,6 +28,7 @@ from hsmscep.errors import (
     UnknownCertificate,
     UnknownRequest,
 )
+from hsmscep.groupcommit import GroupCommitter
 
 log = logging.getLogger(__name__)
 
@@ -457,7 +457,33 @@ async def _migrate(db: aiosqlite.Connection, path: str) -> None:
         log.info("%s: migrated certificate store to schema version %d", path, version + 1)
 
 
-_Pending = tuple[IssuedCert, asyncio.Future[None]]
+def _connect_writer(path: str, synchronous: str) -> sqlite3.Connection:
+    # A plain sqlite3 connection, used only on the store's commit thread (groupcommit.py).
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        # The writer polls for the write lock itself (_begin_immediate); once it holds the lock
+        # nothing it runs can be busy.
+        conn.execute("PRAGMA busy_timeout = 0")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.cancelled():
+        return  # the caller gave up; the row is stored (or not) all the same
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _batch_failed(exc: BaseException, size: int) -> StoreError:
+    log.error("certificate batch of %d rolled back: %s", size, exc)
+    return _store_error(StoreError, f"could not store certificate: {exc}", exc)
 
 
 class CertStore:
@@ -465,21 +491,20 @@ class CertStore:
 
     def __init__(
         self,
-        writer: aiosqlite.Connection,
+        writer: sqlite3.Connection,
         reader: aiosqlite.Connection,
         max_batch: int,
         path: str = "",
     ):
         self._path = path  # for the short-lived connections of rare writes (revocation, CRLs)
-        self._writer_db = writer
+        self._writer_conn = writer
         self._reader_db = reader
-        self._max_batch = max_batch
-        self._pending: deque[_Pending] = deque()
-        self._wakeup = asyncio.Event()
+        self._committer: GroupCommitter[IssuedCert] = GroupCommitter(
+            self._write_batch, max_batch=max_batch, on_failure=_batch_failed, name="store-commit"
+        )
         self._closed = False
         self._close_lock = asyncio.Lock()
         self._connections_open = True
-        self._writer = asyncio.create_task(self._run_writer(), name="hsmscep-store-writer")
 
     @classmethod
     async def open(
@@ -495,32 +520,40 @@ class CertStore:
         if max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, not {max_batch}")
         where = os.fspath(path)
-        opened: list[aiosqlite.Connection] = []
+        reader: aiosqlite.Connection | None = None
         try:
-            opened.append(await _connect(where, synchronous))
-            await _migrate(opened[0], where)
-            # The group-commit writer polls for the write lock itself (_begin_immediate);
-            # once it holds the lock nothing it runs can be busy.
-            await _fetch(opened[0], "PRAGMA busy_timeout = 0")
+            reader = await _connect(where, synchronous)
+            await _migrate(reader, where)
             # Reads use their own connection so they never see a batch that is not committed yet.
-            opened.append(await _connect(where, synchronous))
-            await _fetch(opened[1], "PRAGMA query_only = ON")
+            await _fetch(reader, "PRAGMA query_only = ON")
+            writer = await asyncio.to_thread(_connect_writer, where, synchronous)
         except BaseException as exc:
-            for db in opened:
-                await db.close()
+            if reader is not None:
+                await reader.close()
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"cannot open certificate store {where}: {exc}") from exc
             raise
-        return cls(opened[0], opened[1], max_batch, where)
+        return cls(writer, reader, max_batch, where)
 
     async def put(self, cert: IssuedCert) -> None:
         """Store cert; return once the transaction holding it has committed."""
         if self._closed:
             raise StoreError("store is closed")
-        done = asyncio.get_running_loop().create_future()
-        self._pending.append((cert, done))
-        self._wakeup.set()
-        await done
+        loop = asyncio.get_running_loop()
+        stored: asyncio.Future[None] = loop.create_future()
+
+        def done(error: BaseException | None) -> None:
+            loop.call_soon_threadsafe(_settle, stored, error)
+
+        self._committer.submit(cert, done)
+        await stored
+
+    def submit(self, cert: IssuedCert, done: Callable[[BaseException | None], None]) -> None:
+        """Queue cert from any thread; `done(None)` runs on the store's commit thread once it
+        is committed, `done(error)` (DuplicateSerial, DuplicateTransaction, StoreError) if not."""
+        if self._closed:
+            raise StoreError("store is closed")
+        self._committer.submit(cert, done)
 
     async def get_by_transaction(self, transaction_id: str) -> IssuedCert | None:
         """The certificate issued for this transactionID, if any."""
@@ -778,15 +811,13 @@ class CertStore:
     async def close(self) -> None:
         """Refuse new puts, commit everything queued, close the database. Idempotent."""
         self._closed = True
-        self._wakeup.set()
         async with self._close_lock:
             if not self._connections_open:
                 return
-            # asyncio.wait, not await: it does not re-raise if the writer was cancelled.
-            await asyncio.wait([self._writer])
+            await asyncio.to_thread(self._committer.close)
             self._connections_open = False
             try:
-                await self._writer_db.close()
+                self._writer_conn.close()
             except sqlite3.Error as exc:
                 raise StoreError(f"closing the certificate store failed: {exc}") from exc
             finally:
@@ -800,61 +831,19 @@ class CertStore:
         except sqlite3.Error as exc:
             raise StoreError(f"certificate store read failed: {exc}") from exc
 
-    def _take_batch(self) -> list[_Pending]:
-        batch: list[_Pending] = []
-        while self._pending and len(batch) < self._max_batch:
-            item = self._pending.popleft()
-            if not item[1].done():  # a caller cancelled before we started: do not store it
-                batch.append(item)
-        return batch
-
-    async def _run_writer(self) -> None:
+    def _write_batch(self, certs: list[IssuedCert]) -> list[BaseException | None]:
+        # On the thread leading the group commit. The write lock, which the other server
+        # processes wait for, is held for the inserts and the COMMIT only.
+        conn = self._writer_conn
         try:
-            while True:
-                # Take whatever is queued now: a lone put commits at once, and under load the
-                # queue refills while the previous COMMIT (fsync) runs.
-                batch = self._take_batch()
-                if batch:
-                    await self._write_batch(batch)
-                elif self._closed:
-                    return
-                else:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-        finally:
-            # Only reached with work queued if the writer itself was cancelled.
-            self._closed = True
-            while self._pending:
-                _, done = self._pending.popleft()
-                if not done.done():
-                    done.set_exception(StoreError("store writer stopped"))
-
-    async def _write_batch(self, batch: list[_Pending]) -> None:
-        db = self._writer_db
-        outcomes: list[BaseException | None] = []
-        try:
-            # One trip to the database thread for the whole transaction: the write lock, which
-            # the other server processes wait for, is held for the inserts and the COMMIT
-            # only, not across event-loop turns.
-            # aiosqlite's queue onto its thread (untyped); the sqlite3 connection lives there.
-            on_db_thread = cast(Callable[..., Awaitable[list[BaseException | None]]], db._execute)
-            outcomes = await on_db_thread(_insert_batch, db._conn, [cert for cert, _ in batch])
-            refused = sum(outcome is not None for outcome in outcomes)
-            log.debug("certificate batch committed: %d rows, %d refused", len(batch), refused)
-        except Exception as exc:
-            await _rollback(db)
-            log.error("certificate batch of %d rolled back: %s", len(batch), exc)
-            message = f"could not store certificate: {exc}"
-            outcomes = [_store_error(StoreError, message, exc) for _ in batch]
-        except BaseException as exc:
-            for _, done in batch:
-                if not done.done():
-                    done.set_exception(_store_error(StoreError, "store writer stopped", exc))
+            outcomes = _insert_batch(conn, certs)
+        except BaseException:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # some errors (SQLITE_FULL, IOERR) have already rolled it back
             raise
-        for (_, done), outcome in zip(batch, outcomes, strict=True):
-            if done.done():
-                continue  # the caller was cancelled while we wrote; the row stays
-            if outcome is None:
-                done.set_result(None)
-            else:
-                done.set_exception(outcome)
+        refused = sum(outcome is not None for outcome in outcomes)
+        log.debug("certificate batch committed: %d rows, %d refused", len(certs), refused)
+        return outcomes
