@@ -244,7 +244,38 @@ async def test_migrations_idempotent_and_versioned(db_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         names = [n for (n,) in conn.execute("SELECT name FROM sqlite_master ORDER BY name")]
     assert names.count("certificates") == 1
-    assert "certificates_requester" in names and "certificates_public_key" in names
+    # Only the indexes that queries use (or that append: not_after) cost a write per certificate.
+    with plain(db_path) as conn:
+        indexes = {
+            n
+            for (n,) in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'certificates'"
+                " AND sql IS NOT NULL"
+            )
+        }
+    assert indexes == {"certificates_not_after", "certificates_revoked"}
+
+
+async def test_version_5_store_loses_its_unused_indexes_and_keeps_its_rows(db_path: Path) -> None:
+    store = await CertStore.open(db_path)
+    await store.put(make(1))
+    await store.close()
+    with plain(db_path) as conn:  # what a version-5 store looked like
+        conn.execute("CREATE INDEX certificates_subject ON certificates (subject)")
+        conn.execute("CREATE INDEX certificates_requester ON certificates (requester_fingerprint)")
+        conn.execute("CREATE INDEX certificates_public_key ON certificates (public_key_sha256)")
+        conn.execute("PRAGMA user_version = 5")
+        conn.commit()
+    store = await CertStore.open(db_path)
+    try:
+        assert await store.serials() == [1]
+        await store.put(make(2))
+    finally:
+        await store.close()
+    with plain(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        left = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert not left & {"certificates_subject", "certificates_requester", "certificates_public_key"}
 
 
 async def test_concurrent_opens_migrate_once(db_path: Path) -> None:
