@@ -180,7 +180,11 @@ async def _running_service(
     try:
         await pool.start()
         await pool.run(Keyring.check_certificates)
-        store = await CertStore.open(settings.db_path, synchronous=settings.db_synchronous)
+        store = await CertStore.open(
+            settings.db_path,
+            synchronous=settings.db_synchronous,
+            linger=settings.db_commit_linger_ms / 1000,
+        )
         ra_certs = [ra_sign] if ra_decrypt == ra_sign else [ra_sign, ra_decrypt]
         service = ScepService(
             pool=pool,

@@ -128,6 +128,7 @@ class Settings:
     validity_days: int
     db_path: Path
     db_synchronous: Literal["FULL", "NORMAL"]
+    db_commit_linger_ms: int  # how long a certificate batch may wait for rows being signed
     log_level: str
     profiles: Profiles  # [enroll] is the default profile; [profiles.<name>] the named ones
     crl_base_url: str | None = None  # public http(s) prefix of /crl/ca.crl and /ca.crt
@@ -578,6 +579,7 @@ class _Reader:
             validity_days=self.integer("enroll", "validity_days", 365, 1),
             db_path=self.file("store", "path", "hsmscep.db") or self.base / "hsmscep.db",
             db_synchronous=synchronous,  # type: ignore[arg-type]
+            db_commit_linger_ms=self.integer("store", "commit_linger_ms", 20, 0),
             log_level=str(self.get("log", "level", "INFO")).upper(),
             crl_base_url=base_url.rstrip("/") if base_url else None,
             crl_next_update_hours=self.integer("crl", "next_update_hours", 24, 1),

@@ -70,6 +70,12 @@ class SigningPool(Generic[C]):
         self._done = collections.deque()
         self._wake_pending = False
         self._wake_lock = threading.Lock()
+        # Jobs queued or running (not those waiting for a deferred finish): handed out on the
+        # event loop, counted back by the workers.
+        self._handed_out = 0
+        self._returned = 0
+        self._count_lock = threading.Lock()
+        self._job_end_hooks: list[Callable[[], None]] = []
 
     @property
     def pending(self) -> int:
@@ -78,6 +84,16 @@ class SigningPool(Generic[C]):
     @property
     def size(self) -> int:
         return self._size
+
+    def working(self) -> int:
+        """Jobs queued or running on a worker (not those waiting for a deferred finish);
+        callable from any thread."""
+        return max(0, self._handed_out - self._returned)
+
+    def on_job_end(self, hook: Callable[[], None]) -> None:
+        """Call `hook()` on the worker thread after every job that did not return Deferred
+        (a job that deferred reports through its own finish)."""
+        self._job_end_hooks.append(hook)
 
     async def start(self) -> None:
         """Start the threads and wait until every one has opened its context."""
@@ -108,6 +124,7 @@ class SigningPool(Generic[C]):
         self._pending += 1
         self._idle.clear()
         try:
+            self._handed_out += 1
             self._queue.put((fut, job))
             return await fut
         finally:
@@ -152,9 +169,6 @@ class SigningPool(Generic[C]):
             else:
                 try:
                     result, error = job(context), None
-                    if isinstance(result, Deferred):
-                        result.start(partial(self._complete, loop, fut))
-                        continue
                 except HsmError as exc:
                     # The session may be dead (device removed, token logged out): drop it and
                     # reopen before the next job instead of failing every request after this.
@@ -163,7 +177,17 @@ class SigningPool(Generic[C]):
                     context = None
                 except BaseException as exc:
                     result, error = None, exc
+            with self._count_lock:
+                self._returned += 1
+            if isinstance(result, Deferred):
+                try:
+                    result.start(partial(self._complete, loop, fut))
+                    continue
+                except BaseException as exc:
+                    result, error = None, exc
             self._complete(loop, fut, result, error)
+            for hook in self._job_end_hooks:
+                hook()
         if context is not None:
             self._discard(context)
 

@@ -147,6 +147,8 @@ class ScepService:
         """`policy` holds what every profile shares (CRL DP, AIA); each profile adds its own
         challenge and template. `webhooks` is required when a profile uses one."""
         self.pool, self.store, self.policy = pool, store, policy
+        # Under load, certificates signed while a commit is gathering join it (groupcommit.py).
+        pool.on_job_end(store.batch_with(pool.working))
         self.profiles, self.webhooks = profiles, webhooks
         if webhooks is None and any(p.webhook or p.notify for p in profiles.all()):
             raise ValueError("a profile uses a webhook: pass a WebhookClient")

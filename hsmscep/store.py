@@ -503,12 +503,17 @@ class CertStore:
         reader: aiosqlite.Connection,
         max_batch: int,
         path: str = "",
+        linger: float = 0.0,
     ):
         self._path = path  # for the short-lived connections of rare writes (revocation, CRLs)
         self._writer_conn = writer
         self._reader_db = reader
         self._committer: GroupCommitter[IssuedCert] = GroupCommitter(
-            self._write_batch, max_batch=max_batch, on_failure=_batch_failed, name="store-commit"
+            self._write_batch,
+            max_batch=max_batch,
+            on_failure=_batch_failed,
+            name="store-commit",
+            linger=linger,
         )
         self._closed = False
         self._close_lock = asyncio.Lock()
@@ -521,8 +526,11 @@ class CertStore:
         *,
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
         max_batch: int = 256,
+        linger: float = 0.0,
     ) -> CertStore:
-        """Open (creating and migrating if needed) the store at path."""
+        """Open (creating and migrating if needed) the store at path.
+
+        `linger`: seconds a certificate batch may wait for more rows; see batch_with()."""
         if synchronous not in ("FULL", "NORMAL"):
             raise ConfigError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         if max_batch < 1:
@@ -541,7 +549,9 @@ class CertStore:
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"cannot open certificate store {where}: {exc}") from exc
             raise
-        return cls(writer, reader, max_batch, where)
+        if linger < 0:
+            raise ConfigError(f"the commit linger must not be negative, not {linger}")
+        return cls(writer, reader, max_batch, where, linger)
 
     async def put(self, cert: IssuedCert) -> None:
         """Store cert; return once the transaction holding it has committed."""
@@ -555,6 +565,12 @@ class CertStore:
 
         self._committer.submit(cert, done)
         await stored
+
+    def batch_with(self, working: Callable[[], int]) -> Callable[[], None]:
+        """Let a batch wait (up to the linger given to open()) for the `working()` rows being
+        signed when it started. Returns what to call when some of that work ends without a row."""
+        self._committer.linger_for(working)
+        return self._committer.wake
 
     def submit(self, cert: IssuedCert, done: Callable[[BaseException | None], None]) -> None:
         """Queue cert from any thread; `done(None)` runs on the store's commit thread once it

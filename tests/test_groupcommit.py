@@ -110,3 +110,92 @@ def test_a_failing_callback_does_not_stop_the_others() -> None:
     committer.put(3)
     committer.close()
     assert seen == [2]
+
+
+class Pipeline:
+    """in_progress() for a committer: a count the test sets, as the signing pool's would be."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __call__(self) -> int:
+        return self.count
+
+
+LONG = 30.0  # a linger no test waits out: each finishes long before it, or fails its join
+
+
+def put_in_thread(committer: GroupCommitter[int], item: int) -> threading.Thread:
+    thread = threading.Thread(target=committer.put, args=(item,))
+    thread.start()
+    return thread
+
+
+def test_a_batch_waits_for_the_items_in_progress_when_it_started() -> None:
+    write = Recorder()
+    committer = GroupCommitter(write, max_batch=64, on_failure=failed, linger=LONG)
+    pipeline = Pipeline(2)
+    committer.linger_for(pipeline)
+    first = put_in_thread(committer, 1)
+    assert write.writing.wait(0.3) is False  # item 1 waits for the two in progress
+    # As the pool counts: a job leaves in_progress() just before it submits its row.
+    pipeline.count = 1
+    second = put_in_thread(committer, 2)
+    assert write.writing.wait(0.3) is False  # still one to come
+    pipeline.count = 0
+    third = put_in_thread(committer, 3)
+    for thread in (first, second, third):
+        thread.join(10)
+        assert not thread.is_alive()
+    committer.close()
+    assert write.batches == [[1, 2, 3]]
+
+
+def test_a_lone_item_does_not_linger() -> None:
+    write = Recorder()
+    committer = GroupCommitter(write, max_batch=64, on_failure=failed, linger=LONG)
+    committer.linger_for(Pipeline(0))
+    thread = put_in_thread(committer, 1)
+    thread.join(10)
+    assert not thread.is_alive()
+    committer.close()
+    assert write.batches == [[1]]
+
+
+def test_work_that_ends_without_an_item_ends_the_wait_for_it() -> None:
+    write = Recorder()
+    committer = GroupCommitter(write, max_batch=64, on_failure=failed, linger=LONG)
+    pipeline = Pipeline(1)
+    committer.linger_for(pipeline)
+    thread = put_in_thread(committer, 1)
+    assert write.writing.wait(0.3) is False
+    pipeline.count = 0  # the request in progress was refused: it brings no row
+    committer.wake()
+    thread.join(10)
+    assert not thread.is_alive()
+    committer.close()
+    assert write.batches == [[1]]
+
+
+def test_new_arrivals_do_not_extend_the_wait_and_close_ends_it() -> None:
+    write = Recorder()
+    committer = GroupCommitter(write, max_batch=64, on_failure=failed, linger=LONG)
+    pipeline = Pipeline(1)
+    committer.linger_for(pipeline)
+    first = put_in_thread(committer, 1)
+    assert write.writing.wait(0.3) is False
+    pipeline.count = 5  # five more arrive meanwhile: the batch still waits for one item only
+    second = put_in_thread(committer, 2)
+    for thread in (first, second):
+        thread.join(10)
+        assert not thread.is_alive()
+    assert write.batches == [[1, 2]]
+    lingering = put_in_thread(committer, 3)  # waits for the five "in progress"
+    lingering.join(0.3)
+    assert lingering.is_alive() and len(write.batches) == 1
+    closer = threading.Thread(target=committer.close)
+    closer.start()
+    for thread in (lingering, closer):
+        thread.join(10)
+        assert not thread.is_alive()
+    assert write.batches == [[1, 2], [3]]
