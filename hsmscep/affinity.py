@@ -31,8 +31,8 @@ def should_pin(enabled: bool, workers: int, cpus: int) -> bool:
 def cpu_for(slot: int, cpus: list[int]) -> int:
     """The CPU of the process holding connection-table slot `slot`.
 
-    A restarted worker may take a spare slot (beyond the worker count) while its predecessor
-    exits; it shares a CPU for that moment, then holds it alone.
+    A replacement worker claims the lowest free slot, which is its predecessor's once that
+    one has exited, and so gets its CPU. Spare slots (beyond the worker count) wrap around.
     """
     return cpus[slot % len(cpus)]
 

@@ -70,7 +70,7 @@ class GroupCommitter(Generic[T]):
 
     def linger_for(self, in_progress: Callable[[], int]) -> None:
         """Let a batch wait (up to `linger`) for the `in_progress()` items on their way when it
-        started. Called on the committer thread: it must be cheap and thread-safe."""
+        started. `in_progress` runs on the committer thread: it must be cheap and thread-safe."""
         self._in_progress = in_progress
 
     def wake(self) -> None:

@@ -535,6 +535,8 @@ class CertStore:
             raise ConfigError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         if max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, not {max_batch}")
+        if linger < 0:
+            raise ConfigError(f"the commit linger must not be negative, not {linger}")
         where = os.fspath(path)
         reader: aiosqlite.Connection | None = None
         try:
@@ -549,8 +551,6 @@ class CertStore:
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"cannot open certificate store {where}: {exc}") from exc
             raise
-        if linger < 0:
-            raise ConfigError(f"the commit linger must not be negative, not {linger}")
         return cls(writer, reader, max_batch, where, linger)
 
     async def put(self, cert: IssuedCert) -> None:
