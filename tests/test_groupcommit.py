@@ -90,8 +90,7 @@ def test_close_commits_what_is_queued_then_refuses_new_items() -> None:
     closer = threading.Thread(target=committer.close)
     closer.start()
     gate.set()
-    closer.join(10)
-    assert not closer.is_alive()
+    assert finished(closer)
     assert sorted(i for batch in write.batches for i in batch) == [0, 1, 2, 3, 4]
     assert outcomes == [None] * 5
     with pytest.raises(StoreError, match="closed"):
@@ -125,6 +124,13 @@ class Pipeline:
 LONG = 30.0  # a linger no test waits out: each finishes long before it, or fails its join
 
 
+def finished(*threads: threading.Thread) -> bool:
+    """Whether every thread ends within a bound no passing test comes near."""
+    for thread in threads:
+        thread.join(10)
+    return not any(thread.is_alive() for thread in threads)
+
+
 def put_in_thread(committer: GroupCommitter[int], item: int) -> threading.Thread:
     thread = threading.Thread(target=committer.put, args=(item,))
     thread.start()
@@ -144,9 +150,7 @@ def test_a_batch_waits_for_the_items_in_progress_when_it_started() -> None:
     assert write.writing.wait(0.3) is False  # still one to come
     pipeline.count = 0
     third = put_in_thread(committer, 3)
-    for thread in (first, second, third):
-        thread.join(10)
-        assert not thread.is_alive()
+    assert finished(first, second, third)
     committer.close()
     assert write.batches == [[1, 2, 3]]
 
@@ -156,8 +160,7 @@ def test_a_lone_item_does_not_linger() -> None:
     committer = GroupCommitter(write, max_batch=64, on_failure=failed, linger=LONG)
     committer.linger_for(Pipeline(0))
     thread = put_in_thread(committer, 1)
-    thread.join(10)
-    assert not thread.is_alive()
+    assert finished(thread)
     committer.close()
     assert write.batches == [[1]]
 
@@ -171,8 +174,7 @@ def test_work_that_ends_without_an_item_ends_the_wait_for_it() -> None:
     assert write.writing.wait(0.3) is False
     pipeline.count = 0  # the request in progress was refused: it brings no row
     committer.wake()
-    thread.join(10)
-    assert not thread.is_alive()
+    assert finished(thread)
     committer.close()
     assert write.batches == [[1]]
 
@@ -186,16 +188,12 @@ def test_new_arrivals_do_not_extend_the_wait_and_close_ends_it() -> None:
     assert write.writing.wait(0.3) is False
     pipeline.count = 5  # five more arrive meanwhile: the batch still waits for one item only
     second = put_in_thread(committer, 2)
-    for thread in (first, second):
-        thread.join(10)
-        assert not thread.is_alive()
+    assert finished(first, second)
     assert write.batches == [[1, 2]]
     lingering = put_in_thread(committer, 3)  # waits for the five "in progress"
     lingering.join(0.3)
     assert lingering.is_alive() and len(write.batches) == 1
     closer = threading.Thread(target=committer.close)
     closer.start()
-    for thread in (lingering, closer):
-        thread.join(10)
-        assert not thread.is_alive()
+    assert finished(lingering, closer)
     assert write.batches == [[1, 2], [3]]
