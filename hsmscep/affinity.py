@@ -23,6 +23,11 @@ def usable_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
+def worker_processes(configured: int) -> int:
+    """Server processes to run: `configured`, or 0 ("auto") for one per usable CPU."""
+    return configured or len(usable_cpus())
+
+
 def should_pin(enabled: bool, workers: int, cpus: int) -> bool:
     """Whether `workers` processes on `cpus` CPUs get one CPU each."""
     return enabled and workers > 1 and workers == cpus

@@ -169,7 +169,7 @@ async def _running_service(
     # core busy with the least GIL contention (measured in bench/PROFILE.md). Network HSMs
     # are latency-bound and want pool_size set to ~30.
     cores = len(affinity.usable_cpus())
-    size = settings.pool_size or max(1, cores // (settings.workers or cores))
+    size = settings.pool_size or max(1, cores // affinity.worker_processes(settings.workers))
     pool: SigningPool[Keyring] = SigningPool(
         lambda: Keyring.open(source, logins),
         size=size,

@@ -476,7 +476,7 @@ def run_server(config: str, settings: Settings) -> int:
             raise ConfigError(f"{key}: {path} does not exist (run `hsmscep init` first)")
     os.environ["HSMSCEP_CONFIG"] = config
     cpus = affinity.usable_cpus()
-    workers = settings.workers or len(cpus)
+    workers = affinity.worker_processes(settings.workers)
     logs.configure(settings.log_level)
     options: dict[str, Any] = {
         "factory": True,

@@ -88,20 +88,6 @@ class GroupCommitter(Generic[T]):
             if len(self._queue) == 1:
                 self._cond.notify()
 
-    def put(self, item: T) -> None:
-        """submit() and wait: for threads that have nothing else to do meanwhile."""
-        finished = threading.Event()
-        outcome: list[BaseException | None] = []
-
-        def done(error: BaseException | None) -> None:
-            outcome.append(error)
-            finished.set()
-
-        self.submit(item, done)
-        finished.wait()
-        if outcome[0] is not None:
-            raise outcome[0]
-
     def close(self) -> None:
         """Refuse new items, commit every queued one, stop the thread."""
         with self._cond:

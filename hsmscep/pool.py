@@ -88,7 +88,7 @@ class SigningPool(Generic[C]):
     def working(self) -> int:
         """Jobs queued or running on a worker (not those waiting for a deferred finish);
         callable from any thread."""
-        return max(0, self._handed_out - self._returned)
+        return self._handed_out - self._returned
 
     def on_job_end(self, hook: Callable[[], None]) -> None:
         """Call `hook()` on the worker thread after every job that did not return Deferred

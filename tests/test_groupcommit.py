@@ -29,6 +29,21 @@ class Recorder:
         return [ValueError(f"refused {i}") if i == -1 else None for i in items]
 
 
+def put(committer: GroupCommitter[int], item: int) -> None:
+    """Submit `item` and wait for its outcome, raising it if it was not stored."""
+    stored = threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def done(error: BaseException | None) -> None:
+        outcome.append(error)
+        stored.set()
+
+    committer.submit(item, done)
+    stored.wait()
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
 def failed(exc: BaseException, size: int) -> BaseException:
     return StoreError(f"batch of {size} failed: {exc}")
 
@@ -60,12 +75,12 @@ def test_items_queued_during_a_commit_go_into_the_next_batch_up_to_max_batch() -
 
 def test_each_caller_gets_its_own_outcome_and_a_failed_batch_fails_all_of_it() -> None:
     committer = GroupCommitter(Recorder(), max_batch=64, on_failure=failed)
-    committer.put(1)
+    put(committer, 1)
     with pytest.raises(ValueError, match="refused -1"):
-        committer.put(-1)
+        put(committer, -1)
     with pytest.raises(StoreError, match="batch of 1 failed: disk full"):
-        committer.put(-2)
-    committer.put(2)  # the committer keeps going after a failed batch
+        put(committer, -2)
+    put(committer, 2)  # the committer keeps going after a failed batch
     committer.close()
 
 
@@ -73,7 +88,7 @@ def test_many_threads_every_item_committed_once() -> None:
     write = Recorder()
     committer = GroupCommitter(write, max_batch=16, on_failure=failed)
     with ThreadPoolExecutor(max_workers=32) as pool:
-        list(pool.map(committer.put, range(2000)))
+        list(pool.map(lambda item: put(committer, item), range(2000)))
     committer.close()
     flat = [item for batch in write.batches for item in batch]
     assert sorted(flat) == list(range(2000))
@@ -106,7 +121,7 @@ def test_a_failing_callback_does_not_stop_the_others() -> None:
 
     committer.submit(1, broken)
     committer.submit(2, lambda error: seen.append(2))
-    committer.put(3)
+    put(committer, 3)
     committer.close()
     assert seen == [2]
 
@@ -131,17 +146,22 @@ def finished(*threads: threading.Thread) -> bool:
     return not any(thread.is_alive() for thread in threads)
 
 
+def lingering(in_progress: int) -> tuple[Recorder, GroupCommitter[int], Pipeline]:
+    """A committer with a linger no test waits out, and the in-progress count it sees."""
+    write, pipeline = Recorder(), Pipeline(in_progress)
+    committer = GroupCommitter(write, max_batch=64, on_failure=failed, linger=LONG)
+    committer.linger_for(pipeline)
+    return write, committer, pipeline
+
+
 def put_in_thread(committer: GroupCommitter[int], item: int) -> threading.Thread:
-    thread = threading.Thread(target=committer.put, args=(item,))
+    thread = threading.Thread(target=put, args=(committer, item))
     thread.start()
     return thread
 
 
 def test_a_batch_waits_for_the_items_in_progress_when_it_started() -> None:
-    write = Recorder()
-    committer = GroupCommitter(write, max_batch=64, on_failure=failed, linger=LONG)
-    pipeline = Pipeline(2)
-    committer.linger_for(pipeline)
+    write, committer, pipeline = lingering(2)
     first = put_in_thread(committer, 1)
     assert write.writing.wait(0.3) is False  # item 1 waits for the two in progress
     # As the pool counts: a job leaves in_progress() just before it submits its row.
@@ -156,9 +176,7 @@ def test_a_batch_waits_for_the_items_in_progress_when_it_started() -> None:
 
 
 def test_a_lone_item_does_not_linger() -> None:
-    write = Recorder()
-    committer = GroupCommitter(write, max_batch=64, on_failure=failed, linger=LONG)
-    committer.linger_for(Pipeline(0))
+    write, committer, _ = lingering(0)
     thread = put_in_thread(committer, 1)
     assert finished(thread)
     committer.close()
@@ -166,10 +184,7 @@ def test_a_lone_item_does_not_linger() -> None:
 
 
 def test_work_that_ends_without_an_item_ends_the_wait_for_it() -> None:
-    write = Recorder()
-    committer = GroupCommitter(write, max_batch=64, on_failure=failed, linger=LONG)
-    pipeline = Pipeline(1)
-    committer.linger_for(pipeline)
+    write, committer, pipeline = lingering(1)
     thread = put_in_thread(committer, 1)
     assert write.writing.wait(0.3) is False
     pipeline.count = 0  # the request in progress was refused: it brings no row
@@ -180,20 +195,17 @@ def test_work_that_ends_without_an_item_ends_the_wait_for_it() -> None:
 
 
 def test_new_arrivals_do_not_extend_the_wait_and_close_ends_it() -> None:
-    write = Recorder()
-    committer = GroupCommitter(write, max_batch=64, on_failure=failed, linger=LONG)
-    pipeline = Pipeline(1)
-    committer.linger_for(pipeline)
+    write, committer, pipeline = lingering(1)
     first = put_in_thread(committer, 1)
     assert write.writing.wait(0.3) is False
     pipeline.count = 5  # five more arrive meanwhile: the batch still waits for one item only
     second = put_in_thread(committer, 2)
     assert finished(first, second)
     assert write.batches == [[1, 2]]
-    lingering = put_in_thread(committer, 3)  # waits for the five "in progress"
-    lingering.join(0.3)
-    assert lingering.is_alive() and len(write.batches) == 1
+    waiting = put_in_thread(committer, 3)  # waits for the five "in progress"
+    waiting.join(0.3)
+    assert waiting.is_alive() and len(write.batches) == 1
     closer = threading.Thread(target=committer.close)
     closer.start()
-    assert finished(lingering, closer)
+    assert finished(waiting, closer)
     assert write.batches == [[1, 2], [3]]
