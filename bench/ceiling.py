@@ -28,7 +28,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from bench.servers import HsmInfo
-from hsmscep.devtoken import find_softhsm
+from hsmscep.hsm.devtoken import find_softhsm
 
 SHA256_DIGEST_INFO_PREFIX = bytes.fromhex("3031300d060960864801650304020105000420")
 MAX_OPS_PER_THREAD = 5_000_000  # a count bound on each loop, far above what time allows
@@ -108,7 +108,7 @@ def _run_process(
     os.environ["SOFTHSM2_CONF"] = hsm.softhsm2_conf
     from pkcs11 import Attribute, Mechanism
 
-    from hsmscep.hsm import open_library  # initialises with CKF_OS_LOCKING_OK
+    from hsmscep.hsm.cryptoki import open_library  # initialises with CKF_OS_LOCKING_OK
 
     # One process at a time: SoftHSM2 processes that initialise, look up the token and log in
     # at the same moment intermittently get NoSuchToken or GeneralError (seen 2 in 30 runs).

@@ -22,8 +22,8 @@ import psutil
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from hsmscep.client import parse_ca_certs
-from hsmscep.devtoken import find_softhsm
+from hsmscep.hsm.devtoken import find_softhsm
+from hsmscep.testing.client import parse_ca_certs
 
 HOST = "127.0.0.1"  # every byte of bench traffic stays on loopback
 READY_TIMEOUT = 60.0

@@ -1,3 +1,3 @@
-from hsmscep.cli import main
+from hsmscep.cli.main import main
 
 raise SystemExit(main())

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hsmscep.message import FailInfo
+    from hsmscep.protocol.message import FailInfo
 
 
 class ScepError(Exception):

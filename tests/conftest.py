@@ -25,11 +25,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from hsmscep import devtoken
-from hsmscep.bootstrap import InitOptions, init
-from hsmscep.cli import dev_config
-from hsmscep.config import Settings, load_settings
-from hsmscep.keyring import KeySource
+from hsmscep.cli.bootstrap import InitOptions, init
+from hsmscep.cli.main import dev_config
+from hsmscep.config.settings import Settings, load_settings
+from hsmscep.hsm import devtoken
+from hsmscep.hsm.keyring import KeySource
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REPO = Path(__file__).resolve().parents[1]

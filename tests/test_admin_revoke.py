@@ -17,7 +17,7 @@ import httpx
 import pytest
 from cryptography import x509
 
-from hsmscep import client
+from hsmscep.testing import client
 from tests.conftest import DevCa, Server, make_ca, start_server
 from tests.test_revocation import crl_number, enroll, http_crl, openssl_crl, reason_of
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hsmscep.affinity import cpu_for, should_pin
+from hsmscep.web.affinity import cpu_for, should_pin
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import hashlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from hsmscep.store import CertStore, OneTimeChallenge
+from hsmscep.store.sqlite import CertStore, OneTimeChallenge
 
 
 def test_challenge_consumed_exactly_once_under_concurrency(tmp_path: Path) -> None:
@@ -63,7 +63,7 @@ def test_expired_challenge_is_not_consumed(tmp_path: Path) -> None:
 def test_pure_challenge_helpers() -> None:
     import pytest
 
-    from hsmscep import challenges
+    from hsmscep.policy import challenges
 
     a, b = challenges.new_challenge(), challenges.new_challenge()
     assert a != b and len(a) == 32

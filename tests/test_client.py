@@ -1,4 +1,4 @@
-"""hsmscep.client: PKCSReq round trips through the server's parser, CertRep verification."""
+"""hsmscep.testing.client: PKCSReq round trips through the server's parser, CertRep verification."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import AttributeOID, NameOID
 
-from hsmscep import asn1, client, cms, message
-from hsmscep.algorithms import CIPHERS_BY_NAME, DIGESTS_BY_NAME
 from hsmscep.errors import MessageError
+from hsmscep.protocol import asn1, cms, message
+from hsmscep.protocol.algorithms import CIPHERS_BY_NAME, DIGESTS_BY_NAME
+from hsmscep.testing import client
 
 NOW = datetime.now(UTC)
 SUBJECT = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device-0001")])

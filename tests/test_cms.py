@@ -18,9 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from hsmscep import asn1, client, cms, message
-from hsmscep.algorithms import CIPHERS, CIPHERS_BY_NAME, DIGESTS_BY_NAME, ContentCipher
 from hsmscep.errors import MessageError
+from hsmscep.protocol import asn1, cms, message
+from hsmscep.protocol.algorithms import CIPHERS, CIPHERS_BY_NAME, DIGESTS_BY_NAME, ContentCipher
+from hsmscep.testing import client
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "smallstep-scep"
 APPLE_CN = "com.apple.security.scep.063D7953-1338-4BF0-8F99-913382996224"

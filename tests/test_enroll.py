@@ -1,4 +1,4 @@
-"""PKIOperation end to end: hsmscep.client against a live server, SoftHSM2 and SQLite.
+"""PKIOperation end to end: hsmscep.testing.client against a live server, SoftHSM2 and SQLite.
 
 Every request goes over HTTP to a real `hsmscep serve` process; every answer is checked with
 the client's own CertRep reader, and every outcome against the rows in the store.
@@ -32,9 +32,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID, NameOID
 
-from hsmscep import asn1, cms
-from hsmscep.algorithms import CIPHERS_BY_NAME, DIGESTS_BY_NAME
-from hsmscep.client import (
+from hsmscep.protocol import asn1, cms
+from hsmscep.protocol.algorithms import CIPHERS_BY_NAME, DIGESTS_BY_NAME
+from hsmscep.testing.client import (
     CertRepResult,
     ClientRequest,
     build_csr,

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from hsmscep.errors import StoreError
-from hsmscep.groupcommit import GroupCommitter
+from hsmscep.store.groupcommit import GroupCommitter
 
 
 class Recorder:

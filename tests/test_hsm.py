@@ -10,11 +10,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.hashes import SHA256
 
-from hsmscep import hsm
 from hsmscep.errors import HsmBusy
-from hsmscep.hsm import TokenLogin
-from hsmscep.keyring import Keyring
-from hsmscep.pool import SigningPool
+from hsmscep.hsm import cryptoki
+from hsmscep.hsm.cryptoki import TokenLogin
+from hsmscep.hsm.keyring import Keyring
+from hsmscep.hsm.pool import SigningPool
 from tests.conftest import DevCa, key_source
 
 pytestmark = pytest.mark.hsm
@@ -25,7 +25,7 @@ def test_ca_and_ra_keys_are_sensitive_and_not_extractable(dev_ca: DevCa) -> None
     try:
         session = logins.open_session(dev_ca.settings.ca_key.token)
         for ref in (dev_ca.settings.ca_key, dev_ca.settings.ra_sign_key):
-            assert hsm.key_protection(session, ref) == (True, False), ref.describe()
+            assert cryptoki.key_protection(session, ref) == (True, False), ref.describe()
     finally:
         logins.close()
 

@@ -19,9 +19,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from hsmscep import asn1
-from hsmscep.client import ClientRequest, parse_ca_certs
-from hsmscep.config import ALL_CAPS
+from hsmscep.config.settings import ALL_CAPS
+from hsmscep.protocol import asn1
+from hsmscep.testing.client import ClientRequest, parse_ca_certs
 from tests.conftest import DevCa, Server, start_server
 from tests.test_enroll import (
     PKI_MESSAGE,

@@ -12,8 +12,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from hsmscep import asn1, client, cms, message
 from hsmscep.errors import MessageError
+from hsmscep.protocol import asn1, cms, message
+from hsmscep.testing import client
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "smallstep-scep"
 GOLDEN_TRANSACTION_ID = "A13090761A30F66664F85D37433D2065E1112BA1"

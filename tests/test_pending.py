@@ -26,10 +26,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from hsmscep import client
-from hsmscep.config import load_settings
+from hsmscep.config.settings import load_settings
 from hsmscep.errors import ConfigError, RequestConflict, UnknownRequest
-from hsmscep.store import _MIGRATIONS, SCHEMA_VERSION, CertStore, PendingRequest
+from hsmscep.store.sqlite import _MIGRATIONS, SCHEMA_VERSION, CertStore, PendingRequest
+from hsmscep.testing import client
 from tests.conftest import DevCa, Server, make_ca, start_server
 from tests.conftest import post_pki_message as post
 

@@ -23,9 +23,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from hsmscep import client
-from hsmscep.balance import TABLE_ENV, ConnectionTable
-from hsmscep.store import CertStore, IssuedCert
+from hsmscep.store.sqlite import CertStore, IssuedCert
+from hsmscep.testing import client
+from hsmscep.web.balance import TABLE_ENV, ConnectionTable
 from tests.conftest import DevCa, Server, start_server
 
 pytestmark = pytest.mark.hsm

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from hsmscep.pool import Deferred, Finish, SigningPool
+from hsmscep.hsm.pool import Deferred, Finish, SigningPool
 
 pytestmark = pytest.mark.anyio
 

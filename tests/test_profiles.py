@@ -33,11 +33,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hsmscep import client
-from hsmscep.challenges import challenge_hash
-from hsmscep.config import load_settings
+from hsmscep.config.settings import load_settings
 from hsmscep.errors import ConfigError
-from hsmscep.store import CertStore, OneTimeChallenge
+from hsmscep.policy.challenges import challenge_hash
+from hsmscep.store.sqlite import CertStore, OneTimeChallenge
+from hsmscep.testing import client
 from tests.conftest import DevCa, Server, free_port, make_ca, start_server
 
 pytestmark = pytest.mark.hsm

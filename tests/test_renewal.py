@@ -26,24 +26,24 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hsmscep import client
-from hsmscep.config import load_settings
+from hsmscep.config.settings import load_settings
 from hsmscep.errors import ConfigError, Rejected
-from hsmscep.hsm import TokenLogin
-from hsmscep.issuance import CertRequest, IssuancePolicy
-from hsmscep.keyring import Keyring, KeySource
-from hsmscep.pool import SigningPool
-from hsmscep.profiles import Profile, Profiles
-from hsmscep.renewal import (
+from hsmscep.hsm.cryptoki import TokenLogin
+from hsmscep.hsm.keyring import Keyring, KeySource
+from hsmscep.hsm.pool import SigningPool
+from hsmscep.policy.issuance import CertRequest, IssuancePolicy
+from hsmscep.policy.profiles import Profile, Profiles
+from hsmscep.policy.renewal import (
     RenewalPolicy,
     StoredSigner,
     check_signer,
     names_our_ca,
     renewed_request,
 )
-from hsmscep.service import ScepService
-from hsmscep.store import CertStore
-from hsmscep.template import DEFAULT_TEMPLATE
+from hsmscep.policy.template import DEFAULT_TEMPLATE
+from hsmscep.service.scep import ScepService
+from hsmscep.store.sqlite import CertStore
+from hsmscep.testing import client
 from tests.conftest import DevCa, Server, make_ca, software_root, start_server
 
 pytestmark = pytest.mark.hsm

@@ -26,16 +26,15 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
-from hsmscep import client
-from hsmscep.config import load_settings
+from hsmscep.config.settings import load_settings
 from hsmscep.errors import ConfigError
-from hsmscep.hsm import TokenLogin
-from hsmscep.issuance import IssuancePolicy
-from hsmscep.keyring import Keyring
-from hsmscep.pool import SigningPool
-from hsmscep.profiles import Profile, Profiles
-from hsmscep.service import ScepService
-from hsmscep.store import (
+from hsmscep.hsm.cryptoki import TokenLogin
+from hsmscep.hsm.keyring import Keyring
+from hsmscep.hsm.pool import SigningPool
+from hsmscep.policy.issuance import IssuancePolicy
+from hsmscep.policy.profiles import Profile, Profiles
+from hsmscep.service.scep import ScepService
+from hsmscep.store.sqlite import (
     _MIGRATIONS,
     SCHEMA_VERSION,
     CertStore,
@@ -43,6 +42,7 @@ from hsmscep.store import (
     CrlStatus,
     IssuedCert,
 )
+from hsmscep.testing import client
 from tests.conftest import DevCa, Server, key_source, make_ca, start_server
 from tests.conftest import post_pki_message as post
 

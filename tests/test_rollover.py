@@ -23,10 +23,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from hsmscep import client, hsm
-from hsmscep.config import load_settings
+from hsmscep.config.settings import load_settings
 from hsmscep.errors import ConfigError, MessageError
-from hsmscep.hsm import TokenLogin
+from hsmscep.hsm import cryptoki
+from hsmscep.hsm.cryptoki import TokenLogin
+from hsmscep.testing import client
 from tests.conftest import DevCa, Server, make_ca, start_server
 from tests.test_interop import check_issued, enroll_with_scepclient
 from tests.test_revocation import enroll, post
@@ -128,7 +129,7 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
         try:
             for ref in (prepared.next_generation.ca_key, prepared.next_generation.ra_key):
                 session = logins.open_session(ref.token)
-                assert hsm.key_protection(session, ref) == (True, False), ref.describe()
+                assert cryptoki.key_protection(session, ref) == (True, False), ref.describe()
         finally:
             logins.close()
         again = rollover(ca, "prepare")

@@ -14,10 +14,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from hsmscep import client, devtoken
-from hsmscep.bootstrap import InitOptions, init
-from hsmscep.config import load_settings
+from hsmscep.cli.bootstrap import InitOptions, init
+from hsmscep.config.settings import load_settings
 from hsmscep.errors import ConfigError
+from hsmscep.hsm import devtoken
+from hsmscep.testing import client
 from tests.conftest import DevCa, make_ca, start_server
 
 pytestmark = pytest.mark.hsm
@@ -111,7 +112,7 @@ def test_external_root_via_csr_and_import(softhsm_dir: Path, tmp_path: Path) -> 
     token = devtoken.ensure_token(softhsm_dir, label="offline-root")
     (tmp_path / "pin").write_text(token.pin_file.read_text())
     (tmp_path / "challenge").write_text("offline\n")
-    from hsmscep.cli import dev_config
+    from hsmscep.cli.main import dev_config
 
     config = tmp_path / "hsmscep.toml"
     config.write_text(

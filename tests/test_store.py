@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hsmscep.errors import DuplicateSerial, DuplicateTransaction, StoreError
-from hsmscep.store import SCHEMA_VERSION, CertStore, IssuedCert
+from hsmscep.store.sqlite import SCHEMA_VERSION, CertStore, IssuedCert
 
 pytestmark = pytest.mark.anyio
 
@@ -138,7 +138,7 @@ async def test_duplicate_serial_fails_only_that_caller(
     store: CertStore, db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     await store.put(make(1))
-    caplog.set_level(logging.DEBUG, logger="hsmscep.store")
+    caplog.set_level(logging.DEBUG, logger="hsmscep.store.sqlite")
     results = await asyncio.gather(
         store.put(make(2)),
         store.put(make(1, tid="another-tx")),
@@ -178,7 +178,7 @@ async def test_duplicates_within_one_batch(store: CertStore) -> None:
 async def test_200_concurrent_puts_durable_when_put_returns(
     db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="hsmscep.store")
+    caplog.set_level(logging.DEBUG, logger="hsmscep.store.sqlite")
     store = await CertStore.open(db_path, max_batch=16)
     missing: list[int] = []
     try:

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from hsmscep.errors import ConfigError, Rejected
-from hsmscep.issuance import (
+from hsmscep.policy.issuance import (
     CertRequest,
     IssuancePolicy,
     Issuer,
@@ -27,8 +27,7 @@ from hsmscep.issuance import (
     check_csr,
     describe_sans,
 )
-from hsmscep.message import FailInfo
-from hsmscep.template import (
+from hsmscep.policy.template import (
     DEFAULT_TEMPLATE,
     MAX_SANS,
     UPN_OID,
@@ -39,6 +38,7 @@ from hsmscep.template import (
     parse_template,
     with_overrides,
 )
+from hsmscep.protocol.message import FailInfo
 from tests.conftest import software_root
 
 WHERE = "profiles.wifi.template"
@@ -589,12 +589,16 @@ def test_with_overrides() -> None:
     too_many = x509.SubjectAlternativeName(
         [x509.DNSName(f"h{i}.example.com") for i in range(MAX_SANS + 1)]
     )
-    for kwargs in (
+    refused: list[dict[str, Any]] = [
         {"sans": too_many},
-        {"sans": x509.SubjectAlternativeName([])},
         {"validity": timedelta(0)},
         {"validity": timedelta(days=-1)},
-    ):
+    ]
+    try:  # cryptography 51 refuses to build an empty SAN extension at all
+        refused.append({"sans": x509.SubjectAlternativeName([])})
+    except ValueError:
+        pass
+    for kwargs in refused:
         with pytest.raises(Rejected) as caught:
             with_overrides(req, **kwargs)
         assert caught.value.fail_info == FailInfo.BAD_REQUEST

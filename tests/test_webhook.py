@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hsmscep.errors import ConfigError, WebhookError
-from hsmscep.template import UPN_OID
-from hsmscep.webhook import (
+from hsmscep.policy.template import UPN_OID
+from hsmscep.webhook.client import (
     MAX_ANSWER_BYTES,
     AuthorizationRequest,
     WebhookClient,
@@ -262,7 +262,7 @@ async def test_allow_with_overrides(hook: HookServer) -> None:
 async def test_timeout_decides_by_on_error(
     hook: HookServer, on_error: str, allowed: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="hsmscep.webhook")
+    caplog.set_level(logging.WARNING, logger="hsmscep.webhook.client")
     async with WebhookClient() as hooks:
         decision = await hooks.authorize(
             config(hook.url("/slow"), timeout=0.3, on_error=on_error), REQUEST
@@ -270,7 +270,7 @@ async def test_timeout_decides_by_on_error(
         hook.release.set()
     assert decision.allowed is allowed
     assert decision.reason == "webhook error: timeout"
-    [record] = [r for r in caplog.records if r.name == "hsmscep.webhook"]
+    [record] = [r for r in caplog.records if r.name == "hsmscep.webhook.client"]
     logged = json.loads(record.getMessage())
     assert logged["error"] == "timeout" and logged["transaction_id"] == "TX-1234"
     assert logged["decision"] == on_error
@@ -291,7 +291,7 @@ async def test_timeout_decides_by_on_error(
 async def test_bad_answers_deny(
     hook: HookServer, path: str, reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="hsmscep.webhook")
+    caplog.set_level(logging.WARNING, logger="hsmscep.webhook.client")
     async with WebhookClient() as hooks:
         decision = await hooks.authorize(config(hook.url(path)), REQUEST)
     assert not decision.allowed
@@ -452,7 +452,7 @@ async def test_notification_is_signed_without_challenge_and_does_not_wait(
 async def test_notifications_beyond_the_bound_are_dropped(
     hook: HookServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="hsmscep.webhook")
+    caplog.set_level(logging.WARNING, logger="hsmscep.webhook.client")
     hooks = WebhookClient(max_in_flight=1)
     held = config(hook.url("/notify-held"))
     hooks.notify(held, EVENT)
@@ -460,7 +460,9 @@ async def test_notifications_beyond_the_bound_are_dropped(
     hook.release.set()
     await hooks.aclose(grace=10)
     assert [json.loads(r.body)["transaction_id"] for r in hook.requests()] == ["TX-1234"]
-    dropped = [json.loads(r.getMessage()) for r in caplog.records if r.name == "hsmscep.webhook"]
+    dropped = [
+        json.loads(r.getMessage()) for r in caplog.records if r.name == "hsmscep.webhook.client"
+    ]
     assert dropped == [
         {
             "event": "notify_dropped",
@@ -478,12 +480,12 @@ async def test_notifications_beyond_the_bound_are_dropped(
 async def test_notification_failures_are_logged_not_raised(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="hsmscep.webhook")
+    caplog.set_level(logging.WARNING, logger="hsmscep.webhook.client")
     hooks = WebhookClient()
     hooks.notify(config(f"http://127.0.0.1:{free_port()}/"), EVENT)
     hooks.notify(config("http://127.0.0.1:1/"), {"event": "denied", "bad": object()})
     await hooks.aclose(grace=10)
-    logged = [r for r in caplog.records if r.name == "hsmscep.webhook"]
+    logged = [r for r in caplog.records if r.name == "hsmscep.webhook.client"]
     events = sorted(json.loads(r.getMessage())["event"] for r in logged)
     assert events == ["notify_failed", "notify_unserializable"]
     assert "connection failed" in caplog.text
@@ -493,7 +495,7 @@ async def test_notification_failures_are_logged_not_raised(
 async def test_notify_after_close_is_dropped(
     hook: HookServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="hsmscep.webhook")
+    caplog.set_level(logging.WARNING, logger="hsmscep.webhook.client")
     hooks = WebhookClient()
     await hooks.aclose()
     hooks.notify(config(hook.url("/notify")), EVENT)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hsmscep import __version__, logs
-from hsmscep.config import Settings, load_settings
+from hsmscep.config.settings import Settings, load_settings
 from hsmscep.errors import (
     ConfigError,
     HsmError,
@@ -27,11 +27,11 @@ from hsmscep.errors import (
     UnknownProfile,
     UnknownRequest,
 )
-from hsmscep.hsm import KEY_SPECS
-from hsmscep.profiles import DEFAULT_CA
+from hsmscep.hsm.cryptoki import KEY_SPECS
+from hsmscep.policy.profiles import DEFAULT_CA
 
 if TYPE_CHECKING:
-    from hsmscep.store import OneTimeChallenge, PendingRequest, Revocation
+    from hsmscep.store.sqlite import OneTimeChallenge, PendingRequest, Revocation
 
 DEFAULT_CONFIG = "hsmscep.toml"
 
@@ -207,7 +207,7 @@ def _apply_overrides(args: argparse.Namespace) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from hsmscep.bootstrap import InitOptions, init
+    from hsmscep.cli.bootstrap import InitOptions, init
 
     settings = load_settings(args.config).for_ca(args.ca)
     options = InitOptions(
@@ -225,7 +225,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _import_ca(args: argparse.Namespace) -> int:
-    from hsmscep.bootstrap import import_ca
+    from hsmscep.cli.bootstrap import import_ca
 
     settings = load_settings(args.config).for_ca(args.ca)
     for line in import_ca(settings, args.cert, args.chain, args.ra_validity_days):
@@ -234,7 +234,7 @@ def _import_ca(args: argparse.Namespace) -> int:
 
 
 def _rollover_prepare(args: argparse.Namespace) -> int:
-    from hsmscep.bootstrap import RolloverOptions, rollover_prepare
+    from hsmscep.cli.bootstrap import RolloverOptions, rollover_prepare
 
     options = RolloverOptions(
         ca_key=args.ca_key,
@@ -251,7 +251,7 @@ def _rollover_prepare(args: argparse.Namespace) -> int:
 
 
 def _rollover_import_ca(args: argparse.Namespace) -> int:
-    from hsmscep.bootstrap import rollover_import_ca
+    from hsmscep.cli.bootstrap import rollover_import_ca
 
     settings = load_settings(args.config)
     for line in rollover_import_ca(settings, args.cert, args.chain, args.ra_validity_days):
@@ -260,7 +260,7 @@ def _rollover_import_ca(args: argparse.Namespace) -> int:
 
 
 def _rollover_activate(args: argparse.Namespace) -> int:
-    from hsmscep.bootstrap import rollover_activate
+    from hsmscep.cli.bootstrap import rollover_activate
 
     for line in rollover_activate(load_settings(args.config)):
         print(line)
@@ -268,7 +268,7 @@ def _rollover_activate(args: argparse.Namespace) -> int:
 
 
 def _serial(text: str) -> int:
-    from hsmscep.crl import parse_serial
+    from hsmscep.policy.crl import parse_serial
 
     serial = parse_serial(text)
     if serial is None:
@@ -277,7 +277,7 @@ def _serial(text: str) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    from hsmscep.crl import revocation_record
+    from hsmscep.policy.crl import revocation_record
 
     settings = load_settings(args.config).for_ca(args.ca)
     reason = revocation_reason(args.reason, "--reason")
@@ -302,7 +302,7 @@ def _revoke(args: argparse.Namespace) -> int:
 
 def revocation_reason(name: str, what: str) -> str:
     """The stored form of an RFC 5280 reason name; ConfigError naming `what` otherwise."""
-    from hsmscep.crl import parse_reason
+    from hsmscep.policy.crl import parse_reason
 
     try:
         return parse_reason(name).value
@@ -315,7 +315,7 @@ async def _record_revocation(
 ) -> tuple[Revocation, bool]:
     from datetime import UTC, datetime
 
-    from hsmscep.store import CertStore
+    from hsmscep.store.sqlite import CertStore
 
     store = await CertStore.open(settings.db_path, synchronous=settings.db_synchronous)
     try:
@@ -364,7 +364,7 @@ def _pending_list(args: argparse.Namespace) -> int:
 
 
 async def _read_pending(settings: Settings) -> list[PendingRequest]:
-    from hsmscep.store import CertStore
+    from hsmscep.store.sqlite import CertStore
 
     store = await CertStore.open(settings.db_path, synchronous=settings.db_synchronous)
     try:
@@ -398,7 +398,7 @@ async def _record_decision(
 ) -> tuple[PendingRequest, bool]:
     from datetime import UTC, datetime
 
-    from hsmscep.store import CertStore
+    from hsmscep.store.sqlite import CertStore
 
     store = await CertStore.open(settings.db_path, synchronous=settings.db_synchronous)
     try:
@@ -413,7 +413,7 @@ async def _record_decision(
 
 
 def _challenge_issue(args: argparse.Namespace) -> int:
-    from hsmscep.onetime import challenge_json, challenge_record
+    from hsmscep.service.onetime import challenge_json, challenge_record
 
     settings = load_settings(args.config)
     try:
@@ -434,8 +434,8 @@ def _challenge_issue(args: argparse.Namespace) -> int:
 async def _issue_challenge(
     settings: Settings, args: argparse.Namespace
 ) -> tuple[str, OneTimeChallenge]:
-    from hsmscep.onetime import issue_challenge
-    from hsmscep.store import CertStore
+    from hsmscep.service.onetime import issue_challenge
+    from hsmscep.store.sqlite import CertStore
 
     profile = settings.profiles.get(args.profile)
     # The challenge lives in the store of the CA that issues for the profile.
@@ -461,15 +461,15 @@ def _serve(args: argparse.Namespace) -> int:
     return run_server(config, settings)
 
 
-_APP = "hsmscep.app:app_from_env"
+_APP = "hsmscep.web.app:app_from_env"
 
 
 def run_server(config: str, settings: Settings) -> int:
     """Run uvicorn with `settings.workers` processes, each opening its own HSM pool."""
     import uvicorn
 
-    from hsmscep import affinity, balance
-    from hsmscep.httpproto import BoundedHttpToolsProtocol
+    from hsmscep.web import affinity, balance
+    from hsmscep.web.httpproto import BoundedHttpToolsProtocol
 
     for path, key in ((settings.ca_cert, "ca.cert"), (settings.ra_sign_cert, "ra.cert")):
         if not path.exists():
@@ -502,8 +502,8 @@ def run_server(config: str, settings: Settings) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from hsmscep import devtoken
-    from hsmscep.bootstrap import InitOptions, init
+    from hsmscep.cli.bootstrap import InitOptions, init
+    from hsmscep.hsm import devtoken
 
     directory: Path = args.dir.resolve()
     token = devtoken.ensure_token(directory)

@@ -9,16 +9,16 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hsmscep.challenges import (
+from hsmscep.errors import UnknownProfile
+from hsmscep.policy.challenges import (
     challenge_hash,
     check_ttl,
     compile_pattern,
     expiry,
     new_challenge,
 )
-from hsmscep.errors import UnknownProfile
-from hsmscep.profiles import Profiles
-from hsmscep.store import CertStore, OneTimeChallenge
+from hsmscep.policy.profiles import Profiles
+from hsmscep.store.sqlite import CertStore, OneTimeChallenge
 
 
 async def issue_challenge(

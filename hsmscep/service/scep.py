@@ -25,11 +25,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from hsmscep import cms, crl
-from hsmscep.algorithms import CIPHERS_BY_NAME, ContentCipher
-from hsmscep.certrep import build_cert_rep, seal_certificates, seal_reply, sign_next_ca_certs
-from hsmscep.challenges import binding_mismatch, challenge_hash
-from hsmscep.cms import decode_envelope
 from hsmscep.errors import (
     DuplicateSerial,
     DuplicateTransaction,
@@ -39,7 +34,11 @@ from hsmscep.errors import (
     StoreError,
     UnsupportedAlgorithm,
 )
-from hsmscep.issuance import (
+from hsmscep.hsm.keyring import Keyring
+from hsmscep.hsm.pool import Deferred, Finish, SigningPool
+from hsmscep.policy import crl
+from hsmscep.policy.challenges import binding_mismatch, challenge_hash
+from hsmscep.policy.issuance import (
     CertRequest,
     IssuancePolicy,
     Issuer,
@@ -49,11 +48,8 @@ from hsmscep.issuance import (
     describe_sans,
     load_csr,
 )
-from hsmscep.keyring import Keyring
-from hsmscep.message import FailInfo, MessageType, PkiRequest, PkiStatus, decode_pki_message
-from hsmscep.pool import Deferred, Finish, SigningPool
-from hsmscep.profiles import DEFAULT_CA, Profile, Profiles
-from hsmscep.renewal import (
+from hsmscep.policy.profiles import DEFAULT_CA, Profile, Profiles
+from hsmscep.policy.renewal import (
     DEFAULT_RENEWAL,
     RenewalPolicy,
     StoredSigner,
@@ -62,9 +58,25 @@ from hsmscep.renewal import (
     renewal_transaction_id,
     renewed_request,
 )
-from hsmscep.store import CertStore, CrlInfo, IssuedCert, PendingRequest, Revocation
-from hsmscep.template import apply_template, check_key, ms_template_name, with_overrides
-from hsmscep.webhook import AuthorizationRequest, WebhookClient
+from hsmscep.policy.template import apply_template, check_key, ms_template_name, with_overrides
+from hsmscep.protocol import cms
+from hsmscep.protocol.algorithms import CIPHERS_BY_NAME, ContentCipher
+from hsmscep.protocol.certrep import (
+    build_cert_rep,
+    seal_certificates,
+    seal_reply,
+    sign_next_ca_certs,
+)
+from hsmscep.protocol.cms import decode_envelope
+from hsmscep.protocol.message import (
+    FailInfo,
+    MessageType,
+    PkiRequest,
+    PkiStatus,
+    decode_pki_message,
+)
+from hsmscep.store.sqlite import CertStore, CrlInfo, IssuedCert, PendingRequest, Revocation
+from hsmscep.webhook.client import AuthorizationRequest, WebhookClient
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("hsmscep.audit")

@@ -77,12 +77,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hsmscep import asn1
 from hsmscep.errors import ConfigError, Rejected
-from hsmscep.message import FailInfo
+from hsmscep.protocol import asn1
+from hsmscep.protocol.message import FailInfo
 
 if TYPE_CHECKING:
-    from hsmscep.issuance import CertRequest
+    from hsmscep.policy.issuance import CertRequest
 
 MAX_SANS = 64  # hard cap of every request, template and webhook override
 MAX_SUBJECT_BYTES = 2048

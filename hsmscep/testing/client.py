@@ -25,16 +25,16 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtensionOID
 
-from hsmscep import asn1, cms
-from hsmscep.algorithms import (
+from hsmscep.errors import MessageError
+from hsmscep.protocol import asn1, cms
+from hsmscep.protocol.algorithms import (
     CIPHERS_BY_NAME,
     DIGESTS_BY_NAME,
     RSA_SIGNATURE_DIGESTS,
     Digest,
     digest_by_oid,
 )
-from hsmscep.errors import MessageError
-from hsmscep.message import MessageType, PkiStatus
+from hsmscep.protocol.message import MessageType, PkiStatus
 
 T = TypeVar("T")
 

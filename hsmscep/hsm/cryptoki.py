@@ -26,7 +26,7 @@ from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 from pkcs11.util.rsa import encode_rsa_public_key
 
 from hsmscep.errors import HsmError, MessageError, UnsupportedAlgorithm
-from hsmscep.keys import ExternalEcKey, ExternalRsaKey, SigningKey
+from hsmscep.protocol.keys import ExternalEcKey, ExternalRsaKey, SigningKey
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

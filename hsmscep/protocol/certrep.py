@@ -14,10 +14,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from hsmscep import asn1, cms
-from hsmscep.algorithms import DIGESTS_BY_NAME, ContentCipher
-from hsmscep.keys import ExternalRsaKey
-from hsmscep.message import FailInfo, MessageType, PkiRequest, PkiStatus
+from hsmscep.protocol import asn1, cms
+from hsmscep.protocol.algorithms import DIGESTS_BY_NAME, ContentCipher
+from hsmscep.protocol.keys import ExternalRsaKey
+from hsmscep.protocol.message import FailInfo, MessageType, PkiRequest, PkiStatus
 
 _RSA_SIGNATURE = asn1.algorithm_identifier(asn1.OID_RSA_ENCRYPTION)
 # The signed attributes that never vary, encoded once.

@@ -16,10 +16,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from hsmscep.challenges import check_ttl
 from hsmscep.errors import ConfigError
-from hsmscep.hsm import KeyRef, TokenRef
-from hsmscep.profiles import (
+from hsmscep.hsm.cryptoki import KeyRef, TokenRef
+from hsmscep.policy.challenges import check_ttl
+from hsmscep.policy.profiles import (
     CHALLENGE_MODES,
     DEFAULT_CA,
     DEFAULT_PROFILE,
@@ -29,8 +29,8 @@ from hsmscep.profiles import (
     Profile,
     Profiles,
 )
-from hsmscep.template import DEFAULT_TEMPLATE, parse_template
-from hsmscep.webhook import WebhookConfig, parse_notify, parse_webhook
+from hsmscep.policy.template import DEFAULT_TEMPLATE, parse_template
+from hsmscep.webhook.client import WebhookConfig, parse_notify, parse_webhook
 
 ALL_CAPS = (
     "POSTPKIOperation",

@@ -28,7 +28,7 @@ from hsmscep.errors import (
     UnknownCertificate,
     UnknownRequest,
 )
-from hsmscep.groupcommit import GroupCommitter
+from hsmscep.store.groupcommit import GroupCommitter
 
 log = logging.getLogger(__name__)
 

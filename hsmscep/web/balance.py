@@ -34,7 +34,7 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import multiprocess
 
-from hsmscep import affinity
+from hsmscep.web import affinity
 
 log = logging.getLogger(__name__)
 

@@ -20,14 +20,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from hsmscep import asn1, der
-from hsmscep.algorithms import (
+from hsmscep.errors import MessageError
+from hsmscep.protocol import asn1, der
+from hsmscep.protocol.algorithms import (
     ECDSA_SIGNATURE_DIGESTS,
     RSA_SIGNATURE_DIGESTS,
     Digest,
     digest_by_oid,
 )
-from hsmscep.errors import MessageError
 
 
 class MessageType(StrEnum):

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.padding import AsymmetricPadding
 from cryptography.utils import Buffer
 
-from hsmscep.algorithms import DIGESTS_BY_NAME
+from hsmscep.protocol.algorithms import DIGESTS_BY_NAME
 
 RawSign = Callable[[bytes], bytes]
 """RSA: DigestInfo -> PKCS#1 v1.5 signature (CKM_RSA_PKCS). EC: hash -> raw r||s (CKM_ECDSA)."""

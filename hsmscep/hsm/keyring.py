@@ -17,12 +17,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from hsmscep import hsm
-from hsmscep.certrep import ResponseSigner
-from hsmscep.cms import CertId
 from hsmscep.errors import ConfigError, HsmError, MessageError
-from hsmscep.hsm import KeyRef, TokenLogin, TokenRef
-from hsmscep.keys import ExternalEcKey, ExternalRsaKey, SigningKey
+from hsmscep.hsm import cryptoki
+from hsmscep.hsm.cryptoki import KeyRef, TokenLogin, TokenRef
+from hsmscep.protocol.certrep import ResponseSigner
+from hsmscep.protocol.cms import CertId
+from hsmscep.protocol.keys import ExternalEcKey, ExternalRsaKey, SigningKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,18 +53,20 @@ class Keyring:
             return sessions[ref.token]
 
         try:
-            ca_key = hsm.signing_key(
+            ca_key = cryptoki.signing_key(
                 session_for(source.ca_key), source.ca_key, source.ca_cert.public_key()
             )
             ra_public = _rsa_public(source.ra_sign_cert, "RA signing")
-            ra_sign = hsm.signing_key(
+            ra_sign = cryptoki.signing_key(
                 session_for(source.ra_sign_key), source.ra_sign_key, ra_public
             )
             assert isinstance(ra_sign, ExternalRsaKey)
             decrypt_keys = [
                 (
                     CertId.of(cert.public_bytes(Encoding.DER)),
-                    hsm.decryption_key(session_for(ref), ref, _rsa_public(cert, "RA decryption")),
+                    cryptoki.decryption_key(
+                        session_for(ref), ref, _rsa_public(cert, "RA decryption")
+                    ),
                 )
                 for ref, cert in source.decrypt
             ]

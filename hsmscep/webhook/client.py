@@ -79,8 +79,9 @@ signatures it saw within that window). In Python:
     expected = hmac.new(secret, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
     ok = hmac.compare_digest(expected, v1) and abs(time.time() - int(t)) <= 300
 
-Log lines (logger `hsmscep.webhook`, JSON) name the profile, transactionID, the webhook's origin
-(scheme, host, port) and what failed; never the challenge, the secret or the URL's path/query.
+Log lines (logger `hsmscep.webhook.client`, JSON) name the profile, transactionID, the webhook's
+origin (scheme, host, port) and what failed; never the challenge, the secret or the URL's
+path/query.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ from asn1crypto import core
 from cryptography import x509
 
 from hsmscep.errors import ConfigError, WebhookError
-from hsmscep.template import MAX_SANS, MAX_VALIDITY_DAYS, UPN_OID
+from hsmscep.policy.template import MAX_SANS, MAX_VALIDITY_DAYS, UPN_OID
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +249,7 @@ class AuthorizationRequest:
     profile: str
     transaction_id: str
     subject: str  # RFC 4514
-    sans: tuple[str, ...]  # "TYPE:value", as hsmscep.issuance.describe_sans gives them
+    sans: tuple[str, ...]  # "TYPE:value", as hsmscep.policy.issuance.describe_sans gives them
     key: str  # e.g. "RSA 2048"
     challenge: str | None = field(repr=False)
     client_ip: str

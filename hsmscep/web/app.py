@@ -27,8 +27,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from hsmscep import affinity, crl, logs
-from hsmscep.config import Settings, load_settings
+from hsmscep import logs
+from hsmscep.config.settings import Settings, load_settings
 from hsmscep.errors import (
     ConfigError,
     HsmBusy,
@@ -41,15 +41,17 @@ from hsmscep.errors import (
     UnknownProfile,
     UnknownRequest,
 )
-from hsmscep.hsm import TokenLogin
-from hsmscep.keyring import Keyring, KeySource
-from hsmscep.onetime import challenge_json, challenge_record, issue_challenge
-from hsmscep.pool import SigningPool
-from hsmscep.profiles import DEFAULT_CA, DEFAULT_PROFILE, Profiles
-from hsmscep.renewal import RenewalPolicy
-from hsmscep.service import NEXT_CA_CERT, ScepService, default_policy
-from hsmscep.store import CertStore, PendingRequest
-from hsmscep.webhook import WebhookClient
+from hsmscep.hsm.cryptoki import TokenLogin
+from hsmscep.hsm.keyring import Keyring, KeySource
+from hsmscep.hsm.pool import SigningPool
+from hsmscep.policy import crl
+from hsmscep.policy.profiles import DEFAULT_CA, DEFAULT_PROFILE, Profiles
+from hsmscep.policy.renewal import RenewalPolicy
+from hsmscep.service.onetime import challenge_json, challenge_record, issue_challenge
+from hsmscep.service.scep import NEXT_CA_CERT, ScepService, default_policy
+from hsmscep.store.sqlite import CertStore, PendingRequest
+from hsmscep.web import affinity
+from hsmscep.webhook.client import WebhookClient
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("hsmscep.audit")

@@ -1,6 +1,6 @@
 """Issuance policy: check a decrypted CSR and build the certificate (RFC 5280). No I/O.
 
-`check_csr` holds every request to the baseline; a profile's template (hsmscep.template)
+`check_csr` holds every request to the baseline; a profile's template (hsmscep.policy.template)
 narrows it further and decides validity, key usages, EKU and signature hash. The CA key is a
 parameter: on the server it is an HSM-backed key object and `sign()` runs on a signing
 worker thread.
@@ -19,18 +19,22 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtensionOID
 
-from hsmscep import asn1
-from hsmscep.algorithms import DIGESTS_BY_NAME, ECDSA_SIGNATURE_DIGESTS, RSA_SIGNATURE_DIGESTS
 from hsmscep.errors import Rejected
-from hsmscep.keys import SigningKey
-from hsmscep.message import FailInfo
-from hsmscep.template import (
+from hsmscep.policy.template import (
     DEFAULT_TEMPLATE,
     MAX_SANS,
     MAX_SUBJECT_BYTES,
     CertTemplate,
     describe_name,
 )
+from hsmscep.protocol import asn1
+from hsmscep.protocol.algorithms import (
+    DIGESTS_BY_NAME,
+    ECDSA_SIGNATURE_DIGESTS,
+    RSA_SIGNATURE_DIGESTS,
+)
+from hsmscep.protocol.keys import SigningKey
+from hsmscep.protocol.message import FailInfo
 
 _CURVES = {"secp256r1": 256, "secp384r1": 384}
 # Extensions a CSR may ask for that we either copy (SAN) or knowingly replace with our own.

@@ -14,8 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
-from hsmscep.issuance import Issuer
-from hsmscep.keys import SigningKey
+from hsmscep.policy.issuance import Issuer
+from hsmscep.protocol.keys import SigningKey
 
 CRL_PATH = "/crl/ca.crl"
 CA_CERT_PATH = "/ca.crt"

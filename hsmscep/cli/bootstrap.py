@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from hsmscep import hsm
-from hsmscep.config import Settings
+from hsmscep.config.settings import Settings
 from hsmscep.errors import ConfigError
-from hsmscep.hsm import KeyRef, KeySpec, TokenLogin
+from hsmscep.hsm import cryptoki
+from hsmscep.hsm.cryptoki import KeyRef, KeySpec, TokenLogin
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def init(settings: Settings, options: InitOptions) -> list[str]:
     logins = TokenLogin()
     try:
         existing = [
-            ref for ref in _all_keys(settings) if hsm.private_key_exists(_rw(logins, ref), ref)
+            ref for ref in _all_keys(settings) if cryptoki.private_key_exists(_rw(logins, ref), ref)
         ]
         if existing and not options.force:
             names = ", ".join(ref.describe() for ref in existing)
@@ -61,15 +61,15 @@ def init(settings: Settings, options: InitOptions) -> list[str]:
                 f"keys already exist in the token ({names}); pass --force to replace them"
             )
         for ref in existing:
-            hsm.destroy_key(_rw(logins, ref), ref)
+            cryptoki.destroy_key(_rw(logins, ref), ref)
             done.append(f"destroyed old key {ref.describe()}")
-        hsm.generate_key(
+        cryptoki.generate_key(
             _rw(logins, settings.ca_key), settings.ca_key, options.ca_key, usage="sign"
         )
         done.append(f"generated CA key {settings.ca_key.describe()} ({options.ca_key})")
         ra_spec: KeySpec = f"rsa{options.ra_key_bits}"  # type: ignore[assignment]
         for ref, usage in _ra_keys(settings):
-            hsm.generate_key(_rw(logins, ref), ref, ra_spec, usage=usage)
+            cryptoki.generate_key(_rw(logins, ref), ref, ra_spec, usage=usage)
             done.append(f"generated RA {usage} key {ref.describe()} (rsa{options.ra_key_bits})")
         ca_key = _signing_key(logins, settings.ca_key)
         if options.csr_out is not None:
@@ -130,7 +130,7 @@ def _check_certifies(
     chain: list[x509.Certificate],
     chain_path: Path | None,
 ) -> None:
-    token_key = hsm.public_key_of(_rw(logins, ref), ref)
+    token_key = cryptoki.public_key_of(_rw(logins, ref), ref)
     if token_key.public_bytes(
         Encoding.DER, PublicFormat.SubjectPublicKeyInfo
     ) != cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo):
@@ -155,7 +155,7 @@ def _rw(logins: TokenLogin, ref: KeyRef) -> Any:
 
 def _signing_key(logins: TokenLogin, ref: KeyRef) -> Any:
     session = _rw(logins, ref)
-    return hsm.signing_key(session, ref, hsm.public_key_of(session, ref))
+    return cryptoki.signing_key(session, ref, cryptoki.public_key_of(session, ref))
 
 
 def _ca_certificate(subject: x509.Name, key: Any, now: datetime, days: int) -> x509.Certificate:
@@ -212,7 +212,7 @@ def _issue_ra_certificates(
     done = []
     for ref, usage in _ra_keys(settings):
         path = settings.ra_decrypt_cert if usage == "decrypt" else settings.ra_sign_cert
-        public_key = hsm.public_key_of(_rw(logins, ref), ref)
+        public_key = cryptoki.public_key_of(_rw(logins, ref), ref)
         cert = _ra_certificate(ca_key, ca_cert, public_key, usage, days)
         _write(path, cert.public_bytes(Encoding.PEM))
         done.append(f"wrote {_RA_ROLES[usage]} certificate to {path}")
@@ -313,18 +313,18 @@ def rollover_prepare(settings: Settings, options: RolloverOptions) -> list[str]:
     logins = TokenLogin()
     try:
         existing = [
-            ref for ref in (next_ca, next_ra) if hsm.private_key_exists(_rw(logins, ref), ref)
+            ref for ref in (next_ca, next_ra) if cryptoki.private_key_exists(_rw(logins, ref), ref)
         ]
         if existing and not options.force:
             names = ", ".join(ref.describe() for ref in existing)
             raise ConfigError(f"keys already exist in the token ({names}); pass --force")
         for ref in existing:
-            hsm.destroy_key(_rw(logins, ref), ref)
+            cryptoki.destroy_key(_rw(logins, ref), ref)
             done.append(f"destroyed leftover key {ref.describe()}")
-        hsm.generate_key(_rw(logins, next_ca), next_ca, ca_spec, usage="sign")
+        cryptoki.generate_key(_rw(logins, next_ca), next_ca, ca_spec, usage="sign")
         done.append(f"generated next CA key {next_ca.describe()} ({ca_spec})")
         ra_spec: KeySpec = f"rsa{ra_bits}"  # type: ignore[assignment]
-        hsm.generate_key(_rw(logins, next_ra), next_ra, ra_spec, usage="both")
+        cryptoki.generate_key(_rw(logins, next_ra), next_ra, ra_spec, usage="both")
         done.append(f"generated next RA key {next_ra.describe()} ({ra_spec})")
         ca_key = _signing_key(logins, next_ca)
         entry = {
@@ -345,7 +345,7 @@ def rollover_prepare(settings: Settings, options: RolloverOptions) -> list[str]:
             )
             return done
         ca_cert = _ca_certificate(subject, ca_key, datetime.now(UTC), options.validity_days)
-        ra_public = hsm.public_key_of(_rw(logins, next_ra), next_ra)
+        ra_public = cryptoki.public_key_of(_rw(logins, next_ra), next_ra)
         ra_cert = _ra_certificate(ca_key, ca_cert, ra_public, "both", options.ra_validity_days)
         # NewWithOld: the next CA certified by the current one, signed by the current CA key.
         cross = _cross_certificate(ca_cert, current, _signing_key(logins, settings.ca_key))
@@ -387,7 +387,7 @@ def rollover_import_ca(
     try:
         _check_certifies(logins, awaiting.ca_key, cert, cert_path, chain, chain_path)
         ca_key = _signing_key(logins, awaiting.ca_key)
-        ra_public = hsm.public_key_of(_rw(logins, awaiting.ra_key), awaiting.ra_key)
+        ra_public = cryptoki.public_key_of(_rw(logins, awaiting.ra_key), awaiting.ra_key)
         ra_cert = _ra_certificate(ca_key, cert, ra_public, "both", ra_days)
     finally:
         logins.close()
@@ -470,7 +470,7 @@ def _spec_of(public_key: Any) -> KeySpec:
         spec = {"secp256r1": "p256", "secp384r1": "p384"}.get(public_key.curve.name)
     else:
         spec = f"rsa{public_key.key_size}"
-    if spec not in hsm.KEY_SPECS:
+    if spec not in cryptoki.KEY_SPECS:
         raise ConfigError("the current CA key has no matching --ca-key; pass one")
     return spec
 

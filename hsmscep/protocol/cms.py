@@ -16,9 +16,15 @@ from asn1crypto import cms as asn1_cms
 from asn1crypto import x509 as asn1_x509
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from hsmscep import asn1, der
-from hsmscep.algorithms import CIPHERS, DIGESTS_BY_NAME, ContentCipher, Digest, digest_by_oid
 from hsmscep.errors import MessageError, UnsupportedAlgorithm
+from hsmscep.protocol import asn1, der
+from hsmscep.protocol.algorithms import (
+    CIPHERS,
+    DIGESTS_BY_NAME,
+    ContentCipher,
+    Digest,
+    digest_by_oid,
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Literal
 
-from hsmscep.template import DEFAULT_TEMPLATE, CertTemplate
+from hsmscep.policy.template import DEFAULT_TEMPLATE, CertTemplate
 
 if TYPE_CHECKING:  # the webhook module is an edge (httpx); profiles only hold its settings
-    from hsmscep.webhook import WebhookConfig
+    from hsmscep.webhook.client import WebhookConfig
 
 ChallengeMode = Literal["static", "one_time", "webhook", "none"]
 CHALLENGE_MODES: tuple[ChallengeMode, ...] = ("static", "one_time", "webhook", "none")
