@@ -22,10 +22,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from hsmscep.protocol.message import FailInfo
+from hsmscep.protocol.codes import FailInfo
 
 
 class ScepError(Exception):

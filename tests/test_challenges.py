@@ -7,7 +7,8 @@ import hashlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from hsmscep.store.sqlite import CertStore, OneTimeChallenge
+from hsmscep.store.records import OneTimeChallenge
+from hsmscep.store.sqlite import CertStore
 
 
 def test_challenge_consumed_exactly_once_under_concurrency(tmp_path: Path) -> None:

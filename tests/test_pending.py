@@ -28,7 +28,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from hsmscep.config.settings import load_settings
 from hsmscep.errors import ConfigError, RequestConflict, UnknownRequest
-from hsmscep.store.sqlite import _MIGRATIONS, SCHEMA_VERSION, CertStore, PendingRequest
+from hsmscep.store.records import PendingRequest
+from hsmscep.store.sqlite import _MIGRATIONS, SCHEMA_VERSION, CertStore
 from hsmscep.testing import client
 from tests.conftest import DevCa, Server, make_ca, start_server
 from tests.conftest import post_pki_message as post

@@ -23,7 +23,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from hsmscep.store.sqlite import CertStore, IssuedCert
+from hsmscep.store.records import IssuedCert
+from hsmscep.store.sqlite import CertStore
 from hsmscep.testing import client
 from hsmscep.web.balance import TABLE_ENV, ConnectionTable
 from tests.conftest import DevCa, Server, start_server

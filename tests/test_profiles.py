@@ -36,7 +36,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hsmscep.config.settings import load_settings
 from hsmscep.errors import ConfigError
 from hsmscep.policy.challenges import challenge_hash
-from hsmscep.store.sqlite import CertStore, OneTimeChallenge
+from hsmscep.store.records import OneTimeChallenge
+from hsmscep.store.sqlite import CertStore
 from hsmscep.testing import client
 from tests.conftest import DevCa, Server, free_port, make_ca, start_server
 

@@ -34,14 +34,8 @@ from hsmscep.hsm.pool import SigningPool
 from hsmscep.policy.issuance import IssuancePolicy
 from hsmscep.policy.profiles import Profile, Profiles
 from hsmscep.service.scep import ScepService
-from hsmscep.store.sqlite import (
-    _MIGRATIONS,
-    SCHEMA_VERSION,
-    CertStore,
-    CrlInfo,
-    CrlStatus,
-    IssuedCert,
-)
+from hsmscep.store.records import CrlInfo, CrlStatus, IssuedCert
+from hsmscep.store.sqlite import _MIGRATIONS, SCHEMA_VERSION, CertStore
 from hsmscep.testing import client
 from tests.conftest import DevCa, Server, key_source, make_ca, start_server
 from tests.conftest import post_pki_message as post

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from hsmscep.errors import DuplicateSerial, DuplicateTransaction, StoreError
-from hsmscep.store.sqlite import SCHEMA_VERSION, CertStore, IssuedCert
+from hsmscep.store.records import IssuedCert
+from hsmscep.store.sqlite import SCHEMA_VERSION, CertStore
 
 pytestmark = pytest.mark.anyio
 

@@ -20,13 +20,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from hsmscep.errors import ConfigError, Rejected
 from hsmscep.policy.issuance import (
-    CertRequest,
     IssuancePolicy,
     Issuer,
     build_certificate,
     check_csr,
     describe_sans,
 )
+from hsmscep.policy.request import CertRequest
 from hsmscep.policy.template import (
     DEFAULT_TEMPLATE,
     MAX_SANS,
@@ -38,7 +38,7 @@ from hsmscep.policy.template import (
     parse_template,
     with_overrides,
 )
-from hsmscep.protocol.message import FailInfo
+from hsmscep.protocol.codes import FailInfo
 from tests.conftest import software_root
 
 WHERE = "profiles.wifi.template"

@@ -25,19 +25,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from hsmscep.config.webhook import parse_notify, parse_webhook
 from hsmscep.errors import ConfigError, WebhookError
 from hsmscep.policy.template import UPN_OID
-from hsmscep.webhook.client import (
+from hsmscep.policy.webhook import (
     MAX_ANSWER_BYTES,
     AuthorizationRequest,
-    WebhookClient,
     WebhookConfig,
     clean_text,
     parse_answer,
-    parse_notify,
-    parse_webhook,
     signature_headers,
 )
+from hsmscep.webhook.client import WebhookClient
 from tests.conftest import free_port
 
 SECRET = b"test-webhook-secret-0123456789"

@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hsmscep.config.settings import Settings
 from hsmscep.errors import ConfigError
 from hsmscep.hsm import cryptoki
-from hsmscep.hsm.cryptoki import KeyRef, KeySpec, TokenLogin
+from hsmscep.hsm.cryptoki import TokenLogin
+from hsmscep.hsm.refs import KEY_SPECS, KeyRef, KeySpec
 
 log = logging.getLogger(__name__)
 
@@ -470,7 +471,7 @@ def _spec_of(public_key: Any) -> KeySpec:
         spec = {"secp256r1": "p256", "secp384r1": "p384"}.get(public_key.curve.name)
     else:
         spec = f"rsa{public_key.key_size}"
-    if spec not in cryptoki.KEY_SPECS:
+    if spec not in KEY_SPECS:
         raise ConfigError("the current CA key has no matching --ca-key; pass one")
     return spec
 

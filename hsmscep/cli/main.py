@@ -27,11 +27,11 @@ from hsmscep.errors import (
     UnknownProfile,
     UnknownRequest,
 )
-from hsmscep.hsm.cryptoki import KEY_SPECS
+from hsmscep.hsm.refs import KEY_SPECS
 from hsmscep.policy.profiles import DEFAULT_CA
 
 if TYPE_CHECKING:
-    from hsmscep.store.sqlite import OneTimeChallenge, PendingRequest, Revocation
+    from hsmscep.store.records import OneTimeChallenge, PendingRequest, Revocation
 
 DEFAULT_CONFIG = "hsmscep.toml"
 

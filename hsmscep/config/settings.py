@@ -16,8 +16,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from hsmscep.config.webhook import parse_notify, parse_webhook
 from hsmscep.errors import ConfigError
-from hsmscep.hsm.cryptoki import KeyRef, TokenRef
+from hsmscep.hsm.refs import KeyRef, TokenRef
 from hsmscep.policy.challenges import check_ttl
 from hsmscep.policy.profiles import (
     CHALLENGE_MODES,
@@ -30,7 +31,7 @@ from hsmscep.policy.profiles import (
     Profiles,
 )
 from hsmscep.policy.template import DEFAULT_TEMPLATE, parse_template
-from hsmscep.webhook.client import WebhookConfig, parse_notify, parse_webhook
+from hsmscep.policy.webhook import WebhookConfig
 
 ALL_CAPS = (
     "POSTPKIOperation",

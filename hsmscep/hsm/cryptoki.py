@@ -15,8 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import pkcs11
 from cryptography.hazmat.primitives import serialization
@@ -26,39 +25,13 @@ from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 from pkcs11.util.rsa import encode_rsa_public_key
 
 from hsmscep.errors import HsmError, MessageError, UnsupportedAlgorithm
+from hsmscep.hsm.refs import KeyRef, KeySpec, TokenRef
 from hsmscep.protocol.keys import ExternalEcKey, ExternalRsaKey, SigningKey
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-KeySpec = Literal["rsa2048", "rsa3072", "rsa4096", "p256", "p384"]
-KEY_SPECS: tuple[KeySpec, ...] = ("rsa2048", "rsa3072", "rsa4096", "p256", "p384")
 _CURVES = {"p256": "secp256r1", "p384": "secp384r1"}
-
-
-@dataclass(frozen=True, slots=True)
-class TokenRef:
-    """Where keys live: a module and a token found by label or serial (slot ids move)."""
-
-    module: str
-    label: str | None = None
-    serial: str | None = None
-    pin: str = field(default="", repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRef:
-    """A private key on a token, by CKA_LABEL and/or CKA_ID."""
-
-    token: TokenRef
-    label: str | None = None
-    id: bytes | None = None
-
-    def describe(self) -> str:
-        parts = [f"label={self.label!r}"] if self.label else []
-        if self.id:
-            parts.append(f"id={self.id.hex()}")
-        return " ".join(parts) or "<unnamed>"
 
 
 # ---- module initialisation with CKF_OS_LOCKING_OK --------------------------------------

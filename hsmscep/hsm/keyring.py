@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from hsmscep.errors import ConfigError, HsmError, MessageError
 from hsmscep.hsm import cryptoki
-from hsmscep.hsm.cryptoki import KeyRef, TokenLogin, TokenRef
+from hsmscep.hsm.cryptoki import TokenLogin
+from hsmscep.hsm.refs import KeyRef, TokenRef
 from hsmscep.protocol.certrep import ResponseSigner
 from hsmscep.protocol.cms import CertId
 from hsmscep.protocol.keys import ExternalEcKey, ExternalRsaKey, SigningKey

@@ -24,7 +24,7 @@ from hsmscep.errors import HsmBusy, HsmError
 
 log = logging.getLogger(__name__)
 
-C = TypeVar("C")
+C = TypeVar("C", covariant=True)  # a pool of Keyrings serves jobs that want any KeySet
 T = TypeVar("T")
 
 _STOP = object()
@@ -218,10 +218,10 @@ class SigningPool(Generic[C]):
             log.warning("reopening HSM context failed: %s", exc)
             return None
 
-    def _discard(self, context: C) -> None:
+    def _discard(self, context: object) -> None:
         if self._close_context is not None:
             try:
-                self._close_context(context)
+                self._close_context(cast(C, context))
             except Exception as exc:
                 log.debug("closing HSM context failed: %s", exc)
 

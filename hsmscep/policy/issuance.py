@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtensionOID
 
 from hsmscep.errors import Rejected
+from hsmscep.policy.request import CertRequest
 from hsmscep.policy.template import (
     DEFAULT_TEMPLATE,
     MAX_SANS,
@@ -33,8 +34,8 @@ from hsmscep.protocol.algorithms import (
     ECDSA_SIGNATURE_DIGESTS,
     RSA_SIGNATURE_DIGESTS,
 )
+from hsmscep.protocol.codes import FailInfo
 from hsmscep.protocol.keys import SigningKey
-from hsmscep.protocol.message import FailInfo
 
 _CURVES = {"secp256r1": 256, "secp384r1": 384}
 # Extensions a CSR may ask for that we either copy (SAN) or knowingly replace with our own.
@@ -80,19 +81,6 @@ class Issuer:
                 certificate.public_key()  # type: ignore[arg-type]
             )
         return cls(certificate, aki)
-
-
-@dataclass(frozen=True, slots=True)
-class CertRequest:
-    """A CSR whose signature, key, challenge and extensions passed the policy."""
-
-    subject: x509.Name
-    public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
-    sans: x509.SubjectAlternativeName | None
-    # None: the template's; a renewal keeps the EKU of the certificate it replaces.
-    extended_key_usage: x509.ExtendedKeyUsage | None = None
-    # None: the template's; set by an authorization webhook (template.with_overrides).
-    validity: timedelta | None = None
 
 
 def load_csr(der: bytes) -> x509.CertificateSigningRequest:

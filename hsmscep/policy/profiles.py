@@ -13,12 +13,10 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from hsmscep.policy.template import DEFAULT_TEMPLATE, CertTemplate
-
-if TYPE_CHECKING:  # the webhook module is an edge (httpx); profiles only hold its settings
-    from hsmscep.webhook.client import WebhookConfig
+from hsmscep.policy.webhook import WebhookConfig
 
 ChallengeMode = Literal["static", "one_time", "webhook", "none"]
 CHALLENGE_MODES: tuple[ChallengeMode, ...] = ("static", "one_time", "webhook", "none")

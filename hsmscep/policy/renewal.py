@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from hsmscep.errors import Rejected
-from hsmscep.policy.issuance import CertRequest
-from hsmscep.protocol.message import FailInfo
+from hsmscep.policy.request import CertRequest
+from hsmscep.protocol.codes import FailInfo
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
 

@@ -70,7 +70,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from asn1crypto import core
 from cryptography import x509
@@ -78,11 +78,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hsmscep.errors import ConfigError, Rejected
+from hsmscep.policy.request import CertRequest
 from hsmscep.protocol import asn1
-from hsmscep.protocol.message import FailInfo
-
-if TYPE_CHECKING:
-    from hsmscep.policy.issuance import CertRequest
+from hsmscep.protocol.codes import FailInfo
 
 MAX_SANS = 64  # hard cap of every request, template and webhook override
 MAX_SUBJECT_BYTES = 2048

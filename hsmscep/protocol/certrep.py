@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from hsmscep.protocol import asn1, cms
 from hsmscep.protocol.algorithms import DIGESTS_BY_NAME, ContentCipher
+from hsmscep.protocol.codes import FailInfo, MessageType, PkiStatus
 from hsmscep.protocol.keys import ExternalRsaKey
-from hsmscep.protocol.message import FailInfo, MessageType, PkiRequest, PkiStatus
+from hsmscep.protocol.message import PkiRequest
 
 _RSA_SIGNATURE = asn1.algorithm_identifier(asn1.OID_RSA_ENCRYPTION)
 # The signed attributes that never vary, encoded once.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from enum import StrEnum
 
 from asn1crypto import algos
 from asn1crypto import x509 as asn1_x509
@@ -28,30 +27,6 @@ from hsmscep.protocol.algorithms import (
     Digest,
     digest_by_oid,
 )
-
-
-class MessageType(StrEnum):
-    CERT_REP = "3"
-    RENEWAL_REQ = "17"
-    PKCS_REQ = "19"
-    CERT_POLL = "20"
-    GET_CERT = "21"
-    GET_CRL = "22"
-
-
-class PkiStatus(StrEnum):
-    SUCCESS = "0"
-    FAILURE = "2"
-    PENDING = "3"
-
-
-class FailInfo(StrEnum):
-    BAD_ALG = "0"
-    BAD_MESSAGE_CHECK = "1"
-    BAD_REQUEST = "2"
-    BAD_TIME = "3"
-    BAD_CERT_ID = "4"
-
 
 MAX_TRANSACTION_ID = 256
 MAX_NONCE = 256

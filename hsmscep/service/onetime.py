@@ -18,11 +18,12 @@ from hsmscep.policy.challenges import (
     new_challenge,
 )
 from hsmscep.policy.profiles import Profiles
-from hsmscep.store.sqlite import CertStore, OneTimeChallenge
+from hsmscep.service.ports import ChallengeStore
+from hsmscep.store.records import OneTimeChallenge
 
 
 async def issue_challenge(
-    store: CertStore,
+    store: ChallengeStore,
     profiles: Profiles,
     profile_name: object,
     *,

@@ -34,12 +34,10 @@ from hsmscep.errors import (
     StoreError,
     UnsupportedAlgorithm,
 )
-from hsmscep.hsm.keyring import Keyring
 from hsmscep.hsm.pool import Deferred, Finish, SigningPool
 from hsmscep.policy import crl
 from hsmscep.policy.challenges import binding_mismatch, challenge_hash
 from hsmscep.policy.issuance import (
-    CertRequest,
     IssuancePolicy,
     Issuer,
     build_certificate,
@@ -58,7 +56,9 @@ from hsmscep.policy.renewal import (
     renewal_transaction_id,
     renewed_request,
 )
+from hsmscep.policy.request import CertRequest
 from hsmscep.policy.template import apply_template, check_key, ms_template_name, with_overrides
+from hsmscep.policy.webhook import AuthorizationRequest
 from hsmscep.protocol import cms
 from hsmscep.protocol.algorithms import CIPHERS_BY_NAME, ContentCipher
 from hsmscep.protocol.certrep import (
@@ -68,15 +68,11 @@ from hsmscep.protocol.certrep import (
     sign_next_ca_certs,
 )
 from hsmscep.protocol.cms import decode_envelope
-from hsmscep.protocol.message import (
-    FailInfo,
-    MessageType,
-    PkiRequest,
-    PkiStatus,
-    decode_pki_message,
-)
-from hsmscep.store.sqlite import CertStore, CrlInfo, IssuedCert, PendingRequest, Revocation
-from hsmscep.webhook.client import AuthorizationRequest, WebhookClient
+from hsmscep.protocol.codes import FailInfo, MessageType, PkiStatus
+from hsmscep.protocol.message import PkiRequest, decode_pki_message
+from hsmscep.service.ports import KeySet, Store
+from hsmscep.store.records import CrlInfo, IssuedCert, PendingRequest, Revocation
+from hsmscep.webhook.client import WebhookClient
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("hsmscep.audit")
@@ -141,8 +137,8 @@ class ScepService:
     def __init__(
         self,
         *,
-        pool: SigningPool[Keyring],
-        store: CertStore,
+        pool: SigningPool[KeySet],
+        store: Store,
         ca_cert: x509.Certificate,
         ra_certs: list[x509.Certificate],
         chain: list[x509.Certificate],
@@ -268,7 +264,7 @@ class ScepService:
         self._audit(request, client, endpoint, outcome)
         return outcome.response
 
-    async def _issue_and_store(self, job: Callable[[Keyring], _Opened]) -> _Opened:
+    async def _issue_and_store(self, job: Callable[[KeySet], _Opened]) -> _Opened:
         """Run `job` on the pool; the certificate it issues is committed before this returns."""
         for _ in range(MAX_SERIAL_ATTEMPTS):
             try:
@@ -277,7 +273,7 @@ class ScepService:
                 continue  # a fresh random serial on the next attempt
         raise StoreError("no unique serial number after several attempts")
 
-    def _committed(self, job: Callable[[Keyring], _Opened], keys: Keyring) -> _Opened | Deferred:
+    def _committed(self, job: Callable[[KeySet], _Opened], keys: KeySet) -> _Opened | Deferred:
         """Run `job`; hand the certificate it issued to the store's commit thread, which
         completes the request once the row is durable. The signing worker goes straight on
         with the next request, and the event loop sees this one only once (bench/PROFILE.md)."""
@@ -597,7 +593,7 @@ class ScepService:
     # ---- jobs: these run on a signing worker thread with that thread's keys ------------
 
     def _open_request(
-        self, request: PkiRequest, signer: StoredSigner | None, endpoint: Profile, keys: Keyring
+        self, request: PkiRequest, signer: StoredSigner | None, endpoint: Profile, keys: KeySet
     ) -> _Outcome | _Checked:
         """Decrypt and check a PKCSReq or RenewalReq against its profile, and issue at once
         unless the store, a webhook or an operator must decide first (then: _Checked).
@@ -659,7 +655,7 @@ class ScepService:
             return replace(self._refusal(request, exc, keys), profile=profile.name, subject=subject)
         return outcome
 
-    def _issue_checked(self, request: PkiRequest, checked: _Checked, keys: Keyring) -> _Outcome:
+    def _issue_checked(self, request: PkiRequest, checked: _Checked, keys: KeySet) -> _Outcome:
         """Sign the certificate of a checked request and the SUCCESS CertRep carrying it."""
         reason = "issued" if checked.signer_serial is None else f"renewed {checked.signer_serial:x}"
         response, record = self._issue(
@@ -693,7 +689,7 @@ class ScepService:
         now: datetime,
         transaction_id: str,
         requester_fingerprint: str,
-        keys: Keyring,
+        keys: KeySet,
     ) -> tuple[bytes, IssuedCert]:
         """Sign the certificate with the CA key and the SUCCESS CertRep carrying it."""
         cert = build_certificate(
@@ -727,7 +723,7 @@ class ScepService:
         certs_der: list[bytes],
         envelope: cms.Envelope,
         oaep: cms.OaepParams | None,
-        keys: Keyring,
+        keys: KeySet,
     ) -> bytes:
         """A SUCCESS CertRep with `certs_der` sealed to the requester in its own cipher."""
         sealed = seal_certificates(certs_der, request, _reply_cipher(envelope), oaep)
@@ -739,14 +735,14 @@ class ScepService:
             sender_nonce=self._nonce(),
         )
 
-    def _pending_reply(self, request: PkiRequest, keys: Keyring) -> _Outcome:
+    def _pending_reply(self, request: PkiRequest, keys: KeySet) -> _Outcome:
         response = build_cert_rep(
             request, keys.response_signer, status=PkiStatus.PENDING, sender_nonce=self._nonce()
         )
         return _Outcome(response, None, "pending approval", pending=True)
 
     def _issue_approved(
-        self, request: PkiRequest, stored: PendingRequest, profile: Profile, keys: Keyring
+        self, request: PkiRequest, stored: PendingRequest, profile: Profile, keys: KeySet
     ) -> _Outcome:
         """Issue an approved request's stored CSR, sealed to the polling signer."""
         try:
@@ -782,7 +778,7 @@ class ScepService:
             subject=record.subject,
         )
 
-    def _send_issued(self, request: PkiRequest, issued: IssuedCert, keys: Keyring) -> _Outcome:
+    def _send_issued(self, request: PkiRequest, issued: IssuedCert, keys: KeySet) -> _Outcome:
         """The certificate already issued for this transactionID, sealed to the poller."""
         try:
             envelope = decode_envelope(request.content)
@@ -794,7 +790,7 @@ class ScepService:
             return self._refusal(request, exc, keys)
         return _Outcome(response, issued, "resent")
 
-    def _open_query(self, request: PkiRequest, keys: Keyring) -> _Query | _Outcome:
+    def _open_query(self, request: PkiRequest, keys: KeySet) -> _Query | _Outcome:
         try:
             if not isinstance(request.signer_cert.public_key(), rsa.RSAPublicKey):
                 raise Rejected(FailInfo.BAD_ALG, "the reply can only be encrypted to an RSA key")
@@ -810,7 +806,7 @@ class ScepService:
         return _Query(target, envelope, oaep)
 
     def _reply(
-        self, request: PkiRequest, query: _Query, content: bytes, reason: str, keys: Keyring
+        self, request: PkiRequest, query: _Query, content: bytes, reason: str, keys: KeySet
     ) -> _Outcome:
         sealed = seal_reply(content, request, _reply_cipher(query.envelope), query.oaep)
         response = build_cert_rep(
@@ -822,7 +818,7 @@ class ScepService:
         )
         return _Outcome(response, None, reason)
 
-    def _sign_crl(self, info: CrlInfo, revoked: list[Revocation], keys: Keyring) -> bytes:
+    def _sign_crl(self, info: CrlInfo, revoked: list[Revocation], keys: KeySet) -> bytes:
         entries = [
             crl.RevokedEntry(
                 r.serial, r.revoked_at, crl.REASONS.get(r.reason, x509.ReasonFlags.unspecified)
@@ -839,7 +835,7 @@ class ScepService:
         )
         return signed.public_bytes(Encoding.DER)
 
-    def _refusal(self, request: PkiRequest, exc: Exception, keys: Keyring) -> _Outcome:
+    def _refusal(self, request: PkiRequest, exc: Exception, keys: KeySet) -> _Outcome:
         """The signed FAILURE for an error raised while handling a verified request."""
         if isinstance(exc, UnsupportedAlgorithm):
             return self._failure(request, FailInfo.BAD_ALG, str(exc), keys)
@@ -852,14 +848,14 @@ class ScepService:
         return self._failure(request, FailInfo.BAD_REQUEST, "internal error", keys)
 
     def _reissue(
-        self, request: PkiRequest, existing: IssuedCert, fresh: _Outcome, keys: Keyring
+        self, request: PkiRequest, existing: IssuedCert, fresh: _Outcome, keys: KeySet
     ) -> _Outcome:
         assert fresh.envelope is not None
         response = self._success(request, [existing.der], fresh.envelope, fresh.oaep, keys)
         return _Outcome(response, existing, "resent")
 
     def _failure(
-        self, request: PkiRequest, fail_info: FailInfo, reason: str, keys: Keyring
+        self, request: PkiRequest, fail_info: FailInfo, reason: str, keys: KeySet
     ) -> _Outcome:
         response = build_cert_rep(
             request,
@@ -904,11 +900,11 @@ class ScepService:
             self.webhooks.notify(profile.notify, event)
 
 
-def _sign_next_ca(certs_der: list[bytes], keys: Keyring) -> bytes:
+def _sign_next_ca(certs_der: list[bytes], keys: KeySet) -> bytes:
     return sign_next_ca_certs(certs_der, keys.response_signer)
 
 
-def _decrypt_key(envelope: cms.Envelope, keys: Keyring) -> tuple[bytes, cms.OaepParams | None]:
+def _decrypt_key(envelope: cms.Envelope, keys: KeySet) -> tuple[bytes, cms.OaepParams | None]:
     """Decrypt the content-encryption key with the RA key the envelope names."""
     for transport in envelope.recipients:
         for cert_id, key in keys.decrypt_keys:

@@ -13,7 +13,6 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -29,12 +28,20 @@ from hsmscep.errors import (
     UnknownRequest,
 )
 from hsmscep.store.groupcommit import GroupCommitter
+from hsmscep.store.records import (
+    MAX_SERIAL,
+    CrlInfo,
+    CrlStatus,
+    IssuedCert,
+    OneTimeChallenge,
+    PendingRequest,
+    Revocation,
+)
 
 log = logging.getLogger(__name__)
 
 _BUSY_TIMEOUT_MS = 5000
 _LOCK_POLL = 0.0002
-_MAX_SERIAL = 2**160 - 1  # RFC 5280 §4.1.2.2: at most 20 octets
 _KEEP_CRLS = 16
 
 # Migration N+1 is _MIGRATIONS[N]. Statements are run one by one rather than with executescript,
@@ -138,84 +145,6 @@ _INSERT = f"INSERT INTO certificates ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?
 _SELECT = f"SELECT {_COLUMNS} FROM certificates"
 
 
-@dataclass(frozen=True, slots=True)
-class IssuedCert:
-    """One issued certificate and what the store keeps about it."""
-
-    serial: int
-    subject: str
-    sans: tuple[str, ...]
-    not_before: datetime
-    not_after: datetime
-    transaction_id: str
-    requester_fingerprint: str
-    public_key_sha256: str
-    der: bytes
-    status: str = "issued"
-    issued_at: datetime | None = None
-
-    def __post_init__(self) -> None:
-        if not 0 < self.serial <= _MAX_SERIAL:
-            raise ValueError(f"serial {self.serial} is not a positive integer of at most 160 bits")
-        for name in ("not_before", "not_after", "issued_at"):
-            value = getattr(self, name)
-            if value is not None and value.utcoffset() is None:
-                raise ValueError(f"{name} must be timezone-aware")
-
-
-@dataclass(frozen=True, slots=True)
-class Revocation:
-    """A revoked certificate; `reason` is the RFC 5280 name (keyCompromise, superseded, ...)."""
-
-    serial: int
-    revoked_at: datetime
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class CrlInfo:
-    """A published CRL without its DER; `revision` is the revocation count it includes."""
-
-    number: int
-    revision: int
-    this_update: datetime
-    next_update: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class CrlStatus:
-    """The store's revocation revision and the newest published CRL, read together."""
-
-    revision: int
-    latest: CrlInfo | None
-
-
-PendingStatus = Literal["pending", "approved", "rejected", "issued"]
-
-
-@dataclass(frozen=True, slots=True)
-class PendingRequest:
-    """A checked certificate request waiting for (or past) an operator's decision."""
-
-    transaction_id: str
-    csr_der: bytes
-    requester_fingerprint: str  # SHA-256 of the pkiMessage signer certificate
-    requester_key_sha256: str  # SHA-256 of the signer's SubjectPublicKeyInfo: polls must match
-    requester_ip: str
-    subject: str
-    sans: tuple[str, ...]
-    key_description: str  # "RSA 2048", "EC secp256r1"
-    created_at: datetime
-    status: PendingStatus = "pending"
-    decided_at: datetime | None = None
-    id: int = 0  # assigned by the store
-    profile: str = "default"  # the enrollment profile it came in through
-
-    def expired(self, now: datetime, ttl: timedelta) -> bool:
-        """Still undecided after `ttl`: polls are refused and it can no longer be approved."""
-        return self.status == "pending" and now - self.created_at >= ttl
-
-
 _PENDING_COLUMNS = (
     "id, transaction_id, csr_der, requester_fingerprint, requester_key_sha256, requester_ip,"
     " subject, sans_json, key_description, created_at, status, decided_at, profile"
@@ -242,20 +171,6 @@ def _pending_from_row(row: Any) -> PendingRequest:
         status=status,
         decided_at=datetime.fromisoformat(decided) if decided is not None else None,
     )
-
-
-@dataclass(frozen=True, slots=True)
-class OneTimeChallenge:
-    """A one-time enrollment challenge as stored: its SHA-256 (hex), never its value."""
-
-    hash: str
-    created_at: datetime
-    expires_at: datetime
-    subject_pattern: str | None = None
-    san_pattern: str | None = None
-    profile: str = ""  # '' is the server-wide pool
-    used_at: datetime | None = None
-    used_by: str | None = None
 
 
 _CHALLENGE_COLUMNS = (
@@ -586,7 +501,7 @@ class CertStore:
 
     async def get_by_serial(self, serial: int) -> IssuedCert | None:
         """The certificate with this serial number, if any."""
-        if not 0 < serial <= _MAX_SERIAL:
+        if not 0 < serial <= MAX_SERIAL:
             return None
         rows = await self._read(f"{_SELECT} WHERE serial = ?", (_serial_key(serial),))
         return _from_row(rows[0]) if rows else None
@@ -607,7 +522,7 @@ class CertStore:
         """Mark a certificate revoked; (revocation, False) if it already was (idempotent)."""
         if at.utcoffset() is None:
             raise ValueError("at must be timezone-aware")
-        key = _serial_key(serial) if 0 < serial <= _MAX_SERIAL else None
+        key = _serial_key(serial) if 0 < serial <= MAX_SERIAL else None
         async with self._transaction() as db:
             rows = await _fetch(
                 db,

@@ -34,7 +34,7 @@ from hsmscep.protocol.algorithms import (
     Digest,
     digest_by_oid,
 )
-from hsmscep.protocol.message import MessageType, PkiStatus
+from hsmscep.protocol.codes import MessageType, PkiStatus
 
 T = TypeVar("T")
 

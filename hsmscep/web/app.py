@@ -49,7 +49,8 @@ from hsmscep.policy.profiles import DEFAULT_CA, DEFAULT_PROFILE, Profiles
 from hsmscep.policy.renewal import RenewalPolicy
 from hsmscep.service.onetime import challenge_json, challenge_record, issue_challenge
 from hsmscep.service.scep import NEXT_CA_CERT, ScepService, default_policy
-from hsmscep.store.sqlite import CertStore, PendingRequest
+from hsmscep.store.records import PendingRequest
+from hsmscep.store.sqlite import CertStore
 from hsmscep.web import affinity
 from hsmscep.webhook.client import WebhookClient
 
