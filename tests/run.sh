@@ -20,8 +20,9 @@ python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+# Exactly the locked, hash-checked versions (requirements/README.md), then the package alone.
+.venv/bin/python -m pip install -q --require-hashes -r requirements/test.txt
+.venv/bin/python -m pip install -q --no-deps -e .
 
 .venv/bin/ruff check hsmscep tests bench
 .venv/bin/ruff format --check hsmscep tests bench
