@@ -178,6 +178,10 @@ def check_csr(csr: x509.CertificateSigningRequest, policy: IssuancePolicy) -> Ce
             raise Rejected(
                 FailInfo.BAD_REQUEST, f"unknown critical extension {ext.oid.dotted_string}"
             )
+    if sans is not None and len(sans) == 0:
+        # RFC 5280 §4.2.1.6: the extension holds at least one name. Some cryptography releases
+        # parse an empty one (and 47 even signs it, critical); the policy never relies on that.
+        raise Rejected(FailInfo.BAD_REQUEST, "empty subjectAltName extension")
     if sans is not None and len(sans) > MAX_SANS:
         raise Rejected(FailInfo.BAD_REQUEST, f"more than {MAX_SANS} subject alternative names")
 
