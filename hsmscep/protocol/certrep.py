@@ -80,7 +80,10 @@ def build_cert_rep(
     signed_attrs = asn1.set_of(*attrs)
     to_sign = digest.digest_info_prefix + hashlib.new(digest.name, signed_attrs).digest()
     return cms.signed_data(
-        content=envelope,
+        # FAILURE and PENDING carry an empty eContent rather than none: OpenSSL's PKCS7_verify
+        # (certmonger, sscep) refuses a SignedData without content ("no content"), and the
+        # messageDigest above is the digest of these empty bytes either way.
+        content=content,
         digest=digest,
         signed_attrs=signed_attrs,
         signature=signer.key.sign_digest_info(to_sign),
