@@ -1,8 +1,9 @@
-"""uvicorn's httptools protocol with the two limits it lacks: request-head size and time.
+"""uvicorn's httptools protocol with the limits it lacks: request-head size and time, Host.
 
 uvicorn buffers request lines and headers of any size for as long as a client cares to send
 them (robustness.md: slow clients, header floods). This subclass answers 431 once the head
-passes `HEAD_LIMIT` bytes and 408 when it is not complete within `HEAD_TIMEOUT` seconds.
+passes `HEAD_LIMIT` bytes, 408 when it is not complete within `HEAD_TIMEOUT` seconds, and 400
+to an HTTP/1.1 request without a Host header (RFC 9112 §3.2).
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 16 * 1024 * 1024
 
 
+class _MissingHost(Exception):
+    """Stops the parser on a request we refuse; never leaves this module."""
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_bytes = 0
         self._head_done = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._lingering = -1  # bytes dropped after a refusal; -1 while not refusing
+        self._refusal: bytes | None = None  # our own 400 body, when we refuse a request
         super().connection_made(transport)
         # A connection that never sends a byte is timed out too.
         self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
@@ -48,7 +54,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_done = True
         self._cancel_timer()
+        if self.parser.get_http_version() == "1.1" and not any(
+            name == b"host" for name, _ in self.headers
+        ):
+            # Raising from a parser callback makes uvicorn answer 400 and close; the answer
+            # itself is ours (send_400_response below).
+            self._refusal = b"HTTP/1.1 request without a Host header\n"
+            raise _MissingHost
         super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        refusal, self._refusal = self._refusal, None
+        if refusal is None:
+            super().send_400_response(msg)
+        else:
+            self._refuse(400, refusal)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
