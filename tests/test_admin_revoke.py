@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -176,3 +177,20 @@ def test_token_and_method(aserver: httpx.Client) -> None:
 def test_disabled_without_token(tmp_path: Path) -> None:
     with serve(soft_ca(tmp_path, "no-admin-ca")) as http:
         assert revoke(http, "01", {"reason": "keyCompromise"}).status_code == 404
+
+
+def test_store_failure_is_503_without_internal_text(tmp_path: Path) -> None:
+    (tmp_path / "admin-token").write_text(TOKEN + "\n")
+    ca = soft_ca(
+        tmp_path, "broken-store-ca", extra_config='\n[admin]\ntoken_file = "admin-token"\n'
+    )
+    with serve(ca) as http:
+        certs = client.parse_ca_certs(http.get("/scep?operation=GetCACert").content)
+        cert, _ = enroll(http, ca, certs, "store-gone")
+        # Break the real database under the running server: the store raises StoreError.
+        with sqlite3.connect(tmp_path / "hsmscep.db") as db:
+            db.execute("DROP TABLE certificates")
+        response = revoke(http, f"{cert.serial_number:x}", {"reason": "keyCompromise"})
+    assert response.status_code == 503, response.text
+    assert response.text == "temporarily unavailable\n"
+    assert response.headers["retry-after"] == "1"
