@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -163,10 +164,23 @@ def key_source(ca: DevCa) -> KeySource:
     )
 
 
-def post_pki_message(url: str, der: bytes, timeout: float = 30.0) -> bytes:
+Target = str | httpx.Client
+"""Where a request goes: a live server's URL, or a client bound to an app (tests/inprocess.py)."""
+
+
+def http_request(target: Target, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """`method path` on a live server (URL) or through an in-process client alike."""
+    if isinstance(target, httpx.Client):
+        return target.request(method, path, **kwargs)
+    return httpx.request(method, f"{target}{path}", timeout=kwargs.pop("timeout", 30.0), **kwargs)
+
+
+def post_pki_message(target: Target, der: bytes, timeout: float = 30.0) -> bytes:
     """POST a pkiMessage; the answer must be a 200 CertRep."""
-    response = httpx.post(
-        f"{url}/scep?operation=PKIOperation",
+    response = http_request(
+        target,
+        "POST",
+        "/scep?operation=PKIOperation",
         content=der,
         headers={"Content-Type": "application/x-pki-message"},
         timeout=timeout,

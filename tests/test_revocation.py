@@ -37,8 +37,17 @@ from hsmscep.service.scep import ScepService
 from hsmscep.store.records import CrlInfo, CrlStatus, IssuedCert
 from hsmscep.store.sqlite import _MIGRATIONS, SCHEMA_VERSION, CertStore
 from hsmscep.testing import client
-from tests.conftest import DevCa, Server, key_source, make_ca, start_server
+from tests.conftest import (
+    DevCa,
+    Server,
+    Target,
+    http_request,
+    key_source,
+    make_ca,
+    start_server,
+)
 from tests.conftest import post_pki_message as post
+from tests.inprocess import SoftCa
 
 pytestmark = pytest.mark.hsm
 
@@ -76,7 +85,7 @@ def ca_certs(rserver: Server) -> list[x509.Certificate]:
 
 
 def enroll(
-    url: str, ca: DevCa, ca_certs: Sequence[x509.Certificate], cn: str
+    url: Target, ca: DevCa | SoftCa, ca_certs: Sequence[x509.Certificate], cn: str
 ) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
     key = rsa.generate_private_key(65537, 2048)
     request = client.build_pkcs_req(
@@ -125,8 +134,8 @@ def revoke(ca: DevCa, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def http_crl(url: str) -> tuple[bytes, x509.CertificateRevocationList]:
-    response = httpx.get(f"{url}/crl/ca.crl", timeout=TIMEOUT)
+def http_crl(url: Target) -> tuple[bytes, x509.CertificateRevocationList]:
+    response = http_request(url, "GET", "/crl/ca.crl", timeout=TIMEOUT)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/pkix-crl"
     return response.content, x509.load_der_x509_crl(response.content)

@@ -1,4 +1,5 @@
-"""A small SCEP client built on the same pure protocol code, for tests and the benchmark.
+"""Test support that ships with the package: a small SCEP client built on the same pure
+protocol code (tests and the benchmark), and software keys for the key port (in-process tests).
 
 Not used by the server. May import hsmscep.protocol and hsmscep.errors.
 """

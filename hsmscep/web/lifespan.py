@@ -1,0 +1,201 @@
+"""Wiring: the app's lifespan builds, per CA, the signing pool, the store and the service.
+
+Runs in every worker process (uvicorn spawns): nothing here happens at import time. Where
+the workers' keys come from is a seam (KeyBackend): PKCS#11 tokens in production, software
+keys in the in-process tests (hsmscep.testing.softkeys).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography import x509
+from starlette.applications import Starlette
+
+from hsmscep.config.settings import Settings
+from hsmscep.errors import ConfigError
+from hsmscep.hsm.cryptoki import TokenLogin
+from hsmscep.hsm.keyring import Keyring, KeySource
+from hsmscep.hsm.pool import SigningPool
+from hsmscep.policy.profiles import DEFAULT_CA, Profiles
+from hsmscep.policy.renewal import RenewalPolicy
+from hsmscep.service.ports import KeySet
+from hsmscep.service.scep import ScepService, default_policy
+from hsmscep.store.sqlite import CertStore
+from hsmscep.web import affinity
+from hsmscep.webhook.client import WebhookClient
+
+log = logging.getLogger(__name__)
+
+Lifespan = Callable[[Starlette], AbstractAsyncContextManager[dict[str, Any]]]
+
+
+class WorkerKeys(KeySet, Protocol):
+    """One signing worker's keys, opened on the worker's own thread."""
+
+    def check_certificates(self) -> None:
+        """ConfigError unless every certificate belongs to its key."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class KeyBackend(Protocol):
+    """Where a CA's signing workers get their keys."""
+
+    def open(self, source: KeySource) -> AbstractAsyncContextManager[Callable[[], WorkerKeys]]:
+        """While open: a function each worker thread calls to open its own WorkerKeys."""
+        ...
+
+
+class Pkcs11Keys:
+    """The production backend: each worker opens its own sessions on the PKCS#11 tokens."""
+
+    @asynccontextmanager
+    async def open(self, source: KeySource) -> AsyncIterator[Callable[[], WorkerKeys]]:
+        # One login per token and process, kept open while the workers run (architecture.md).
+        logins = TokenLogin()
+        try:
+            yield lambda: Keyring.open(source, logins)
+        finally:
+            await asyncio.to_thread(logins.close)
+
+
+def lifespan(settings: Settings, keys: KeyBackend) -> Lifespan:
+    """The lifespan of an app serving `settings`: one service per CA a profile issues from."""
+
+    @asynccontextmanager
+    async def run(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        profiles = settings.profiles
+        async with AsyncExitStack() as stack:
+            webhooks: WebhookClient | None = None
+            if any(p.webhook or p.notify for p in profiles.all()):
+                webhooks = WebhookClient()
+                stack.push_async_callback(webhooks.aclose)
+            services: dict[str, ScepService] = {}
+            for name in settings.ca_names:
+                ca_settings = settings.for_ca(name)
+                ca_profiles = ca_settings.ca_profiles()
+                if ca_profiles is None:
+                    log.warning("CA %r is configured but no profile uses it", name)
+                    continue
+                services[name] = await stack.enter_async_context(
+                    _running_service(ca_settings, ca_profiles, webhooks, keys)
+                )
+            yield {
+                "services": services,
+                "profiles": profiles,
+                "max_body": settings.max_body,
+                "admin_token": settings.admin_token,
+            }
+
+    return run
+
+
+@asynccontextmanager
+async def _running_service(
+    settings: Settings, profiles: Profiles, webhooks: WebhookClient | None, keys: KeyBackend
+) -> AsyncIterator[ScepService]:
+    """The service of one CA (`settings.for_ca(name)`) and the profiles it issues for."""
+    if settings.ca_name == DEFAULT_CA:
+        ca_cert = _load_cert(settings.ca_cert, "ca.cert")
+        ra_sign = _load_cert(settings.ra_sign_cert, "ra.cert")
+        ra_decrypt = _load_cert(settings.ra_decrypt_cert, "ra_decrypt.cert")
+    else:
+        where, init = f"cas.{settings.ca_name}", f"hsmscep init --ca {settings.ca_name}"
+        ca_cert = _load_cert(settings.ca_cert, f"{where}.cert", init)
+        ra_sign = ra_decrypt = _load_cert(settings.ra_sign_cert, f"{where}.ra_cert", init)
+    previous = [(k, p) for k, p in settings.ra_previous if k != settings.ra_decrypt_key]
+    upcoming = settings.next_generation
+    next_certs: list[x509.Certificate] = []
+    if upcoming is not None:
+        next_certs = [
+            _load_cert(upcoming.ca_cert, "rollover next.ca_cert"),
+            _load_cert(upcoming.ra_cert, "rollover next.ra_cert"),
+        ]
+        if upcoming.ca_chain is not None:
+            next_certs += x509.load_pem_x509_certificates(upcoming.ca_chain.read_bytes())
+        if upcoming.cross_cert is not None:
+            next_certs.append(_load_cert(upcoming.cross_cert, "rollover next.cross_cert"))
+    chain = (
+        x509.load_pem_x509_certificates(settings.ca_chain.read_bytes())
+        if settings.ca_chain is not None and settings.ca_chain.exists()
+        else []
+    )
+    if settings.ca_cross_cert is not None:
+        # NewWithOld after the CA and RA certificates: clients that trust only the previous
+        # root build new CA -> cross certificate -> previous root.
+        chain.append(_load_cert(settings.ca_cross_cert, "rollover current.cross_cert"))
+    source = KeySource(
+        ca_key=settings.ca_key,
+        ca_cert=ca_cert,
+        ra_sign_key=settings.ra_sign_key,
+        ra_sign_cert=ra_sign,
+        # The current RA key first (the hot path matches it at once), then the RA keys of
+        # earlier rollover generations: clients may still encrypt to an old RA certificate.
+        decrypt=[
+            (settings.ra_decrypt_key, ra_decrypt),
+            *((key, _load_cert(path, "rollover previous_ra.cert")) for key, path in previous),
+        ],
+    )
+    # SoftHSM2 is CPU-bound: with one process per core, one session per process keeps every
+    # core busy with the least GIL contention (measured in bench/PROFILE.md). Network HSMs
+    # are latency-bound and want pool_size set to ~30.
+    cores = len(affinity.usable_cpus())
+    size = settings.pool_size or max(1, cores // affinity.worker_processes(settings.workers))
+    async with keys.open(source) as open_keys:
+        pool: SigningPool[WorkerKeys] = SigningPool(
+            open_keys,
+            size=size,
+            max_pending=settings.max_pending,
+            close_context=lambda worker_keys: worker_keys.close(),
+        )
+        store: CertStore | None = None
+        try:
+            await pool.start()
+            await pool.run(lambda worker_keys: worker_keys.check_certificates())
+            store = await CertStore.open(
+                settings.db_path,
+                synchronous=settings.db_synchronous,
+                linger=settings.db_commit_linger_ms / 1000,
+            )
+            ra_certs = [ra_sign] if ra_decrypt == ra_sign else [ra_sign, ra_decrypt]
+            service = ScepService(
+                pool=pool,
+                store=store,
+                ca_cert=ca_cert,
+                ra_certs=ra_certs,
+                chain=chain,
+                policy=default_policy(None, settings.crl_base_url, settings.ca_name),
+                profiles=profiles,
+                webhooks=webhooks,
+                crl_lifetime=timedelta(hours=settings.crl_next_update_hours),
+                renewal=RenewalPolicy(
+                    enabled=settings.renewal_enabled,
+                    window=timedelta(days=settings.renewal_window_days),
+                    allow_key_reuse=settings.renewal_allow_key_reuse,
+                    revoke_replaced=settings.renewal_revoke_replaced,
+                ),
+                next_ca_certs=next_certs,
+            )
+            async with service.crl_refresher():
+                yield service
+        finally:
+            await pool.aclose()
+            if store is not None:
+                await store.close()
+
+
+def _load_cert(path: Path, key: str, init: str = "hsmscep init") -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: {path} does not exist (run `{init}` first)") from None
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {path} is not a PEM certificate: {exc}") from None
