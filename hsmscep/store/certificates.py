@@ -19,7 +19,7 @@ from hsmscep.errors import DuplicateSerial, DuplicateTransaction, StoreError
 from hsmscep.store.database import BUSY_TIMEOUT_MS, Database
 from hsmscep.store.groupcommit import GroupCommitter
 from hsmscep.store.records import MAX_SERIAL, IssuedCert
-from hsmscep.store.schema import iso, serial_key
+from hsmscep.store.schema import iso, serial_from_key, serial_key
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _to_row(cert: IssuedCert) -> tuple[object, ...]:
 def _from_row(row: Any) -> IssuedCert:
     serial, subject, sans, nbf, naf, tid, requester, spki, der, status, issued = row
     return IssuedCert(
-        serial=int(serial, 16),
+        serial=serial_from_key(serial),
         subject=subject,
         sans=tuple(json.loads(sans)),
         not_before=datetime.fromisoformat(nbf),
@@ -221,7 +221,7 @@ class Certificates:
     async def serials(self) -> list[int]:
         """All stored serial numbers, ascending."""
         rows = await self._db.read("SELECT serial FROM certificates ORDER BY serial")
-        return [int(serial, 16) for (serial,) in rows]
+        return [serial_from_key(serial) for (serial,) in rows]
 
     async def close(self) -> None:
         """Commit everything queued, stop the commit thread, close the writer's connection."""

@@ -10,14 +10,14 @@ from typing import Any
 from hsmscep.errors import UnknownCertificate
 from hsmscep.store.database import Database, fetch
 from hsmscep.store.records import MAX_SERIAL, CrlInfo, CrlStatus, Revocation
-from hsmscep.store.schema import iso, serial_key
+from hsmscep.store.schema import iso, serial_from_key, serial_key
 
 _KEEP_CRLS = 16
 
 
 def _revocation_from_row(row: Any) -> Revocation:
     serial, at, reason = row
-    return Revocation(int(serial, 16), datetime.fromisoformat(at), reason)
+    return Revocation(serial_from_key(serial), datetime.fromisoformat(at), reason)
 
 
 class Revocations:

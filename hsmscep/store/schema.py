@@ -118,3 +118,8 @@ def serial_key(serial: int) -> str:
     """A serial number as stored: zero-padded hex, so that text order is numeric order and each
     serial has one spelling."""
     return format(serial, "040x")
+
+
+def serial_from_key(key: str) -> int:
+    """The serial number a stored key spells."""
+    return int(key, 16)
