@@ -16,7 +16,8 @@ import pytest
 
 from hsmscep.errors import DuplicateSerial, DuplicateTransaction, StoreError
 from hsmscep.store.records import IssuedCert
-from hsmscep.store.sqlite import SCHEMA_VERSION, CertStore
+from hsmscep.store.schema import SCHEMA_VERSION
+from hsmscep.store.sqlite import CertStore
 
 pytestmark = pytest.mark.anyio
 
@@ -139,7 +140,7 @@ async def test_duplicate_serial_fails_only_that_caller(
     store: CertStore, db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     await store.put(make(1))
-    caplog.set_level(logging.DEBUG, logger="hsmscep.store.sqlite")
+    caplog.set_level(logging.DEBUG, logger="hsmscep.store.certificates")
     results = await asyncio.gather(
         store.put(make(2)),
         store.put(make(1, tid="another-tx")),
@@ -179,7 +180,7 @@ async def test_duplicates_within_one_batch(store: CertStore) -> None:
 async def test_200_concurrent_puts_durable_when_put_returns(
     db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="hsmscep.store.sqlite")
+    caplog.set_level(logging.DEBUG, logger="hsmscep.store.certificates")
     store = await CertStore.open(db_path, max_batch=16)
     missing: list[int] = []
     try:

@@ -1,7 +1,9 @@
 """The store edge: issued certificates, revocations and CRLs, held requests and one-time
-challenges. `records` holds the values (pure); `sqlite` is the embedded backend with its
-group-commit thread (`groupcommit`).
+challenges. `records` holds the values and `schema` the schema history and column spellings
+(both pure, shared by every backend). `sqlite` is the embedded backend: its CertStore composes
+one module per table (`certificates` with its group-commit thread `groupcommit`,
+`revocations`, `pending`, `challenges`) over the connections of `database`.
 
-Backends implement hsmscep.service.ports.Store; they may import only hsmscep.errors and
-store.records.
+Backends implement hsmscep.service.ports.Store; they may import only hsmscep.errors, the
+store's own modules, and service.ports for a type-only proof that they conform.
 """
