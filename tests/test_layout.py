@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "protocol": {"errors"},
     "policy": {"errors", "protocol"},
     "hsm": {"errors", "protocol"},
-    "store": {"errors", "service.ports"},  # ports: the facade's type-only conformance proof
+    "store": {"errors"},
     "service": {"errors", "protocol", "policy", "store.records", "hsm.pool", "webhook"},
     "webhook": {"errors", "protocol", "policy"},
     "config": {"errors", "protocol", "policy", "hsm.refs"},

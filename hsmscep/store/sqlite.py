@@ -11,7 +11,7 @@ import os
 import sqlite3
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import aiosqlite
 
@@ -30,9 +30,6 @@ from hsmscep.store.records import (
 )
 from hsmscep.store.revocations import Revocations
 from hsmscep.store.schema import MIGRATIONS, SCHEMA_VERSION
-
-if TYPE_CHECKING:
-    from hsmscep.service.ports import Store
 
 __all__ = ["SCHEMA_VERSION", "CertStore"]
 
@@ -206,10 +203,3 @@ class CertStore:
     ) -> bool:
         """Mark the challenge used; True for exactly one caller (see Challenges)."""
         return await self._challenges.consume_challenge(digest, at, used_by, profile)
-
-
-if TYPE_CHECKING:
-
-    def _conforms(store: CertStore) -> Store:
-        # mypy proves here that CertStore implements the service's store port.
-        return store

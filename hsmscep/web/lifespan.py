@@ -25,7 +25,7 @@ from hsmscep.hsm.keyring import Keyring, KeySource
 from hsmscep.hsm.pool import SigningPool
 from hsmscep.policy.profiles import DEFAULT_CA, Profiles
 from hsmscep.policy.renewal import RenewalPolicy
-from hsmscep.service.ports import KeySet
+from hsmscep.service.ports import KeySet, Store
 from hsmscep.service.scep import ScepService, default_policy
 from hsmscep.store.sqlite import CertStore
 from hsmscep.web import affinity
@@ -156,7 +156,8 @@ async def _running_service(
             max_pending=settings.max_pending,
             close_context=lambda worker_keys: worker_keys.close(),
         )
-        store: CertStore | None = None
+        # Typed as the port: mypy proves here that the SQLite backend implements it.
+        store: Store | None = None
         try:
             await pool.start()
             await pool.run(lambda worker_keys: worker_keys.check_certificates())
