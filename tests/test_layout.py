@@ -34,7 +34,7 @@ IO_LIBRARIES = {
     "aiosqlite", "anyio", "asyncio", "httpx", "pkcs11", "socket", "sqlite3", "ssl",
     "starlette", "subprocess", "threading", "uvicorn", "uvloop",
 }  # fmt: skip
-PURE = ("protocol", "policy", "store.records", "service.ports", "hsm.refs")
+PURE = ("protocol", "policy", "store.records", "service.ports", "service.refusal", "hsm.refs")
 
 
 def _module_name(path: Path) -> str:
