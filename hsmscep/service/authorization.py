@@ -17,7 +17,7 @@ from typing import Protocol
 
 from cryptography import x509
 
-from hsmscep.errors import Rejected
+from hsmscep.errors import ConfigError, Rejected
 from hsmscep.policy.challenges import binding_mismatch, challenge_hash
 from hsmscep.policy.issuance import challenge_password, describe_sans
 from hsmscep.policy.profiles import Profile
@@ -222,7 +222,7 @@ def chain_for(
         decisions.append(OneTimeChallenge(store, clock))
     elif profile.challenge_mode == "webhook":
         if profile.webhook is None or webhooks is None:
-            raise ValueError(f"profile {profile.name!r} uses a webhook: pass a WebhookClient")
+            raise ConfigError(f"profile {profile.name!r}: challenge_mode webhook needs a webhook")
         decisions.append(WebhookAuthorization(webhooks, profile.webhook))
     if profile.manual_approval:
         decisions.append(ManualApproval())
