@@ -34,7 +34,15 @@ IO_LIBRARIES = {
     "aiosqlite", "anyio", "asyncio", "httpx", "pkcs11", "socket", "sqlite3", "ssl",
     "starlette", "subprocess", "threading", "uvicorn", "uvloop",
 }  # fmt: skip
-PURE = ("protocol", "policy", "store.records", "store.schema", "service.ports", "hsm.refs")
+PURE = (
+    "protocol",
+    "policy",
+    "store.records",
+    "store.schema",
+    "service.ports",
+    "service.refusal",
+    "hsm.refs",
+)
 
 
 def _module_name(path: Path) -> str:

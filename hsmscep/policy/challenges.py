@@ -18,6 +18,13 @@ DEFAULT_TTL = timedelta(hours=1)
 MAX_TTL = timedelta(days=30)
 
 
+class InvalidChallengeRequest(ValueError):
+    """A field of a request to issue a one-time challenge is invalid; the message names it.
+
+    A ValueError, so callers that read settings (ConfigError) handle it as before.
+    """
+
+
 def new_challenge() -> str:
     """A fresh random challenge; printable, so clients may send it as PrintableString."""
     return secrets.token_urlsafe(CHALLENGE_BYTES)
@@ -30,22 +37,24 @@ def challenge_hash(value: bytes | str) -> str:
 
 
 def compile_pattern(pattern: str | None, what: str) -> re.Pattern[str] | None:
-    """Compile a subject/SAN pattern; ValueError naming `what` if it is not a valid regex."""
+    """Compile a subject/SAN pattern; InvalidChallengeRequest naming `what` if it is not a
+    valid regular expression."""
     if pattern is None:
         return None
     try:
         return re.compile(pattern)
     except re.error as exc:
-        raise ValueError(f"{what} is not a valid regular expression: {exc}") from exc
+        raise InvalidChallengeRequest(f"{what} is not a valid regular expression: {exc}") from exc
 
 
 def check_ttl(ttl_seconds: int) -> timedelta:
-    """A requested TTL as a timedelta; ValueError if not within 1 s .. MAX_TTL."""
+    """A requested TTL as a timedelta; InvalidChallengeRequest if not within 1 s .. MAX_TTL."""
     if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int):
-        raise ValueError("ttl_seconds must be an integer")
+        raise InvalidChallengeRequest("ttl_seconds must be an integer")
     ttl = timedelta(seconds=ttl_seconds)
     if ttl_seconds < 1 or ttl > MAX_TTL:
-        raise ValueError(f"ttl_seconds must be between 1 and {int(MAX_TTL.total_seconds())}")
+        most = int(MAX_TTL.total_seconds())
+        raise InvalidChallengeRequest(f"ttl_seconds must be between 1 and {most}")
     return ttl
 
 

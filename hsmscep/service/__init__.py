@@ -1,6 +1,7 @@
 """The SCEP operations: the only layer that awaits both the signing pool and the store.
 
-`ports` declares what it needs from the store and the keys (typing.Protocol); the concrete
-objects are injected by the web layer. May import protocol, policy, store.records, hsm.pool,
-the webhook client and errors; never starlette, aiosqlite or pkcs11.
+`scep.ScepService` is the facade; a pkiMessage flows one way through enrollment (renewal,
+authorization, pending), issuing and replies (the signing-worker jobs). `ports` declares what
+it needs from the store and keys (Protocols). May import protocol, policy, store.records,
+hsm.pool, the webhook client and errors; never starlette, aiosqlite or pkcs11.
 """

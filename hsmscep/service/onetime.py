@@ -1,7 +1,7 @@
 """Issuing one-time enrollment challenges into the store: the admin API and the CLI share it.
 
 The value is returned once to the caller and never stored or logged; the store keeps its
-SHA-256, and the server consumes it atomically when a CSR carries it (see service.py).
+SHA-256, and the server consumes it atomically when a CSR carries it (authorization.py).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 from hsmscep.errors import UnknownProfile
 from hsmscep.policy.challenges import (
+    InvalidChallengeRequest,
     challenge_hash,
     check_ttl,
     compile_pattern,
@@ -34,16 +35,17 @@ async def issue_challenge(
 ) -> tuple[str, OneTimeChallenge]:
     """A fresh challenge for a profile whose challenge_mode is "one_time".
 
-    UnknownProfile for an unknown name; ValueError (the message says which field) for a
-    profile in another mode, a bad TTL or a pattern that is not a regular expression.
+    UnknownProfile for an unknown name; InvalidChallengeRequest (a ValueError; the message
+    says which field) for a profile in another mode, a bad TTL or a pattern that is not a
+    regular expression.
     """
     if not isinstance(profile_name, str):
-        raise ValueError("profile must be a string")
+        raise InvalidChallengeRequest("profile must be a string")
     profile = profiles.get(profile_name)
     if profile is None:
         raise UnknownProfile(f"no enrollment profile {profile_name!r}")
     if profile.challenge_mode != "one_time":
-        raise ValueError(
+        raise InvalidChallengeRequest(
             f"profile {profile.name!r} does not use one-time challenges"
             f" (its challenge_mode is {profile.challenge_mode!r})"
         )
@@ -52,11 +54,11 @@ async def issue_challenge(
     elif isinstance(ttl_seconds, int):
         ttl = check_ttl(ttl_seconds)
     else:
-        raise ValueError("ttl_seconds must be an integer")
+        raise InvalidChallengeRequest("ttl_seconds must be an integer")
     patterns: list[str | None] = []
     for what, pattern in (("subject_pattern", subject_pattern), ("san_pattern", san_pattern)):
         if pattern is not None and not isinstance(pattern, str):
-            raise ValueError(f"{what} must be a string")
+            raise InvalidChallengeRequest(f"{what} must be a string")
         compile_pattern(pattern, what)
         patterns.append(pattern)
     created = now or datetime.now(UTC)
