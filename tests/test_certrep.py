@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives import padding as sym_padding
-from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
@@ -33,10 +33,10 @@ from hsmscep.protocol import cms, message
 from hsmscep.protocol.algorithms import CIPHERS_BY_NAME, DIGESTS_BY_NAME
 from hsmscep.protocol.certrep import ResponseSigner, build_cert_rep, seal_certificates
 from hsmscep.protocol.codes import FailInfo, PkiStatus
-from hsmscep.protocol.keys import ExternalRsaKey
 from hsmscep.protocol.message import PkiRequest
 from hsmscep.testing import client
 from tests.conftest import software_root
+from tests.test_keys import software_rsa
 
 NOW = datetime.now(UTC)
 OPENSSL = shutil.which("openssl")
@@ -85,14 +85,7 @@ def _name(cn: str) -> x509.Name:
 
 
 def signer() -> ResponseSigner:
-    soft = parties().ra_key
-
-    def raw_sign(digest_info: bytes) -> bytes:  # what CKM_RSA_PKCS does in the HSM
-        return soft.sign(digest_info, padding.PKCS1v15(), utils.NoDigestInfo())
-
-    return ResponseSigner.of(
-        parties().ra_cert, ExternalRsaKey(soft.public_key(), raw_sign=raw_sign)
-    )
+    return ResponseSigner.of(parties().ra_cert, software_rsa(parties().ra_key, decrypt=False))
 
 
 def request(digest: str = "sha256", transaction_id: str | None = None) -> PkiRequest:

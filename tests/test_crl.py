@@ -17,14 +17,15 @@ import pytest
 from asn1crypto import crl as asn1_crl
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from hsmscep.policy.crl import REASONS, RevokedEntry, build_crl, parse_reason, refresh_due
 from hsmscep.policy.issuance import Issuer
-from hsmscep.protocol.keys import ExternalEcKey, ExternalRsaKey, SigningKey
+from hsmscep.protocol.keys import SigningKey
 from tests.conftest import software_root
+from tests.test_keys import software_ec, software_rsa
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 NAME = x509.Name(
@@ -68,20 +69,9 @@ def external(kind: str) -> tuple[SigningKey, x509.Certificate]:
     """The CA's key as the server holds it: only a raw operation, here in software."""
     if kind == "rsa":
         soft_rsa, cert = rsa_ca()
-
-        def rsa_sign(digest_info: bytes) -> bytes:
-            return soft_rsa.sign(digest_info, padding.PKCS1v15(), utils.NoDigestInfo())
-
-        return ExternalRsaKey(soft_rsa.public_key(), raw_sign=rsa_sign), cert
+        return software_rsa(soft_rsa, decrypt=False), cert
     soft_ec, cert = ec_ca()
-
-    def ecdsa_sign(digest: bytes) -> bytes:
-        r, s = utils.decode_dss_signature(
-            soft_ec.sign(digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
-        )
-        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-
-    return ExternalEcKey(soft_ec.public_key(), ecdsa_sign), cert
+    return software_ec(soft_ec), cert
 
 
 def crl_for(kind: str, revoked: list[RevokedEntry], number: int) -> x509.CertificateRevocationList:

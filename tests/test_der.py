@@ -19,7 +19,7 @@ import pytest
 from asn1crypto import core, parser
 
 from hsmscep.errors import MessageError
-from hsmscep.protocol import der
+from hsmscep.protocol import asn1, der
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "smallstep-scep"
 VECTOR_FILES = sorted(VECTORS.rglob("*.der")) if VECTORS.is_dir() else []
@@ -161,15 +161,8 @@ def _oid(rng: random.Random) -> tuple[bytes, str]:
     arcs = [first, rng.randint(0, 39) if first < 2 else rng.randint(0, 200)]
     arcs += [rng.choice((rng.randint(0, 127), rng.randint(0, 2**32), rng.randint(0, 2**70)))
              for _ in range(rng.randint(0, 6))]  # fmt: skip
-    body = bytearray()
-    for arc in [arcs[0] * 40 + arcs[1], *arcs[2:]]:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
-        body += bytes(reversed(chunk))
-    return bytes(body), ".".join(map(str, arcs))
+    dotted = ".".join(map(str, arcs))
+    return asn1.oid_content(dotted), dotted  # asn1crypto checks what our encoder wrote
 
 
 def generate(rng: random.Random, depth: int = 0, indefinite_depth: int = 0) -> Encoded:

@@ -35,8 +35,10 @@ def ec_key(curve: str) -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(CURVES[curve])
 
 
-def external_rsa(*, sign: bool = True, decrypt: bool = True) -> ExternalRsaKey:
-    soft = rsa_key()
+def software_rsa(
+    soft: rsa.RSAPrivateKey, *, sign: bool = True, decrypt: bool = True
+) -> ExternalRsaKey:
+    """An ExternalRsaKey whose raw operations a software key performs (also for other tests)."""
 
     def raw_sign(digest_info: bytes) -> bytes:  # CKM_RSA_PKCS: pad and sign, no hashing
         return soft.sign(digest_info, padding.PKCS1v15(), utils.NoDigestInfo())
@@ -51,8 +53,8 @@ def external_rsa(*, sign: bool = True, decrypt: bool = True) -> ExternalRsaKey:
     )
 
 
-def external_ec(curve: str) -> ExternalEcKey:
-    soft = ec_key(curve)
+def software_ec(soft: ec.EllipticCurvePrivateKey) -> ExternalEcKey:
+    """An ExternalEcKey whose raw ECDSA a software key performs (also for other tests)."""
     size = (soft.curve.key_size + 7) // 8
 
     def raw_sign(digest: bytes) -> bytes:  # CKM_ECDSA: a hash in, fixed-width r||s out
@@ -61,6 +63,14 @@ def external_ec(curve: str) -> ExternalEcKey:
         return r.to_bytes(size, "big") + s.to_bytes(size, "big")
 
     return ExternalEcKey(soft.public_key(), raw_sign)
+
+
+def external_rsa(*, sign: bool = True, decrypt: bool = True) -> ExternalRsaKey:
+    return software_rsa(rsa_key(), sign=sign, decrypt=decrypt)
+
+
+def external_ec(curve: str) -> ExternalEcKey:
+    return software_ec(ec_key(curve))
 
 
 def _hash_for(length: int) -> hashes.HashAlgorithm:
