@@ -108,7 +108,7 @@ def _run_process(
     os.environ["SOFTHSM2_CONF"] = hsm.softhsm2_conf
     from pkcs11 import Attribute, Mechanism
 
-    from hsmscep.hsm.cryptoki import open_library  # initialises with CKF_OS_LOCKING_OK
+    from hsmscep.hsm.library import open_library  # initialises with CKF_OS_LOCKING_OK
 
     # One process at a time: SoftHSM2 processes that initialise, look up the token and log in
     # at the same moment intermittently get NoSuchToken or GeneralError (seen 2 in 30 runs).

@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from hsmscep.hsm.devtoken import find_softhsm
-from hsmscep.testing.client import parse_ca_certs
+from hsmscep.testing.cacerts import parse_ca_certs
 
 HOST = "127.0.0.1"  # every byte of bench traffic stays on loopback
 READY_TIMEOUT = 60.0

@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from hsmscep.errors import MessageError
-from hsmscep.testing.client import ClientRequest, build_pkcs_req, open_cert_rep
+from hsmscep.testing.replies import open_cert_rep
+from hsmscep.testing.requests import ClientRequest, build_pkcs_req
 
 BENCH_DIR = Path(__file__).resolve().parent
 KEY_DIR = BENCH_DIR / ".cache" / "keys"

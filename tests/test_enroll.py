@@ -34,14 +34,13 @@ from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID, NameOID
 
 from hsmscep.protocol import asn1, cms
 from hsmscep.protocol.algorithms import CIPHERS_BY_NAME, DIGESTS_BY_NAME
-from hsmscep.testing.client import (
-    CertRepResult,
+from hsmscep.testing.cacerts import parse_ca_certs
+from hsmscep.testing.replies import CertRepResult, open_cert_rep
+from hsmscep.testing.requests import (
     ClientRequest,
     build_csr,
     build_pkcs_req,
     build_signed_attributes,
-    open_cert_rep,
-    parse_ca_certs,
     self_signed_signer,
     sign_pki_message,
 )

@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.hashes import SHA256
 
 from hsmscep.errors import HsmBusy
 from hsmscep.hsm import cryptoki
-from hsmscep.hsm.cryptoki import TokenLogin
 from hsmscep.hsm.keyring import Keyring
+from hsmscep.hsm.login import TokenLogin
 from hsmscep.hsm.pool import SigningPool
 from tests.conftest import DevCa, key_source
 

@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from hsmscep.config.settings import ALL_CAPS
 from hsmscep.protocol import asn1
-from hsmscep.testing.client import ClientRequest, parse_ca_certs
+from hsmscep.testing.cacerts import parse_ca_certs
+from hsmscep.testing.requests import ClientRequest
 from tests.conftest import DevCa, Server, start_server
 from tests.test_enroll import (
     PKI_MESSAGE,

@@ -138,6 +138,14 @@ def test_config_loads_no_pkcs11_module(module: str) -> None:
     assert not reached, f"{module} reaches python-pkcs11 through {sorted(reached)}"
 
 
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if not _matches(m, "hsm")))
+def test_only_hsm_imports_pkcs11(module: str) -> None:
+    # python-pkcs11 loads a native module and holds process-wide state (one C_Initialize, one
+    # login per token): one package owns it, and everything else reaches the HSM through it.
+    direct = sorted(lib for lib in GRAPH[module] if lib.split(".")[0] == "pkcs11")
+    assert not direct, f"{module} imports {direct}; only hsmscep.hsm may"
+
+
 def test_no_import_cycles() -> None:
     order: list[str] = []
     state: dict[str, int] = {}
@@ -164,3 +172,4 @@ def test_the_graph_is_read() -> None:
     assert "hsmscep.protocol.errors" not in GRAPH
     assert "hsmscep.errors" in _internal("hsmscep.protocol.message")
     assert "hsmscep.store.records" in _internal("hsmscep.service.ports")
+    assert any(lib.split(".")[0] == "pkcs11" for lib in GRAPH["hsmscep.hsm.library"])

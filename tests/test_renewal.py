@@ -28,8 +28,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hsmscep.config.settings import load_settings
 from hsmscep.errors import ConfigError, Rejected
-from hsmscep.hsm.cryptoki import TokenLogin
 from hsmscep.hsm.keyring import Keyring, KeySource
+from hsmscep.hsm.login import TokenLogin
 from hsmscep.hsm.pool import SigningPool
 from hsmscep.policy.issuance import CertRequest, IssuancePolicy
 from hsmscep.policy.profiles import Profile, Profiles

@@ -28,8 +28,8 @@ from cryptography.x509.oid import AuthorityInformationAccessOID
 
 from hsmscep.config.settings import load_settings
 from hsmscep.errors import ConfigError
-from hsmscep.hsm.cryptoki import TokenLogin
 from hsmscep.hsm.keyring import Keyring
+from hsmscep.hsm.login import TokenLogin
 from hsmscep.hsm.pool import SigningPool
 from hsmscep.policy.issuance import IssuancePolicy
 from hsmscep.policy.profiles import Profile, Profiles

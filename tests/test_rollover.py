@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hsmscep.config.settings import load_settings
 from hsmscep.errors import ConfigError, MessageError
 from hsmscep.hsm import cryptoki
-from hsmscep.hsm.cryptoki import TokenLogin
+from hsmscep.hsm.login import TokenLogin
 from hsmscep.testing import client
 from tests.conftest import DevCa, Server, make_ca, start_server
 from tests.test_interop import check_issued, enroll_with_scepclient

@@ -1,5 +1,6 @@
-"""The HSM edge: the PKCS#11 adapter (cryptoki), each worker's keys (keyring), the signing
-worker pool (pool), the development token (devtoken), and key/token names (refs, pure).
+"""The HSM edge: the PKCS#11 adapter (library, pkcs11errors, login, tokenkeys, keyops; cryptoki
+gathers their names), each worker's keys (keyring), the signing worker pool (pool), the
+development token (devtoken), and key/token names (refs, pure).
 
-Only hsm.cryptoki imports python-pkcs11. May import hsmscep.protocol and hsmscep.errors.
+Only hsm/ modules import python-pkcs11. May import hsmscep.protocol and hsmscep.errors.
 """
