@@ -153,13 +153,13 @@ def server(dev_ca: DevCa) -> Iterator[Server]:
 def key_source(ca: DevCa) -> KeySource:
     """The CA's token keys paired with their certificates, as the server builds them."""
     s = ca.settings
-    ra = x509.load_pem_x509_certificate(s.ra_sign_cert.read_bytes())
+    ra = x509.load_pem_x509_certificate(s.ra.cert.read_bytes())
     return KeySource(
-        ca_key=s.ca_key,
-        ca_cert=x509.load_pem_x509_certificate(s.ca_cert.read_bytes()),
-        ra_sign_key=s.ra_sign_key,
+        ca_key=s.ca.key,
+        ca_cert=x509.load_pem_x509_certificate(s.ca.cert.read_bytes()),
+        ra_sign_key=s.ra.key,
         ra_sign_cert=ra,
-        decrypt=[(s.ra_decrypt_key, ra)],
+        decrypt=[(s.ra_decrypt.key, ra)],
     )
 
 

@@ -89,7 +89,7 @@ def test_admin_revocation_reaches_the_crl(
     assert crl_number(after) > crl_number(before)
     assert reason_of(after, cert.serial_number) == x509.ReasonFlags.key_compromise
     assert after.is_signature_valid(certs[0].public_key())  # type: ignore[arg-type]
-    verified = openssl_crl(der, tmp_path, "-CAfile", str(aca.settings.ca_cert), "-verify")
+    verified = openssl_crl(der, tmp_path, "-CAfile", str(aca.settings.ca.cert), "-verify")
     assert verified.returncode == 0 and "verify OK" in verified.stderr, verified
 
     # Idempotent: a repeat (another reason, upper-case colon serial) changes nothing.

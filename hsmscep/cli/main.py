@@ -234,7 +234,7 @@ def _import_ca(args: argparse.Namespace) -> int:
 
 
 def _rollover_prepare(args: argparse.Namespace) -> int:
-    from hsmscep.cli.bootstrap import RolloverOptions, rollover_prepare
+    from hsmscep.cli.rollover import RolloverOptions, rollover_prepare
 
     options = RolloverOptions(
         ca_key=args.ca_key,
@@ -251,7 +251,7 @@ def _rollover_prepare(args: argparse.Namespace) -> int:
 
 
 def _rollover_import_ca(args: argparse.Namespace) -> int:
-    from hsmscep.cli.bootstrap import rollover_import_ca
+    from hsmscep.cli.rollover import rollover_import_ca
 
     settings = load_settings(args.config)
     for line in rollover_import_ca(settings, args.cert, args.chain, args.ra_validity_days):
@@ -260,7 +260,7 @@ def _rollover_import_ca(args: argparse.Namespace) -> int:
 
 
 def _rollover_activate(args: argparse.Namespace) -> int:
-    from hsmscep.cli.bootstrap import rollover_activate
+    from hsmscep.cli.rollover import rollover_activate
 
     for line in rollover_activate(load_settings(args.config)):
         print(line)
@@ -317,7 +317,7 @@ async def _record_revocation(
 
     from hsmscep.store.sqlite import CertStore
 
-    store = await CertStore.open(settings.db_path, synchronous=settings.db_synchronous)
+    store = await CertStore.open(settings.store.path, synchronous=settings.store.synchronous)
     try:
         return await store.revoke(serial, reason, datetime.now(UTC))
     finally:
@@ -366,7 +366,7 @@ def _pending_list(args: argparse.Namespace) -> int:
 async def _read_pending(settings: Settings) -> list[PendingRequest]:
     from hsmscep.store.sqlite import CertStore
 
-    store = await CertStore.open(settings.db_path, synchronous=settings.db_synchronous)
+    store = await CertStore.open(settings.store.path, synchronous=settings.store.synchronous)
     try:
         return await store.pending_requests()
     finally:
@@ -400,7 +400,7 @@ async def _record_decision(
 
     from hsmscep.store.sqlite import CertStore
 
-    store = await CertStore.open(settings.db_path, synchronous=settings.db_synchronous)
+    store = await CertStore.open(settings.store.path, synchronous=settings.store.synchronous)
     try:
         return await store.decide_pending(
             request_id,
@@ -440,7 +440,7 @@ async def _issue_challenge(
     profile = settings.profiles.get(args.profile)
     # The challenge lives in the store of the CA that issues for the profile.
     ca_settings = settings.for_ca(profile.ca) if profile is not None else settings
-    store = await CertStore.open(ca_settings.db_path, synchronous=settings.db_synchronous)
+    store = await CertStore.open(ca_settings.store.path, synchronous=settings.store.synchronous)
     try:
         return await issue_challenge(
             store,
@@ -465,32 +465,32 @@ _APP = "hsmscep.web.app:app_from_env"
 
 
 def run_server(config: str, settings: Settings) -> int:
-    """Run uvicorn with `settings.workers` processes, each opening its own HSM pool."""
+    """Run uvicorn with `settings.server.workers` processes, each opening its own HSM pool."""
     import uvicorn
 
     from hsmscep.web import affinity, balance
     from hsmscep.web.httpproto import BoundedHttpToolsProtocol
 
-    for path, key in ((settings.ca_cert, "ca.cert"), (settings.ra_sign_cert, "ra.cert")):
+    for path, key in ((settings.ca.cert, "ca.cert"), (settings.ra.cert, "ra.cert")):
         if not path.exists():
             raise ConfigError(f"{key}: {path} does not exist (run `hsmscep init` first)")
     os.environ["HSMSCEP_CONFIG"] = config
     cpus = affinity.usable_cpus()
-    workers = affinity.worker_processes(settings.workers)
-    logs.configure(settings.log_level)
+    workers = affinity.worker_processes(settings.server.workers)
+    logs.configure(settings.log.level)
     options: dict[str, Any] = {
         "factory": True,
-        "host": settings.host,
-        "port": settings.port,
+        "host": settings.server.host,
+        "port": settings.server.port,
         "loop": "uvloop",
         "http": BoundedHttpToolsProtocol,
         "access_log": False,
-        "log_level": settings.log_level.lower(),
+        "log_level": settings.log.level.lower(),
         "backlog": 4096,
         "timeout_keep_alive": 15,
         "timeout_graceful_shutdown": 30,
     }
-    if affinity.should_pin(settings.pin_cpus, workers, len(cpus)):
+    if affinity.should_pin(settings.server.pin_cpus, workers, len(cpus)):
         os.environ[affinity.ENV] = ",".join(map(str, cpus))
     if workers > 1:
         # One HSM session per process: connections must be spread by load, which uvicorn's
@@ -516,11 +516,11 @@ def _dev(args: argparse.Namespace) -> int:
         config.write_text(dev_config(token.module, token.label, "pin", "challenge"))
     _apply_overrides(args)
     settings = load_settings(config)
-    if not settings.ca_cert.exists():
+    if not settings.ca.cert.exists():
         for line in init(settings, InitOptions(ca_key=args.ca_key, subject="CN=hsmscep dev CA")):
             print(line)
-    host = "[::1]" if ":" in settings.host else settings.host
-    print(f"SCEP URL:  http://{host}:{settings.port}/scep")
+    host = "[::1]" if ":" in settings.server.host else settings.server.host
+    print(f"SCEP URL:  http://{host}:{settings.server.port}/scep")
     print(f"challenge: {challenge_file.read_text().strip()}")
     print(f"config:    {config}  (SOFTHSM2_CONF={token.conf})", flush=True)
     return run_server(str(config), settings)

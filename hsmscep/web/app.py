@@ -88,8 +88,8 @@ def create_app(settings: Settings) -> Starlette:
             yield {
                 "services": services,
                 "profiles": profiles,
-                "max_body": settings.max_body,
-                "admin_token": settings.admin_token,
+                "max_body": settings.server.max_body,
+                "admin_token": settings.admin.token,
             }
 
     routes = [
@@ -114,7 +114,7 @@ def create_app(settings: Settings) -> Starlette:
 def app_from_env() -> Starlette:
     """uvicorn factory for worker processes: the config path travels in HSMSCEP_CONFIG."""
     settings = load_settings(os.environ["HSMSCEP_CONFIG"])
-    logs.configure(settings.log_level)
+    logs.configure(settings.log.level)
     return create_app(settings)
 
 
@@ -126,16 +126,16 @@ async def _running_service(
     settings: Settings, profiles: Profiles, webhooks: WebhookClient | None
 ) -> AsyncIterator[ScepService]:
     """The service of one CA (`settings.for_ca(name)`) and the profiles it issues for."""
-    if settings.ca_name == DEFAULT_CA:
-        ca_cert = _load_cert(settings.ca_cert, "ca.cert")
-        ra_sign = _load_cert(settings.ra_sign_cert, "ra.cert")
-        ra_decrypt = _load_cert(settings.ra_decrypt_cert, "ra_decrypt.cert")
+    if settings.ca.name == DEFAULT_CA:
+        ca_cert = _load_cert(settings.ca.cert, "ca.cert")
+        ra_sign = _load_cert(settings.ra.cert, "ra.cert")
+        ra_decrypt = _load_cert(settings.ra_decrypt.cert, "ra_decrypt.cert")
     else:
-        where, init = f"cas.{settings.ca_name}", f"hsmscep init --ca {settings.ca_name}"
-        ca_cert = _load_cert(settings.ca_cert, f"{where}.cert", init)
-        ra_sign = ra_decrypt = _load_cert(settings.ra_sign_cert, f"{where}.ra_cert", init)
-    previous = [(k, p) for k, p in settings.ra_previous if k != settings.ra_decrypt_key]
-    upcoming = settings.next_generation
+        where, init = f"cas.{settings.ca.name}", f"hsmscep init --ca {settings.ca.name}"
+        ca_cert = _load_cert(settings.ca.cert, f"{where}.cert", init)
+        ra_sign = ra_decrypt = _load_cert(settings.ra.cert, f"{where}.ra_cert", init)
+    previous = [(k, p) for k, p in settings.rollover.previous_ra if k != settings.ra_decrypt.key]
+    upcoming = settings.rollover.next
     next_certs: list[x509.Certificate] = []
     if upcoming is not None:
         next_certs = [
@@ -147,23 +147,23 @@ async def _running_service(
         if upcoming.cross_cert is not None:
             next_certs.append(_load_cert(upcoming.cross_cert, "rollover next.cross_cert"))
     chain = (
-        x509.load_pem_x509_certificates(settings.ca_chain.read_bytes())
-        if settings.ca_chain is not None and settings.ca_chain.exists()
+        x509.load_pem_x509_certificates(settings.ca.chain.read_bytes())
+        if settings.ca.chain is not None and settings.ca.chain.exists()
         else []
     )
-    if settings.ca_cross_cert is not None:
+    if settings.ca.cross_cert is not None:
         # NewWithOld after the CA and RA certificates: clients that trust only the previous
         # root build new CA -> cross certificate -> previous root.
-        chain.append(_load_cert(settings.ca_cross_cert, "rollover current.cross_cert"))
+        chain.append(_load_cert(settings.ca.cross_cert, "rollover current.cross_cert"))
     source = KeySource(
-        ca_key=settings.ca_key,
+        ca_key=settings.ca.key,
         ca_cert=ca_cert,
-        ra_sign_key=settings.ra_sign_key,
+        ra_sign_key=settings.ra.key,
         ra_sign_cert=ra_sign,
         # The current RA key first (the hot path matches it at once), then the RA keys of
         # earlier rollover generations: clients may still encrypt to an old RA certificate.
         decrypt=[
-            (settings.ra_decrypt_key, ra_decrypt),
+            (settings.ra_decrypt.key, ra_decrypt),
             *((key, _load_cert(path, "rollover previous_ra.cert")) for key, path in previous),
         ],
     )
@@ -172,11 +172,13 @@ async def _running_service(
     # core busy with the least GIL contention (measured in bench/PROFILE.md). Network HSMs
     # are latency-bound and want pool_size set to ~30.
     cores = len(affinity.usable_cpus())
-    size = settings.pool_size or max(1, cores // affinity.worker_processes(settings.workers))
+    size = settings.server.pool_size or max(
+        1, cores // affinity.worker_processes(settings.server.workers)
+    )
     pool: SigningPool[Keyring] = SigningPool(
         lambda: Keyring.open(source, logins),
         size=size,
-        max_pending=settings.max_pending,
+        max_pending=settings.server.max_pending,
         close_context=Keyring.close,
     )
     store: CertStore | None = None
@@ -184,9 +186,9 @@ async def _running_service(
         await pool.start()
         await pool.run(Keyring.check_certificates)
         store = await CertStore.open(
-            settings.db_path,
-            synchronous=settings.db_synchronous,
-            linger=settings.db_commit_linger_ms / 1000,
+            settings.store.path,
+            synchronous=settings.store.synchronous,
+            linger=settings.store.commit_linger_ms / 1000,
         )
         ra_certs = [ra_sign] if ra_decrypt == ra_sign else [ra_sign, ra_decrypt]
         service = ScepService(
@@ -195,15 +197,15 @@ async def _running_service(
             ca_cert=ca_cert,
             ra_certs=ra_certs,
             chain=chain,
-            policy=default_policy(None, settings.crl_base_url, settings.ca_name),
+            policy=default_policy(None, settings.crl.base_url, settings.ca.name),
             profiles=profiles,
             webhooks=webhooks,
-            crl_lifetime=timedelta(hours=settings.crl_next_update_hours),
+            crl_lifetime=timedelta(hours=settings.crl.next_update_hours),
             renewal=RenewalPolicy(
-                enabled=settings.renewal_enabled,
-                window=timedelta(days=settings.renewal_window_days),
-                allow_key_reuse=settings.renewal_allow_key_reuse,
-                revoke_replaced=settings.renewal_revoke_replaced,
+                enabled=settings.renewal.enabled,
+                window=timedelta(days=settings.renewal.window_days),
+                allow_key_reuse=settings.renewal.allow_key_reuse,
+                revoke_replaced=settings.renewal.revoke_replaced,
             ),
             next_ca_certs=next_certs,
         )
