@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hsmscep.cli.bootstrap import InitOptions, init
-from hsmscep.cli.main import dev_config
+from hsmscep.cli.dev import dev_config
 from hsmscep.config.settings import Settings, load_settings
 from hsmscep.hsm import devtoken
 from hsmscep.hsm.keyring import KeySource

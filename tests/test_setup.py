@@ -112,7 +112,7 @@ def test_external_root_via_csr_and_import(softhsm_dir: Path, tmp_path: Path) -> 
     token = devtoken.ensure_token(softhsm_dir, label="offline-root")
     (tmp_path / "pin").write_text(token.pin_file.read_text())
     (tmp_path / "challenge").write_text("offline\n")
-    from hsmscep.cli.main import dev_config
+    from hsmscep.cli.dev import dev_config
 
     config = tmp_path / "hsmscep.toml"
     config.write_text(

@@ -7,6 +7,7 @@ replaced unless the caller says so.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +26,7 @@ from hsmscep.cli.certificates import (
     write_ca_csr,
     write_file,
 )
-from hsmscep.config.settings import Settings
+from hsmscep.config.settings import Settings, load_settings
 from hsmscep.errors import ConfigError
 from hsmscep.hsm import cryptoki
 from hsmscep.hsm.cryptoki import TokenLogin
@@ -132,3 +133,28 @@ def _issue_ra_certificates(
         write_file(path, cert.public_bytes(Encoding.PEM))
         done.append(f"wrote {RA_ROLES[usage]} certificate to {path}")
     return done
+
+
+def init_command(args: argparse.Namespace) -> int:
+    """`hsmscep init`."""
+    settings = load_settings(args.config).for_ca(args.ca)
+    options = InitOptions(
+        ca_key=args.ca_key,
+        ra_key_bits=args.ra_key_size,
+        subject=args.subject,
+        validity_days=args.validity_days,
+        ra_validity_days=args.ra_validity_days,
+        csr_out=args.csr,
+        force=args.force,
+    )
+    for line in init(settings, options):
+        print(line)
+    return 0
+
+
+def import_ca_command(args: argparse.Namespace) -> int:
+    """`hsmscep import-ca`."""
+    settings = load_settings(args.config).for_ca(args.ca)
+    for line in import_ca(settings, args.cert, args.chain, args.ra_validity_days):
+        print(line)
+    return 0

@@ -7,6 +7,7 @@ read at start.
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -30,7 +31,7 @@ from hsmscep.cli.certificates import (
     write_file,
 )
 from hsmscep.config.rollover import Generation, record_activated, record_awaiting, record_next
-from hsmscep.config.settings import Settings
+from hsmscep.config.settings import Settings, load_settings
 from hsmscep.errors import ConfigError
 from hsmscep.hsm import cryptoki
 from hsmscep.hsm.cryptoki import TokenLogin
@@ -214,3 +215,34 @@ def _spec_of(public_key: Any) -> KeySpec:
     if spec not in KEY_SPECS:
         raise ConfigError("the current CA key has no matching --ca-key; pass one")
     return spec
+
+
+def prepare_command(args: argparse.Namespace) -> int:
+    """`hsmscep rollover prepare`."""
+    options = RolloverOptions(
+        ca_key=args.ca_key,
+        ra_key_bits=args.ra_key_size,
+        subject=args.subject,
+        validity_days=args.validity_days,
+        ra_validity_days=args.ra_validity_days,
+        force=args.force,
+        csr_out=args.csr,
+    )
+    for line in rollover_prepare(load_settings(args.config), options):
+        print(line)
+    return 0
+
+
+def import_ca_command(args: argparse.Namespace) -> int:
+    """`hsmscep rollover import-ca`."""
+    settings = load_settings(args.config)
+    for line in rollover_import_ca(settings, args.cert, args.chain, args.ra_validity_days):
+        print(line)
+    return 0
+
+
+def activate_command(args: argparse.Namespace) -> int:
+    """`hsmscep rollover activate`."""
+    for line in rollover_activate(load_settings(args.config)):
+        print(line)
+    return 0
