@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hsmscep.cli.bootstrap import InitOptions, init
-from hsmscep.cli.main import dev_config
+from hsmscep.cli.dev import dev_config
 from hsmscep.config.settings import Settings, load_settings
 from hsmscep.hsm import devtoken
 from hsmscep.hsm.keyring import KeySource
@@ -154,13 +154,13 @@ def server(dev_ca: DevCa) -> Iterator[Server]:
 def key_source(ca: DevCa) -> KeySource:
     """The CA's token keys paired with their certificates, as the server builds them."""
     s = ca.settings
-    ra = x509.load_pem_x509_certificate(s.ra_sign_cert.read_bytes())
+    ra = x509.load_pem_x509_certificate(s.ra.cert.read_bytes())
     return KeySource(
-        ca_key=s.ca_key,
-        ca_cert=x509.load_pem_x509_certificate(s.ca_cert.read_bytes()),
-        ra_sign_key=s.ra_sign_key,
+        ca_key=s.ca.key,
+        ca_cert=x509.load_pem_x509_certificate(s.ca.cert.read_bytes()),
+        ra_sign_key=s.ra.key,
         ra_sign_cert=ra,
-        decrypt=[(s.ra_decrypt_key, ra)],
+        decrypt=[(s.ra_decrypt.key, ra)],
     )
 
 

@@ -136,13 +136,13 @@ def spki(key: Any) -> bytes:
 
 
 def row_count(ca: DevCa) -> int:
-    with closing(sqlite3.connect(ca.settings.db_path)) as db:
+    with closing(sqlite3.connect(ca.settings.store.path)) as db:
         return int(db.execute("SELECT COUNT(*) FROM certificates").fetchone()[0])
 
 
 def rows_for(ca: DevCa, transaction_id: str) -> list[tuple[Any, ...]]:
     """(serial, subject, transaction_id, der, sans_json) rows stored for a transactionID."""
-    with closing(sqlite3.connect(ca.settings.db_path)) as db:
+    with closing(sqlite3.connect(ca.settings.store.path)) as db:
         query = (
             "SELECT serial, subject, transaction_id, der, sans_json FROM certificates"
             " WHERE transaction_id = ?"

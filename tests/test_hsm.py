@@ -23,8 +23,8 @@ pytestmark = pytest.mark.hsm
 def test_ca_and_ra_keys_are_sensitive_and_not_extractable(dev_ca: DevCa) -> None:
     logins = TokenLogin()
     try:
-        session = logins.open_session(dev_ca.settings.ca_key.token)
-        for ref in (dev_ca.settings.ca_key, dev_ca.settings.ra_sign_key):
+        session = logins.open_session(dev_ca.settings.ca.key.token)
+        for ref in (dev_ca.settings.ca.key, dev_ca.settings.ra.key):
             assert cryptoki.key_protection(session, ref) == (True, False), ref.describe()
     finally:
         logins.close()

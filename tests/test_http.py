@@ -19,7 +19,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from hsmscep.config.settings import ALL_CAPS
+from hsmscep.config.sections import ALL_CAPS
 from hsmscep.protocol import asn1
 from hsmscep.testing.cacerts import parse_ca_certs
 from hsmscep.testing.requests import ClientRequest
@@ -173,8 +173,8 @@ def test_get_ca_cert_returns_ca_and_ra(server: Server, dev_ca: DevCa) -> None:
     assert reply.status == 200
     assert reply.content_type == "application/x-x509-ca-ra-cert"
     certs = parse_ca_certs(reply.body)
-    ca = x509.load_pem_x509_certificate(dev_ca.settings.ca_cert.read_bytes())
-    ra = x509.load_pem_x509_certificate(dev_ca.settings.ra_sign_cert.read_bytes())
+    ca = x509.load_pem_x509_certificate(dev_ca.settings.ca.cert.read_bytes())
+    ra = x509.load_pem_x509_certificate(dev_ca.settings.ra.cert.read_bytes())
     assert certs == [ca, ra]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert not ra.extensions.get_extension_for_class(x509.BasicConstraints).value.ca

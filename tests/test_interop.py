@@ -42,14 +42,14 @@ def enroll_with_scepclient(
 
 
 def stored_serials(ca: DevCa) -> set[int]:
-    with sqlite3.connect(ca.settings.db_path) as db:
+    with sqlite3.connect(ca.settings.store.path) as db:
         return {int(row[0], 16) for row in db.execute("SELECT serial FROM certificates")}
 
 
 def check_issued(ca: DevCa, workdir: Path, cn: str) -> x509.Certificate:
     pem = workdir / "client.pem"
     verify = subprocess.run(
-        ["openssl", "verify", "-CAfile", str(ca.settings.ca_cert), str(pem)],
+        ["openssl", "verify", "-CAfile", str(ca.settings.ca.cert), str(pem)],
         capture_output=True,
         text=True,
     )

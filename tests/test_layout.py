@@ -130,12 +130,11 @@ def test_pure_core_does_no_io(module: str) -> None:
     assert not used, f"{module} reaches I/O: {sorted(used)}"
 
 
+@pytest.mark.parametrize("library", ["pkcs11", "httpx"])
 @pytest.mark.parametrize("module", sorted(m for m in GRAPH if _matches(m, "config")))
-def test_config_loads_no_pkcs11_module(module: str) -> None:
-    reached = {
-        m for m in _closure(module) if any(lib.split(".")[0] == "pkcs11" for lib in GRAPH[m])
-    }
-    assert not reached, f"{module} reaches python-pkcs11 through {sorted(reached)}"
+def test_config_loads_no_pkcs11_module_nor_http_client(module: str, library: str) -> None:
+    reached = {m for m in _closure(module) if any(lib.split(".")[0] == library for lib in GRAPH[m])}
+    assert not reached, f"{module} reaches {library} through {sorted(reached)}"
 
 
 @pytest.mark.parametrize("module", sorted(m for m in GRAPH if not _matches(m, "hsm")))

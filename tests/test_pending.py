@@ -58,7 +58,7 @@ def pca(softhsm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DevCa:
     manual = f'validity_days = 365\napproval = "manual"\npending_ttl_hours = {TTL_HOURS}\n'
     ca.config.write_text(text.replace("validity_days = 365\n", manual, 1))
     settings = load_settings(ca.config)
-    assert settings.approval == "manual" and settings.admin_token == TOKEN
+    assert settings.enroll.approval == "manual" and settings.admin.token == TOKEN
     return ca
 
 
@@ -162,7 +162,7 @@ def admin(
 
 
 def stored(ca: DevCa, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
-    with closing(sqlite3.connect(ca.settings.db_path)) as db:
+    with closing(sqlite3.connect(ca.settings.store.path)) as db:
         return list(db.execute(sql, params))
 
 
@@ -219,7 +219,7 @@ def test_pending_then_approved_by_cli_across_restart(pca: DevCa) -> None:
     )
     assert status == "issued"
     verify = subprocess.run(
-        ["openssl", "verify", "-CAfile", str(pca.settings.ca_cert), "/dev/stdin"],
+        ["openssl", "verify", "-CAfile", str(pca.settings.ca.cert), "/dev/stdin"],
         input=cert.public_bytes(Encoding.PEM),
         capture_output=True,
     )
@@ -291,7 +291,7 @@ def test_admin_api_needs_the_token(pca: DevCa, pserver: Server) -> None:
 
 
 def test_admin_api_disabled_without_token(dev_ca: DevCa, server: Server) -> None:
-    assert load_settings(dev_ca.config).admin_token is None
+    assert load_settings(dev_ca.config).admin.token is None
     for token in (None, TOKEN):
         assert admin(server.url, "GET", "/admin/pending", token).status_code == 404
         assert admin(server.url, "POST", "/admin/pending/1/approve", token).status_code == 404
@@ -312,9 +312,9 @@ def test_admin_token_from_env(pca: DevCa) -> None:
     env_token = "from-the-environment-0123"
     config = variant(pca, "env", 'token_file = "admin-token"', 'token_env = "ADMIN_TOK"')
     settings = load_settings(config, {"ADMIN_TOK": env_token})
-    assert settings.admin_token == env_token
+    assert settings.admin.token == env_token
     assert env_token not in repr(settings)
-    assert load_settings(config, {}).admin_token is None
+    assert load_settings(config, {}).admin.token is None
 
 
 # ---- refusals: expiry, a wrong challenge, another requester ---------------------------------
@@ -324,7 +324,7 @@ def test_expired_pending_request_is_refused(pca: DevCa, pserver: Server) -> None
     carol = Requester(pca, get_ca_certs(pserver.url), "carol")
     assert carol.pkcs_req(pserver.url).pki_status == PENDING
     old = (datetime.now(UTC) - timedelta(hours=TTL_HOURS, minutes=1)).isoformat()
-    with closing(sqlite3.connect(pca.settings.db_path)) as db, db:
+    with closing(sqlite3.connect(pca.settings.store.path)) as db, db:
         db.execute(
             "UPDATE pending_requests SET created_at = ? WHERE transaction_id = ?",
             (old, carol.transaction_id),
@@ -450,7 +450,7 @@ def test_scepclient_pending_then_approved(pca: DevCa, pserver: Server, tmp_path:
     assert again.returncode == 0, again.stdout + again.stderr
     pem = tmp_path / "client.pem"
     verify = subprocess.run(
-        ["openssl", "verify", "-CAfile", str(pca.settings.ca_cert), str(pem)],
+        ["openssl", "verify", "-CAfile", str(pca.settings.ca.cert), str(pem)],
         capture_output=True,
         text=True,
     )

@@ -67,7 +67,7 @@ def raw_post(port: int, body: bytes) -> tuple[int, dict[str, str], bytes]:
 
 
 def rows(ca: DevCa) -> int:
-    with sqlite3.connect(ca.settings.db_path) as db:
+    with sqlite3.connect(ca.settings.store.path) as db:
         return int(db.execute("SELECT count(*) FROM certificates").fetchone()[0])
 
 

@@ -301,7 +301,7 @@ def refused(result: client.CertRepResult) -> None:
 
 
 def stored(ca: DevCa) -> int:
-    with sqlite3.connect(ca.settings.db_path) as db:
+    with sqlite3.connect(ca.settings.store.path) as db:
         return int(db.execute("SELECT COUNT(*) FROM certificates").fetchone()[0])
 
 
@@ -501,7 +501,7 @@ def test_expired_challenge_is_refused(
     now = datetime.now(UTC)
 
     async def add() -> None:
-        store = await CertStore.open(pca.settings.db_path)
+        store = await CertStore.open(pca.settings.store.path)
         try:
             await store.add_challenge(
                 OneTimeChallenge(
@@ -567,7 +567,7 @@ def test_cli_issues_a_working_challenge(
         ca_certs,
     )
     assert cert.subject == name("CN=cli")
-    with sqlite3.connect(pca.settings.db_path) as db:
+    with sqlite3.connect(pca.settings.store.path) as db:
         values = [row[0] for row in db.execute("SELECT hash FROM challenges")]
     assert issued["challenge"] not in values and challenge_hash(issued["challenge"]) in values
 

@@ -202,7 +202,7 @@ def sans(cert: x509.Certificate) -> list[x509.GeneralName]:
 
 def stored(ca: DevCa, serial: int) -> tuple[str, list[str], str, str | None] | None:
     """(subject, SANs, status, revocation reason) as the store has them, read with sqlite3."""
-    with closing(sqlite3.connect(ca.settings.db_path)) as db:
+    with closing(sqlite3.connect(ca.settings.store.path)) as db:
         row = db.execute(
             "SELECT subject, sans_json, status, revocation_reason FROM certificates"
             " WHERE serial = ?",
@@ -214,7 +214,7 @@ def stored(ca: DevCa, serial: int) -> tuple[str, list[str], str, str | None] | N
 
 
 def transaction_of(ca: DevCa, serial: int) -> str:
-    with closing(sqlite3.connect(ca.settings.db_path)) as db:
+    with closing(sqlite3.connect(ca.settings.store.path)) as db:
         row = db.execute(
             "SELECT transaction_id FROM certificates WHERE serial = ?", (format(serial, "040x"),)
         ).fetchone()
@@ -345,7 +345,7 @@ def test_revoked_signer_is_refused(
 
 
 def count(ca: DevCa) -> int:
-    with closing(sqlite3.connect(ca.settings.db_path)) as db:
+    with closing(sqlite3.connect(ca.settings.store.path)) as db:
         return int(db.execute("SELECT COUNT(*) FROM certificates").fetchone()[0])
 
 
@@ -505,24 +505,24 @@ def test_renewal_settings(nca: DevCa) -> None:
     config = nca.directory / "renewal.toml"
     config.write_text(nca.config.read_text() + "\n[renewal]\nenabled = false\n")
     settings = load_settings(config)
-    assert not settings.renewal_enabled and "Renewal" not in settings.caps
-    assert load_settings(nca.config).renewal_enabled and "Renewal" in nca.settings.caps
+    assert not settings.renewal.enabled and "Renewal" not in settings.server.caps
+    assert load_settings(nca.config).renewal.enabled and "Renewal" in nca.settings.server.caps
     config.write_text(
         nca.config.read_text()
         + "\n[renewal]\nwindow_days = 30\nallow_key_reuse = true\nrevoke_replaced = true\n"
     )
     settings = load_settings(config)
     assert (
-        settings.renewal_enabled,
-        settings.renewal_window_days,
-        settings.renewal_allow_key_reuse,
-        settings.renewal_revoke_replaced,
+        settings.renewal.enabled,
+        settings.renewal.window_days,
+        settings.renewal.allow_key_reuse,
+        settings.renewal.revoke_replaced,
     ) == (True, 30, True, True)
     defaults = nca.settings
     assert (
-        defaults.renewal_window_days,
-        defaults.renewal_allow_key_reuse,
-        defaults.renewal_revoke_replaced,
+        defaults.renewal.window_days,
+        defaults.renewal.allow_key_reuse,
+        defaults.renewal.revoke_replaced,
     ) == (0, False, False)
 
 
@@ -531,13 +531,13 @@ def test_renewal_settings(nca: DevCa) -> None:
 
 def test_renewal_window_and_expired_signer(nca: DevCa, tmp_path: Path) -> None:
     s = nca.settings
-    ra = x509.load_pem_x509_certificate(s.ra_sign_cert.read_bytes())
+    ra = x509.load_pem_x509_certificate(s.ra.cert.read_bytes())
     source = KeySource(
-        ca_key=s.ca_key,
-        ca_cert=x509.load_pem_x509_certificate(s.ca_cert.read_bytes()),
-        ra_sign_key=s.ra_sign_key,
+        ca_key=s.ca.key,
+        ca_cert=x509.load_pem_x509_certificate(s.ca.cert.read_bytes()),
+        ra_sign_key=s.ra.key,
         ra_sign_cert=ra,
-        decrypt=[(s.ra_decrypt_key, ra)],
+        decrypt=[(s.ra_decrypt.key, ra)],
     )
     t0 = datetime.now(UTC).replace(microsecond=0)
     now = [t0]

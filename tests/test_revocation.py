@@ -192,7 +192,7 @@ def test_issued_certificates_carry_crl_dp_and_aia(
 
 
 def test_without_base_url_no_crl_dp_or_aia(dev_ca: DevCa, server: Server, tmp_path: Path) -> None:
-    assert dev_ca.settings.crl_base_url is None
+    assert dev_ca.settings.crl.base_url is None
     certs = client.parse_ca_certs(
         httpx.get(f"{server.url}/scep", params={"operation": "GetCACert"}).content
     )
@@ -234,7 +234,7 @@ def test_cli_revocation_reaches_the_running_servers_crl(
     ski = ca_certs[0].extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     assert aki.key_identifier == ski.digest
 
-    ca_pem = str(rca.settings.ca_cert)
+    ca_pem = str(rca.settings.ca.cert)
     verified = openssl_crl(der, tmp_path, "-CAfile", ca_pem, "-verify", "-noout")
     assert verified.returncode == 0 and "verify OK" in verified.stderr, verified
     text = openssl_crl(der, tmp_path, "-text", "-noout")
@@ -242,7 +242,7 @@ def test_cli_revocation_reaches_the_running_servers_crl(
     assert re.search(rf"Serial Number: 0*{cert.serial_number:X}\n", text.stdout), text.stdout
     assert "Key Compromise" in text.stdout
     # The check can fail: the same CRL does not verify against another certificate.
-    ra_pem = str(rca.settings.ra_sign_cert)
+    ra_pem = str(rca.settings.ra.cert)
     refused = openssl_crl(der, tmp_path, "-CAfile", ra_pem, "-verify", "-noout")
     assert "verify OK" not in refused.stderr, refused
 
@@ -260,7 +260,7 @@ def test_cli_revocation_reaches_the_running_servers_crl(
     accepted = subprocess.run([*check, str(tmp_path / "good.pem")], capture_output=True)
     assert accepted.returncode == 0 and b": OK" in accepted.stdout, accepted
 
-    with closing(sqlite3.connect(rca.settings.db_path)) as db:
+    with closing(sqlite3.connect(rca.settings.store.path)) as db:
         row = db.execute(
             "SELECT status, revocation_reason, revoked_at FROM certificates WHERE serial = ?",
             (format(cert.serial_number, "040x"),),
@@ -337,7 +337,7 @@ def test_crl_settings_are_checked(rca: DevCa, section: str, message: str) -> Non
 
 
 def revision_of(ca: DevCa) -> int:
-    with closing(sqlite3.connect(ca.settings.db_path)) as db:
+    with closing(sqlite3.connect(ca.settings.store.path)) as db:
         return int(db.execute("SELECT revision FROM revocation_state").fetchone()[0])
 
 
@@ -391,7 +391,7 @@ def test_unknown_certificate_is_bad_cert_id(
     assert result.certificates == [] and result.crls == []
     # A serial we did issue, but named under another CA's name: not ours either.
     cert, _ = enroll(rserver.url, rca, ca_certs, f"foreign-issuer-{message_type}")
-    foreign = x509.load_pem_x509_certificate(dev_ca.settings.ca_cert.read_bytes())
+    foreign = x509.load_pem_x509_certificate(dev_ca.settings.ca.cert.read_bytes())
     result = query(rserver.url, ca_certs, cert.serial_number, message_type, issuer=foreign)
     assert (result.pki_status, result.fail_info) == (FAILURE, BAD_CERT_ID)
 

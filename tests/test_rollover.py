@@ -104,7 +104,7 @@ def restart(ca: DevCa, srv: Server) -> Server:
 
 def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
     ca = make_ca(softhsm_dir, tmp_path / "ca", "rollover-ca")
-    old_ca_pem = ca.settings.ca_cert
+    old_ca_pem = ca.settings.ca.cert
     srv = start_server(ca)
     try:
         assert "GetNextCACert" not in caps(srv.url)
@@ -124,10 +124,10 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
             "cross_cert": "cross-g2.pem",
         }
         prepared = load_settings(ca.config)
-        assert prepared.next_generation is not None
+        assert prepared.rollover.next is not None
         logins = TokenLogin()
         try:
-            for ref in (prepared.next_generation.ca_key, prepared.next_generation.ra_key):
+            for ref in (prepared.rollover.next.ca_key, prepared.rollover.next.ra_key):
                 session = logins.open_session(ref.token)
                 assert cryptoki.key_protection(session, ref) == (True, False), ref.describe()
         finally:
@@ -188,9 +188,9 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
         done = rollover(ca, "activate")
         assert done.returncode == 0, done.stderr
         activated = load_settings(ca.config)
-        assert activated.next_generation is None and activated.rollover_generation == 2
-        assert activated.ca_cert == ca.directory / "ca-g2.pem"
-        assert [p for _, p in activated.ra_previous] == [ca.directory / "ra.pem"]
+        assert activated.rollover.next is None and activated.rollover.generation == 2
+        assert activated.ca.cert == ca.directory / "ca-g2.pem"
+        assert [p for _, p in activated.rollover.previous_ra] == [ca.directory / "ra.pem"]
         nothing = rollover(ca, "activate")
         assert nothing.returncode == 2 and "no next CA" in nothing.stderr, nothing
         srv = restart(ca, srv)
@@ -233,8 +233,8 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert rollover(ca, "activate").returncode == 0
     third = load_settings(ca.config)
-    assert third.rollover_generation == 3 and third.ca_key.label == "hsmscep-ca-g3"
-    assert [p.name for _, p in third.ra_previous] == ["ra-g2.pem", "ra.pem"]
+    assert third.rollover.generation == 3 and third.ca.key.label == "hsmscep-ca-g3"
+    assert [p.name for _, p in third.rollover.previous_ra] == ["ra-g2.pem", "ra.pem"]
     srv = start_server(ca)
     try:
         current = ca_certs(srv.url)
@@ -310,9 +310,9 @@ def test_rollover_state_is_checked(dev_ca: DevCa, tmp_path: Path, state: str, me
 
 def test_rollover_state_file_is_configurable(dev_ca: DevCa, tmp_path: Path) -> None:
     settings = load_settings(dev_ca.config, {"HSMSCEP_ROLLOVER_STATE": str(tmp_path / "s.json")})
-    assert settings.rollover_state == tmp_path / "s.json"
-    assert settings.rollover_generation == 1 and settings.next_generation is None
-    assert settings.ra_previous == ()
+    assert settings.rollover.path == tmp_path / "s.json"
+    assert settings.rollover.generation == 1 and settings.rollover.next is None
+    assert settings.rollover.previous_ra == ()
 
 
 def sign_ca_csr(csr_pem: bytes, root_key: rsa.RSAPrivateKey, root: x509.Certificate) -> bytes:
@@ -371,8 +371,8 @@ def test_rollover_to_a_ca_signed_by_an_external_root(softhsm_dir: Path, tmp_path
     done = rollover(ca, "prepare", "--csr", str(csr_path), "--subject", "CN=issuing CA g2")
     assert done.returncode == 0, done.stderr
     waiting = load_settings(ca.config)
-    assert waiting.awaiting_generation is not None and waiting.next_generation is None
-    assert waiting.awaiting_generation.ca_key.label == "hsmscep-ca-g2"
+    assert waiting.rollover.awaiting_cert is not None and waiting.rollover.next is None
+    assert waiting.rollover.awaiting_cert.ca_key.label == "hsmscep-ca-g2"
     assert rollover(ca, "activate").returncode == 2  # nothing prepared yet
 
     # A certificate for another key is refused; the root's signature on the CSR is accepted.

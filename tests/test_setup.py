@@ -51,16 +51,16 @@ def enroll(url: str, ca: DevCa, cn: str) -> client.CertRepResult:
 
 
 def test_init_refuses_to_replace_existing_keys(dev_ca: DevCa) -> None:
-    before = dev_ca.settings.ca_cert.read_bytes()
+    before = dev_ca.settings.ca.cert.read_bytes()
     result = cli("init", "--config", str(dev_ca.config))
     assert result.returncode == 2
     assert "already exist" in result.stderr and "--force" in result.stderr
-    assert dev_ca.settings.ca_cert.read_bytes() == before
+    assert dev_ca.settings.ca.cert.read_bytes() == before
 
 
 def test_ec_p256_ca_issues_ecdsa_signed_certificates(softhsm_dir: Path, tmp_path: Path) -> None:
     ca = make_ca(softhsm_dir, tmp_path, "ec-ca", ca_key="p256")
-    ca_cert = x509.load_pem_x509_certificate(ca.settings.ca_cert.read_bytes())
+    ca_cert = x509.load_pem_x509_certificate(ca.settings.ca.cert.read_bytes())
     assert isinstance(ca_cert.public_key(), ec.EllipticCurvePublicKey)
     srv = start_server(ca)
     try:
@@ -85,9 +85,9 @@ cert = "ra-decrypt.pem"
 """
     ca = make_ca(softhsm_dir, tmp_path, "split-ca", extra_config=extra)
     assert ca.settings.ra_split
-    assert ca.settings.ra_decrypt_key.token.label == "decrypt-partition"
-    sign_cert = x509.load_pem_x509_certificate(ca.settings.ra_sign_cert.read_bytes())
-    decrypt_cert = x509.load_pem_x509_certificate(ca.settings.ra_decrypt_cert.read_bytes())
+    assert ca.settings.ra_decrypt.key.token.label == "decrypt-partition"
+    sign_cert = x509.load_pem_x509_certificate(ca.settings.ra.cert.read_bytes())
+    decrypt_cert = x509.load_pem_x509_certificate(ca.settings.ra_decrypt.cert.read_bytes())
     sign_ku = sign_cert.extensions.get_extension_for_class(x509.KeyUsage).value
     decrypt_ku = decrypt_cert.extensions.get_extension_for_class(x509.KeyUsage).value
     assert sign_ku.digital_signature and not sign_ku.key_encipherment
@@ -112,7 +112,7 @@ def test_external_root_via_csr_and_import(softhsm_dir: Path, tmp_path: Path) -> 
     token = devtoken.ensure_token(softhsm_dir, label="offline-root")
     (tmp_path / "pin").write_text(token.pin_file.read_text())
     (tmp_path / "challenge").write_text("offline\n")
-    from hsmscep.cli.main import dev_config
+    from hsmscep.cli.dev import dev_config
 
     config = tmp_path / "hsmscep.toml"
     config.write_text(
@@ -130,7 +130,7 @@ def test_external_root_via_csr_and_import(softhsm_dir: Path, tmp_path: Path) -> 
     csr_path = tmp_path / "ca.csr"
     done = init(settings, InitOptions(subject="CN=Issuing CA", csr_out=csr_path))
     assert any("CSR" in line for line in done)
-    assert not settings.ca_cert.exists()
+    assert not settings.ca.cert.exists()
     csr = x509.load_pem_x509_csr(csr_path.read_bytes())
     assert csr.is_signature_valid
 
@@ -174,7 +174,7 @@ def test_external_root_via_csr_and_import(softhsm_dir: Path, tmp_path: Path) -> 
         "--chain", str(tmp_path / "root.pem"),
     )  # fmt: skip
     assert imported.returncode == 0, imported.stderr
-    assert settings.ca_cert.read_bytes() == issuing.public_bytes(Encoding.PEM)
+    assert settings.ca.cert.read_bytes() == issuing.public_bytes(Encoding.PEM)
 
     ca = DevCa(tmp_path, config, settings, "offline", token)
     srv = start_server(ca)

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
+from hsmscep.config.template import parse_template
 from hsmscep.errors import ConfigError, Rejected
 from hsmscep.policy.issuance import (
     IssuancePolicy,
@@ -26,16 +27,15 @@ from hsmscep.policy.issuance import (
     check_csr,
     describe_sans,
 )
+from hsmscep.policy.names import UPN_OID
 from hsmscep.policy.request import CertRequest
 from hsmscep.policy.template import (
     DEFAULT_TEMPLATE,
     MAX_SANS,
-    UPN_OID,
     CertTemplate,
     apply_template,
     check_key,
     ms_template_name,
-    parse_template,
     with_overrides,
 )
 from hsmscep.protocol.codes import FailInfo

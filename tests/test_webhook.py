@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hsmscep.config.webhook import parse_notify, parse_webhook
 from hsmscep.errors import ConfigError, WebhookError
-from hsmscep.policy.template import UPN_OID
+from hsmscep.policy.names import UPN_OID
 from hsmscep.policy.webhook import (
     MAX_ANSWER_BYTES,
     AuthorizationRequest,

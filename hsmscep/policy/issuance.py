@@ -20,13 +20,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtensionOID
 
 from hsmscep.errors import Rejected
+from hsmscep.policy.names import describe_name
 from hsmscep.policy.request import CertRequest
 from hsmscep.policy.template import (
     DEFAULT_TEMPLATE,
     MAX_SANS,
     MAX_SUBJECT_BYTES,
     CertTemplate,
-    describe_name,
 )
 from hsmscep.protocol import asn1
 from hsmscep.protocol.algorithms import (

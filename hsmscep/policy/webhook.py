@@ -102,7 +102,8 @@ from asn1crypto import core
 from cryptography import x509
 
 from hsmscep.errors import WebhookError
-from hsmscep.policy.template import MAX_SANS, MAX_VALIDITY_DAYS, UPN_OID
+from hsmscep.policy.names import UPN_OID
+from hsmscep.policy.template import MAX_SANS, MAX_VALIDITY_DAYS
 
 DEFAULT_TIMEOUT = 5.0
 MAX_ANSWER_BYTES = 64 * 1024

@@ -54,7 +54,7 @@ def create_app(settings: Settings, keys: KeyBackend | None = None) -> Starlette:
 def app_from_env() -> Starlette:
     """uvicorn factory for worker processes: the config path travels in HSMSCEP_CONFIG."""
     settings = load_settings(os.environ["HSMSCEP_CONFIG"])
-    logs.configure(settings.log_level)
+    logs.configure(settings.log.level)
     return create_app(settings)
 
 

@@ -91,8 +91,8 @@ def lifespan(settings: Settings, keys: KeyBackend) -> Lifespan:
             yield {
                 "services": services,
                 "profiles": profiles,
-                "max_body": settings.max_body,
-                "admin_token": settings.admin_token,
+                "max_body": settings.server.max_body,
+                "admin_token": settings.admin.token,
             }
 
     return run
@@ -103,16 +103,16 @@ async def _running_service(
     settings: Settings, profiles: Profiles, webhooks: WebhookClient | None, keys: KeyBackend
 ) -> AsyncIterator[ScepService]:
     """The service of one CA (`settings.for_ca(name)`) and the profiles it issues for."""
-    if settings.ca_name == DEFAULT_CA:
-        ca_cert = _load_cert(settings.ca_cert, "ca.cert")
-        ra_sign = _load_cert(settings.ra_sign_cert, "ra.cert")
-        ra_decrypt = _load_cert(settings.ra_decrypt_cert, "ra_decrypt.cert")
+    if settings.ca.name == DEFAULT_CA:
+        ca_cert = _load_cert(settings.ca.cert, "ca.cert")
+        ra_sign = _load_cert(settings.ra.cert, "ra.cert")
+        ra_decrypt = _load_cert(settings.ra_decrypt.cert, "ra_decrypt.cert")
     else:
-        where, init = f"cas.{settings.ca_name}", f"hsmscep init --ca {settings.ca_name}"
-        ca_cert = _load_cert(settings.ca_cert, f"{where}.cert", init)
-        ra_sign = ra_decrypt = _load_cert(settings.ra_sign_cert, f"{where}.ra_cert", init)
-    previous = [(k, p) for k, p in settings.ra_previous if k != settings.ra_decrypt_key]
-    upcoming = settings.next_generation
+        where, init = f"cas.{settings.ca.name}", f"hsmscep init --ca {settings.ca.name}"
+        ca_cert = _load_cert(settings.ca.cert, f"{where}.cert", init)
+        ra_sign = ra_decrypt = _load_cert(settings.ra.cert, f"{where}.ra_cert", init)
+    previous = [(k, p) for k, p in settings.rollover.previous_ra if k != settings.ra_decrypt.key]
+    upcoming = settings.rollover.next
     next_certs: list[x509.Certificate] = []
     if upcoming is not None:
         next_certs = [
@@ -124,23 +124,23 @@ async def _running_service(
         if upcoming.cross_cert is not None:
             next_certs.append(_load_cert(upcoming.cross_cert, "rollover next.cross_cert"))
     chain = (
-        x509.load_pem_x509_certificates(settings.ca_chain.read_bytes())
-        if settings.ca_chain is not None and settings.ca_chain.exists()
+        x509.load_pem_x509_certificates(settings.ca.chain.read_bytes())
+        if settings.ca.chain is not None and settings.ca.chain.exists()
         else []
     )
-    if settings.ca_cross_cert is not None:
+    if settings.ca.cross_cert is not None:
         # NewWithOld after the CA and RA certificates: clients that trust only the previous
         # root build new CA -> cross certificate -> previous root.
-        chain.append(_load_cert(settings.ca_cross_cert, "rollover current.cross_cert"))
+        chain.append(_load_cert(settings.ca.cross_cert, "rollover current.cross_cert"))
     source = KeySource(
-        ca_key=settings.ca_key,
+        ca_key=settings.ca.key,
         ca_cert=ca_cert,
-        ra_sign_key=settings.ra_sign_key,
+        ra_sign_key=settings.ra.key,
         ra_sign_cert=ra_sign,
         # The current RA key first (the hot path matches it at once), then the RA keys of
         # earlier rollover generations: clients may still encrypt to an old RA certificate.
         decrypt=[
-            (settings.ra_decrypt_key, ra_decrypt),
+            (settings.ra_decrypt.key, ra_decrypt),
             *((key, _load_cert(path, "rollover previous_ra.cert")) for key, path in previous),
         ],
     )
@@ -148,12 +148,14 @@ async def _running_service(
     # core busy with the least GIL contention (measured in bench/PROFILE.md). Network HSMs
     # are latency-bound and want pool_size set to ~30.
     cores = len(affinity.usable_cpus())
-    size = settings.pool_size or max(1, cores // affinity.worker_processes(settings.workers))
+    size = settings.server.pool_size or max(
+        1, cores // affinity.worker_processes(settings.server.workers)
+    )
     async with keys.open(source) as open_keys:
         pool: SigningPool[WorkerKeys] = SigningPool(
             open_keys,
             size=size,
-            max_pending=settings.max_pending,
+            max_pending=settings.server.max_pending,
             close_context=lambda worker_keys: worker_keys.close(),
         )
         # Typed as the port: mypy proves here that the SQLite backend implements it.
@@ -162,9 +164,9 @@ async def _running_service(
             await pool.start()
             await pool.run(lambda worker_keys: worker_keys.check_certificates())
             store = await CertStore.open(
-                settings.db_path,
-                synchronous=settings.db_synchronous,
-                linger=settings.db_commit_linger_ms / 1000,
+                settings.store.path,
+                synchronous=settings.store.synchronous,
+                linger=settings.store.commit_linger_ms / 1000,
             )
             ra_certs = [ra_sign] if ra_decrypt == ra_sign else [ra_sign, ra_decrypt]
             service = ScepService(
@@ -173,15 +175,15 @@ async def _running_service(
                 ca_cert=ca_cert,
                 ra_certs=ra_certs,
                 chain=chain,
-                policy=default_policy(None, settings.crl_base_url, settings.ca_name),
+                policy=default_policy(None, settings.crl.base_url, settings.ca.name),
                 profiles=profiles,
                 webhooks=webhooks,
-                crl_lifetime=timedelta(hours=settings.crl_next_update_hours),
+                crl_lifetime=timedelta(hours=settings.crl.next_update_hours),
                 renewal=RenewalPolicy(
-                    enabled=settings.renewal_enabled,
-                    window=timedelta(days=settings.renewal_window_days),
-                    allow_key_reuse=settings.renewal_allow_key_reuse,
-                    revoke_replaced=settings.renewal_revoke_replaced,
+                    enabled=settings.renewal.enabled,
+                    window=timedelta(days=settings.renewal.window_days),
+                    allow_key_reuse=settings.renewal.allow_key_reuse,
+                    revoke_replaced=settings.renewal.revoke_replaced,
                 ),
                 next_ca_certs=next_certs,
             )

@@ -1,0 +1,77 @@
+"""`hsmscep serve`: uvicorn with one HSM pool per worker process.
+
+Flags override the config file by setting the matching HSMSCEP_SERVER_* variables, so
+uvicorn's spawned worker processes see the same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from hsmscep import logs
+from hsmscep.config.settings import Settings, load_settings
+from hsmscep.errors import ConfigError
+
+
+def apply_overrides(args: argparse.Namespace) -> None:
+    """Command-line flags as HSMSCEP_SERVER_* variables (spawned workers inherit them)."""
+    for flag, key in (
+        ("host", "HOST"),
+        ("port", "PORT"),
+        ("workers", "WORKERS"),
+        ("pool_size", "POOL_SIZE"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            os.environ[f"HSMSCEP_SERVER_{key}"] = str(value)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`hsmscep serve`."""
+    apply_overrides(args)
+    config = str(Path(args.config).resolve())
+    settings = load_settings(config)
+    return run_server(config, settings)
+
+
+_APP = "hsmscep.web.app:app_from_env"
+
+
+def run_server(config: str, settings: Settings) -> int:
+    """Run uvicorn with `settings.server.workers` processes, each opening its own HSM pool."""
+    import uvicorn
+
+    from hsmscep.web import affinity, balance
+    from hsmscep.web.httpproto import BoundedHttpToolsProtocol
+
+    for path, key in ((settings.ca.cert, "ca.cert"), (settings.ra.cert, "ra.cert")):
+        if not path.exists():
+            raise ConfigError(f"{key}: {path} does not exist (run `hsmscep init` first)")
+    os.environ["HSMSCEP_CONFIG"] = config
+    cpus = affinity.usable_cpus()
+    workers = affinity.worker_processes(settings.server.workers)
+    logs.configure(settings.log.level)
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": settings.server.host,
+        "port": settings.server.port,
+        "loop": "uvloop",
+        "http": BoundedHttpToolsProtocol,
+        "access_log": False,
+        "log_level": settings.log.level.lower(),
+        "backlog": 4096,
+        "timeout_keep_alive": 15,
+        "timeout_graceful_shutdown": 30,
+    }
+    if affinity.should_pin(settings.server.pin_cpus, workers, len(cpus)):
+        os.environ[affinity.ENV] = ",".join(map(str, cpus))
+    if workers > 1:
+        # One HSM session per process: connections must be spread by load, which uvicorn's
+        # shared accept does not do (hsmscep/balance.py).
+        balance.serve(uvicorn.Config(_APP, workers=workers, **options))
+    else:
+        uvicorn.run(_APP, **options)
+    return 0
