@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from hsmscep.cli.main import dev_config
+from hsmscep.cli.dev import dev_config
 from hsmscep.config.settings import Settings, load_settings
 from hsmscep.testing.softkeys import PrivateKey, SoftKeys
 from hsmscep.web.app import create_app

@@ -11,10 +11,10 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.hashes import SHA256
 
 from hsmscep.errors import HsmBusy
-from hsmscep.hsm import cryptoki
 from hsmscep.hsm.keyring import Keyring
 from hsmscep.hsm.login import TokenLogin
 from hsmscep.hsm.pool import SigningPool
+from hsmscep.hsm.tokenkeys import key_protection
 from tests.conftest import DevCa, key_source
 
 pytestmark = pytest.mark.hsm
@@ -25,7 +25,7 @@ def test_ca_and_ra_keys_are_sensitive_and_not_extractable(dev_ca: DevCa) -> None
     try:
         session = logins.open_session(dev_ca.settings.ca.key.token)
         for ref in (dev_ca.settings.ca.key, dev_ca.settings.ra.key):
-            assert cryptoki.key_protection(session, ref) == (True, False), ref.describe()
+            assert key_protection(session, ref) == (True, False), ref.describe()
     finally:
         logins.close()
 

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from hsmscep.config.settings import load_settings
 from hsmscep.errors import ConfigError, MessageError
-from hsmscep.hsm import cryptoki
 from hsmscep.hsm.login import TokenLogin
+from hsmscep.hsm.tokenkeys import key_protection
 from hsmscep.testing import client
 from tests.conftest import DevCa, Server, make_ca, start_server
 from tests.test_interop import check_issued, enroll_with_scepclient
@@ -129,7 +129,7 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
         try:
             for ref in (prepared.rollover.next.ca_key, prepared.rollover.next.ra_key):
                 session = logins.open_session(ref.token)
-                assert cryptoki.key_protection(session, ref) == (True, False), ref.describe()
+                assert key_protection(session, ref) == (True, False), ref.describe()
         finally:
             logins.close()
         again = rollover(ca, "prepare")

@@ -28,9 +28,9 @@ from hsmscep.cli.certificates import (
 )
 from hsmscep.config.settings import Settings, load_settings
 from hsmscep.errors import ConfigError
-from hsmscep.hsm import cryptoki
-from hsmscep.hsm.cryptoki import TokenLogin
+from hsmscep.hsm.login import TokenLogin
 from hsmscep.hsm.refs import KeyRef, KeySpec
+from hsmscep.hsm.tokenkeys import destroy_key, generate_key, private_key_exists, public_key_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +56,7 @@ def init(settings: Settings, options: InitOptions) -> list[str]:
     logins = TokenLogin()
     try:
         existing = [
-            ref
-            for ref in _all_keys(settings)
-            if cryptoki.private_key_exists(open_rw(logins, ref), ref)
+            ref for ref in _all_keys(settings) if private_key_exists(open_rw(logins, ref), ref)
         ]
         if existing and not options.force:
             names = ", ".join(ref.describe() for ref in existing)
@@ -66,15 +64,15 @@ def init(settings: Settings, options: InitOptions) -> list[str]:
                 f"keys already exist in the token ({names}); pass --force to replace them"
             )
         for ref in existing:
-            cryptoki.destroy_key(open_rw(logins, ref), ref)
+            destroy_key(open_rw(logins, ref), ref)
             done.append(f"destroyed old key {ref.describe()}")
-        cryptoki.generate_key(
+        generate_key(
             open_rw(logins, settings.ca.key), settings.ca.key, options.ca_key, usage="sign"
         )
         done.append(f"generated CA key {settings.ca.key.describe()} ({options.ca_key})")
         ra_spec: KeySpec = f"rsa{options.ra_key_bits}"  # type: ignore[assignment]
         for ref, usage in _ra_keys(settings):
-            cryptoki.generate_key(open_rw(logins, ref), ref, ra_spec, usage=usage)
+            generate_key(open_rw(logins, ref), ref, ra_spec, usage=usage)
             done.append(f"generated RA {usage} key {ref.describe()} (rsa{options.ra_key_bits})")
         ca_key = signing_key(logins, settings.ca.key)
         if options.csr_out is not None:
@@ -128,7 +126,7 @@ def _issue_ra_certificates(
     done = []
     for ref, usage in _ra_keys(settings):
         path = settings.ra_decrypt.cert if usage == "decrypt" else settings.ra.cert
-        public_key = cryptoki.public_key_of(open_rw(logins, ref), ref)
+        public_key = public_key_of(open_rw(logins, ref), ref)
         cert = ra_certificate(ca_key, ca_cert, public_key, usage, days)
         write_file(path, cert.public_bytes(Encoding.PEM))
         done.append(f"wrote {RA_ROLES[usage]} certificate to {path}")

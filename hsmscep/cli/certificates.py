@@ -15,9 +15,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from hsmscep.errors import ConfigError
-from hsmscep.hsm import cryptoki
-from hsmscep.hsm.cryptoki import TokenLogin
+from hsmscep.hsm import keyops
+from hsmscep.hsm.login import TokenLogin
 from hsmscep.hsm.refs import KeyRef
+from hsmscep.hsm.tokenkeys import public_key_of
 
 
 def read_ca_files(
@@ -44,7 +45,7 @@ def check_certifies(
     chain: list[x509.Certificate],
     chain_path: Path | None,
 ) -> None:
-    token_key = cryptoki.public_key_of(open_rw(logins, ref), ref)
+    token_key = public_key_of(open_rw(logins, ref), ref)
     if token_key.public_bytes(
         Encoding.DER, PublicFormat.SubjectPublicKeyInfo
     ) != cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo):
@@ -59,7 +60,7 @@ def open_rw(logins: TokenLogin, ref: KeyRef) -> Any:
 
 def signing_key(logins: TokenLogin, ref: KeyRef) -> Any:
     session = open_rw(logins, ref)
-    return cryptoki.signing_key(session, ref, cryptoki.public_key_of(session, ref))
+    return keyops.signing_key(session, ref, public_key_of(session, ref))
 
 
 def ca_certificate(subject: x509.Name, key: Any, now: datetime, days: int) -> x509.Certificate:

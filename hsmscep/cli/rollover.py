@@ -33,9 +33,9 @@ from hsmscep.cli.certificates import (
 from hsmscep.config.rollover import Generation, record_activated, record_awaiting, record_next
 from hsmscep.config.settings import Settings, load_settings
 from hsmscep.errors import ConfigError
-from hsmscep.hsm import cryptoki
-from hsmscep.hsm.cryptoki import TokenLogin
+from hsmscep.hsm.login import TokenLogin
 from hsmscep.hsm.refs import KEY_SPECS, KeyRef, KeySpec
+from hsmscep.hsm.tokenkeys import destroy_key, generate_key, private_key_exists, public_key_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,20 +92,18 @@ def rollover_prepare(settings: Settings, options: RolloverOptions) -> list[str]:
     logins = TokenLogin()
     try:
         existing = [
-            ref
-            for ref in (next_ca, next_ra)
-            if cryptoki.private_key_exists(open_rw(logins, ref), ref)
+            ref for ref in (next_ca, next_ra) if private_key_exists(open_rw(logins, ref), ref)
         ]
         if existing and not options.force:
             names = ", ".join(ref.describe() for ref in existing)
             raise ConfigError(f"keys already exist in the token ({names}); pass --force")
         for ref in existing:
-            cryptoki.destroy_key(open_rw(logins, ref), ref)
+            destroy_key(open_rw(logins, ref), ref)
             done.append(f"destroyed leftover key {ref.describe()}")
-        cryptoki.generate_key(open_rw(logins, next_ca), next_ca, ca_spec, usage="sign")
+        generate_key(open_rw(logins, next_ca), next_ca, ca_spec, usage="sign")
         done.append(f"generated next CA key {next_ca.describe()} ({ca_spec})")
         ra_spec: KeySpec = f"rsa{ra_bits}"  # type: ignore[assignment]
-        cryptoki.generate_key(open_rw(logins, next_ra), next_ra, ra_spec, usage="both")
+        generate_key(open_rw(logins, next_ra), next_ra, ra_spec, usage="both")
         done.append(f"generated next RA key {next_ra.describe()} ({ra_spec})")
         ca_key = signing_key(logins, next_ca)
         entry = Generation(next_ca, ca_path, next_ra, ra_path)
@@ -118,7 +116,7 @@ def rollover_prepare(settings: Settings, options: RolloverOptions) -> list[str]:
             )
             return done
         ca_cert = ca_certificate(subject, ca_key, datetime.now(UTC), options.validity_days)
-        ra_public = cryptoki.public_key_of(open_rw(logins, next_ra), next_ra)
+        ra_public = public_key_of(open_rw(logins, next_ra), next_ra)
         ra_cert = ra_certificate(ca_key, ca_cert, ra_public, "both", options.ra_validity_days)
         # NewWithOld: the next CA certified by the current one, signed by the current CA key.
         cross = cross_certificate(ca_cert, current, signing_key(logins, settings.ca.key))
@@ -158,7 +156,7 @@ def rollover_import_ca(
     try:
         check_certifies(logins, awaiting.ca_key, cert, cert_path, chain, chain_path)
         ca_key = signing_key(logins, awaiting.ca_key)
-        ra_public = cryptoki.public_key_of(open_rw(logins, awaiting.ra_key), awaiting.ra_key)
+        ra_public = public_key_of(open_rw(logins, awaiting.ra_key), awaiting.ra_key)
         ra_cert = ra_certificate(ca_key, cert, ra_public, "both", ra_days)
     finally:
         logins.close()

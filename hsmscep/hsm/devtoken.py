@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hsmscep.errors import HsmError
-from hsmscep.hsm import cryptoki
+from hsmscep.hsm.library import open_library
 
 SOFTHSM_MODULES = (
     "/usr/lib/softhsm/libsofthsm2.so",
@@ -68,7 +68,7 @@ def ensure_token(directory: Path, label: str = "hsmscep-dev") -> DevToken:
     pin_file = directory / "pin"
     pin = _secret_file(pin_file, 8)
     module = find_softhsm()
-    lib = cryptoki.open_library(module)
+    lib = open_library(module)
     if not any(t.label == label for t in lib.get_tokens()):
         _init_token(module, lib, label, pin)
     return DevToken(module, label, conf, pin_file)

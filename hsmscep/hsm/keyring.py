@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from hsmscep.errors import ConfigError, HsmError, MessageError
-from hsmscep.hsm import cryptoki
-from hsmscep.hsm.cryptoki import TokenLogin
+from hsmscep.hsm.keyops import decryption_key, signing_key
+from hsmscep.hsm.login import TokenLogin
 from hsmscep.hsm.refs import KeyRef, TokenRef
 from hsmscep.protocol.certrep import ResponseSigner
 from hsmscep.protocol.cms import CertId
@@ -54,20 +54,16 @@ class Keyring:
             return sessions[ref.token]
 
         try:
-            ca_key = cryptoki.signing_key(
+            ca_key = signing_key(
                 session_for(source.ca_key), source.ca_key, source.ca_cert.public_key()
             )
             ra_public = _rsa_public(source.ra_sign_cert, "RA signing")
-            ra_sign = cryptoki.signing_key(
-                session_for(source.ra_sign_key), source.ra_sign_key, ra_public
-            )
+            ra_sign = signing_key(session_for(source.ra_sign_key), source.ra_sign_key, ra_public)
             assert isinstance(ra_sign, ExternalRsaKey)
             decrypt_keys = [
                 (
                     CertId.of(cert.public_bytes(Encoding.DER)),
-                    cryptoki.decryption_key(
-                        session_for(ref), ref, _rsa_public(cert, "RA decryption")
-                    ),
+                    decryption_key(session_for(ref), ref, _rsa_public(cert, "RA decryption")),
                 )
                 for ref, cert in source.decrypt
             ]

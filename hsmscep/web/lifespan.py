@@ -20,8 +20,8 @@ from starlette.applications import Starlette
 
 from hsmscep.config.settings import Settings
 from hsmscep.errors import ConfigError
-from hsmscep.hsm.cryptoki import TokenLogin
 from hsmscep.hsm.keyring import Keyring, KeySource
+from hsmscep.hsm.login import TokenLogin
 from hsmscep.hsm.pool import SigningPool
 from hsmscep.policy.profiles import DEFAULT_CA, Profiles
 from hsmscep.policy.renewal import RenewalPolicy
