@@ -71,9 +71,9 @@ def test_pure_challenge_helpers() -> None:
     assert challenges.challenge_hash(a) == challenges.challenge_hash(a.encode())
     assert challenges.check_ttl(60) == timedelta(seconds=60)
     for bad in (0, -1, 10**9):
-        with pytest.raises(ValueError, match="ttl_seconds"):
+        with pytest.raises(challenges.InvalidChallengeRequest, match="ttl_seconds"):
             challenges.check_ttl(bad)
-    with pytest.raises(ValueError, match="subject_pattern"):
+    with pytest.raises(challenges.InvalidChallengeRequest, match="subject_pattern"):
         challenges.compile_pattern("(", "subject_pattern")
     match = challenges.binding_mismatch
     assert match("CN=dev1,O=Acme", ["DNS:dev1.acme"], r"CN=dev\d+,O=Acme", r"DNS:.*\.acme") is None

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from hsmscep.errors import MessageError
 from hsmscep.policy.crl import REASONS, RevokedEntry, build_crl, parse_reason, refresh_due
 from hsmscep.policy.issuance import Issuer
 from hsmscep.protocol.keys import SigningKey
@@ -175,7 +176,7 @@ def test_reasons_and_refresh() -> None:
     # removeFromCRL belongs to delta CRLs, which we do not issue.
     assert "removeFromCRL" not in REASONS
     assert parse_reason("keyCompromise") == x509.ReasonFlags.key_compromise
-    with pytest.raises(ValueError, match="unknown revocation reason"):
+    with pytest.raises(MessageError, match="unknown revocation reason"):
         parse_reason("removeFromCRL")
     week = timedelta(days=7)
     assert not refresh_due(NOW, NOW + week, NOW + week / 2 - timedelta(seconds=1))

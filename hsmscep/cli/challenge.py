@@ -14,6 +14,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from hsmscep.config.settings import Settings, load_settings
+from hsmscep.errors import MessageError
 
 if TYPE_CHECKING:
     from hsmscep.store.records import OneTimeChallenge
@@ -26,7 +27,7 @@ def issue(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     try:
         value, issued = asyncio.run(_issue_challenge(settings, args))
-    except ValueError as exc:
+    except MessageError as exc:  # the field that is wrong, named
         print(f"hsmscep: {exc}", file=sys.stderr)
         return 2
     record = challenge_record(issued, f"cli:{os.environ.get('USER', '-')}")

@@ -14,7 +14,7 @@ import os
 from typing import TYPE_CHECKING
 
 from hsmscep.config.settings import Settings, load_settings
-from hsmscep.errors import ConfigError
+from hsmscep.errors import ConfigError, MessageError
 
 if TYPE_CHECKING:
     from hsmscep.store.records import Revocation
@@ -51,7 +51,7 @@ def revocation_reason(name: str, what: str) -> str:
 
     try:
         return parse_reason(name).value
-    except ValueError as exc:
+    except MessageError as exc:
         raise ConfigError(f"{what}: {exc}") from None
 
 

@@ -14,7 +14,7 @@ from hsmscep.config.sections import KNOWN_CAPS, EnrollSettings
 from hsmscep.config.template import parse_template
 from hsmscep.config.webhook import parse_notify, parse_webhook
 from hsmscep.errors import ConfigError
-from hsmscep.policy.challenges import check_ttl
+from hsmscep.policy.challenges import InvalidChallengeRequest, check_ttl
 from hsmscep.policy.profiles import (
     CHALLENGE_MODES,
     DEFAULT_CA,
@@ -92,7 +92,7 @@ def read_profile(
     ttl_seconds = r.integer(section, "challenge_ttl_seconds", 3600, 1)
     try:
         challenge_ttl = check_ttl(ttl_seconds)
-    except ValueError as exc:
+    except InvalidChallengeRequest as exc:
         raise ConfigError(f"{section}.challenge_ttl_seconds: {exc}") from None
     return Profile(
         name=name,

@@ -13,16 +13,16 @@ import secrets
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
+from hsmscep.errors import MessageError
+
 CHALLENGE_BYTES = 24  # token_urlsafe(24): 32 characters, 192 bits
 DEFAULT_TTL = timedelta(hours=1)
 MAX_TTL = timedelta(days=30)
 
 
-class InvalidChallengeRequest(ValueError):
-    """A field of a request to issue a one-time challenge is invalid; the message names it.
-
-    A ValueError, so callers that read settings (ConfigError) handle it as before.
-    """
+class InvalidChallengeRequest(MessageError):
+    """A field of a request to issue a one-time challenge is invalid; the message names it
+    (HTTP 400 from the admin API, exit 2 from the CLI, ConfigError when read from settings)."""
 
 
 def new_challenge() -> str:

@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
+from hsmscep.errors import MessageError
 from hsmscep.policy.issuance import Issuer
 from hsmscep.protocol.keys import SigningKey
 
@@ -27,11 +28,12 @@ REASONS: dict[str, x509.ReasonFlags] = {
 
 
 def parse_reason(name: str) -> x509.ReasonFlags:
-    """An RFC 5280 reason by its ASN.1 name (keyCompromise, superseded, ...)."""
+    """An RFC 5280 reason by its ASN.1 name (keyCompromise, superseded, ...); MessageError
+    naming the known ones otherwise."""
     try:
         return REASONS[name]
     except KeyError:
-        raise ValueError(
+        raise MessageError(
             f"unknown revocation reason {name!r}; one of {', '.join(REASONS)}"
         ) from None
 

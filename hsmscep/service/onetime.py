@@ -35,7 +35,7 @@ async def issue_challenge(
 ) -> tuple[str, OneTimeChallenge]:
     """A fresh challenge for a profile whose challenge_mode is "one_time".
 
-    UnknownProfile for an unknown name; InvalidChallengeRequest (a ValueError; the message
+    UnknownProfile for an unknown name; InvalidChallengeRequest (a MessageError; the message
     says which field) for a profile in another mode, a bad TTL or a pattern that is not a
     regular expression.
     """
