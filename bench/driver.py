@@ -34,7 +34,7 @@ from typing import Any
 if not __package__:  # `python bench/driver.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import ceiling, report  # noqa: E402
+from bench import ceiling, report, variant_report, variants  # noqa: E402
 from bench.servers import (  # noqa: E402
     RssSampler,
     ServerHandle,
@@ -461,6 +461,12 @@ def _host_info() -> dict[str, Any]:
     }
 
 
+def load_average() -> tuple[float, float, float]:
+    """/proc/loadavg: runnable tasks over 1, 5 and 15 minutes (other work on the box)."""
+    one, five, fifteen = Path("/proc/loadavg").read_text().split()[:3]
+    return float(one), float(five), float(fifteen)
+
+
 def _level_plan(args: argparse.Namespace) -> tuple[list[int], float, float]:
     """Concurrency levels, seconds per phase and warm-up seconds; --quick shortens them."""
     levels = args.levels or ("1,8,32" if args.quick else "1,8,32,64,256")
@@ -479,6 +485,13 @@ def run_compare(args: argparse.Namespace, bench: Bench, stamp: str) -> dict[str,
     series: list[Series] = []
     ceilings: dict[str, Any] = {}
     servers = args.servers.split(",")
+    built: list[variants.Variant] = []
+    for spec in args.variant:
+        print(
+            f"building variant {spec.name} from {spec.rev}"
+            + (f" + {spec.patch}" * bool(spec.patch))
+        )
+        built.append(variants.build(spec, bench.workdir))
     try:
         for scenario in scenarios if "hsmscep" in servers else []:
             handle = start_hsmscep(
@@ -489,20 +502,34 @@ def run_compare(args: argparse.Namespace, bench: Bench, stamp: str) -> dict[str,
                 args.workers,
             )
             series.append(Series(handle, f"{stamp}-h{scenario}"))
+        for v, scenario in ((v, sc) for v in built for sc in scenarios):
+            handle = start_hsmscep(
+                scenario,
+                bench.workdir / f"hsmscep-{v.spec.name}-{scenario}",
+                free_port(),
+                CHALLENGE,
+                args.workers,
+                binary=v.binary,
+                variant=v.spec.name,
+            )
+            series.append(Series(handle, f"{stamp}-{v.spec.name}-h{scenario}"))
         if "scepserver" in servers:
             handle = start_scepserver(bench.workdir / "scepserver", free_port(), CHALLENGE)
             series.append(Series(handle, f"{stamp}-s", reset_per_phase=True))
         measure_ceilings(series, ceilings, args.ceiling_seconds)
-        for users in levels:
-            for s in series:
+        for users, rnd in ((u, r) for u in levels for r in range(args.repeat)):
+            # Each round starts one series later, so no series always follows the same one.
+            for s in series[rnd % len(series) :] + series[: rnd % len(series)]:
                 # Clients that honour Retry-After (capped), as real ones pace their retries.
                 kw = {"users": users, "duration": duration, "warmup": warmup, "retry_after_max": 5}
+                load_before = load_average()
                 r = bench.run_phase(s, **kw)
                 if r["exhausted_requests"] and r["window_s"] < 0.6 * (duration - warmup):
                     # Ran out of pre-built requests early: build for the rate now known, rerun.
                     s.phases.pop()
                     r = bench.run_phase(s, **kw)
-                print(report.phase_line(s.label, r))
+                r.update(round=rnd, loadavg_before=load_before, loadavg_after=load_average())
+                print(report.phase_line(s.label, r) + f" round={rnd} load={load_before[0]:.2f}")
         measure_ceilings(series, ceilings, args.ceiling_seconds)
     finally:
         for s in series:
@@ -512,9 +539,16 @@ def run_compare(args: argparse.Namespace, bench: Bench, stamp: str) -> dict[str,
         "levels": levels,
         "duration_s": duration,
         "warmup_s": warmup,
+        "repeat": args.repeat,
+        "variants": {v.spec.name: v.describe() for v in built},
         "ceiling": ceilings,
         "series": {
-            s.label: {"server": s.handle.name, "scenario": s.handle.scenario, "levels": s.phases}
+            s.label: {
+                "server": s.handle.name,
+                "variant": s.handle.variant,
+                "scenario": s.handle.scenario,
+                "levels": s.phases,
+            }
             for s in series
         },
     }
@@ -620,11 +654,25 @@ def main(argv: list[str] | None = None) -> int:
         "--overload-users", type=int, default=512, help="closed-loop users offering 4x peak"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        type=variants.parse_spec,
+        metavar="NAME=REV[:PATCH]",
+        help="also run hsmscep from git revision REV (+ patch), interleaved; repeatable",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds per concurrency level (compare)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.ceiling_seconds = min(args.ceiling_seconds, 1.0)
 
+    if args.variant and (args.soak or args.overload):
+        parser.error("--variant is for compare runs")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    load_at_start = load_average()
     workdir = Path(tempfile.mkdtemp(prefix=f"hsmscep-bench-{stamp}-"))
     started = time.time()
     bench = Bench(workdir, args.keys)
@@ -644,15 +692,20 @@ def main(argv: list[str] | None = None) -> int:
         elapsed_s=round(time.time() - started, 1),
         quick=args.quick,
         host=_host_info(),
+        loadavg_start=load_at_start,
+        loadavg_end=load_average(),
         summary=report.summarise(data),
     )
+    many = data["mode"] == "compare" and (data["variants"] or data["repeat"] > 1)
+    if many:
+        data["summary"]["variants"] = variant_report.summarise(data)
     RESULTS_DIR.mkdir(exist_ok=True)
     json_path = (
         RESULTS_DIR / f"{stamp}{'-' + data['mode'] if data['mode'] != 'compare' else ''}.json"
     )
     json_path.write_text(json.dumps(data, indent=1))
-    png = report.plot(data, json_path.with_suffix(".png"))
-    print(report.table(data))
+    png = (variant_report.plot if many else report.plot)(data, json_path.with_suffix(".png"))
+    print(report.table(data) + (variant_report.table(data) if many else ""))
     print(f"\nresults: {json_path}" + (f"\nplot:    {png}" if png else ""))
     return 0 if report.passed(data) else 1
 

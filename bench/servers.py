@@ -54,11 +54,13 @@ class ServerHandle:
     anchors: list[x509.Certificate]
     hsm: HsmInfo | None = None
     ca_certs: list[x509.Certificate] = field(default_factory=list)  # GetCACert, once up
+    variant: str | None = None  # hsmscep built from another tree (bench/variants.py)
 
     @property
     def label(self) -> str:
-        """Series name in results: server and CA key type, e.g. "hsmscep-p256"."""
-        return f"{self.name}-{self.scenario}"
+        """Series name: server, variant, CA key type, e.g. "hsmscep-p256", "hsmscep@before-p256"."""
+        name = f"{self.name}@{self.variant}" if self.variant else self.name
+        return f"{name}-{self.scenario}"
 
     @property
     def url(self) -> str:
@@ -185,9 +187,18 @@ def reset_scepserver(handle: ServerHandle, challenge: str) -> None:
 
 
 def start_hsmscep(
-    scenario: str, workdir: Path, port: int, challenge: str, workers: str = "auto"
+    scenario: str,
+    workdir: Path,
+    port: int,
+    challenge: str,
+    workers: str = "auto",
+    *,
+    binary: Path | None = None,
+    variant: str | None = None,
 ) -> ServerHandle:
     """hsmscep with its CA key per `scenario` (rsa2048 | p256), state in `workdir`.
+
+    `binary` and `variant`: a variant's own `hsmscep` executable, and its name.
 
     `hsmscep dev` makes a project-local SoftHSM2 token (workdir/softhsm2.conf, tokens/, pin),
     runs `hsmscep init` (CA key "hsmscep-ca", one RA key "hsmscep-ra" for signing and
@@ -199,7 +210,7 @@ def start_hsmscep(
     if not challenge_file.exists():
         challenge_file.write_text(challenge + "\n")
         challenge_file.chmod(0o600)
-    cmd = [_hsmscep_bin(), "dev", "--dir", str(workdir), "--ca-key", scenario]
+    cmd = [str(binary or _hsmscep_bin()), "dev", "--dir", str(workdir), "--ca-key", scenario]
     cmd += ["--host", HOST, "--port", str(port), "--workers", workers]
     handle = ServerHandle(
         name="hsmscep",
@@ -208,6 +219,7 @@ def start_hsmscep(
         proc=_spawn(cmd, workdir),
         workdir=workdir,
         anchors=[],
+        variant=variant,
     )
     wait_ready(handle)
     # Written by init before serving: the CA certificate, taken from disk, not from GetCACert.
