@@ -47,6 +47,15 @@ class SoftCa:
     def ca_cert(self) -> Path:
         return self.directory / "ca.pem"
 
+    @property
+    def ra_cert(self) -> Path:
+        return self.directory / "ra.pem"
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite store dev_config names (read here, not from Settings)."""
+        return self.directory / "hsmscep.db"
+
 
 def soft_ca(directory: Path, label: str, ca_key: str = "rsa2048", extra_config: str = "") -> SoftCa:
     """The software twin of tests.conftest.make_ca: same config file, same certificate profile."""
@@ -70,6 +79,19 @@ def soft_ca(directory: Path, label: str, ca_key: str = "rsa2048", extra_config: 
     (directory / "ca.pem").write_bytes(ca_cert.public_bytes(Encoding.PEM))
     (directory / "ra.pem").write_bytes(ra_cert.public_bytes(Encoding.PEM))
     return SoftCa(directory, config, load_settings(config), f"secret-{label}", keys)
+
+
+def add_ca(ca: SoftCa, name: str, subject: str) -> x509.Certificate:
+    """Software keys and certificates for `[cas.<name>]`, where `hsmscep init --ca` puts them."""
+    ca_private = rsa.generate_private_key(65537, 2048)
+    ra_private = rsa.generate_private_key(65537, 2048)
+    ca.keys.add(ca_private)
+    ca.keys.add(ra_private)
+    ca_cert = ca_certificate(ca_private, x509.Name.from_rfc4514_string(subject))
+    ra_cert = ra_certificate(ca_private, ca_cert, ra_private.public_key())
+    (ca.directory / f"{name}-ca.pem").write_bytes(ca_cert.public_bytes(Encoding.PEM))
+    (ca.directory / f"{name}-ra.pem").write_bytes(ra_cert.public_bytes(Encoding.PEM))
+    return ca_cert
 
 
 @contextmanager
