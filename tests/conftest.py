@@ -62,6 +62,11 @@ class DevCa:
     challenge: str
     token: devtoken.DevToken
 
+    @property
+    def db_path(self) -> Path:
+        """The SQLite store dev_config names (read here, not from Settings)."""
+        return self.directory / "hsmscep.db"
+
 
 def make_ca(
     softhsm_dir: Path,

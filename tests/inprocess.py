@@ -9,8 +9,8 @@ portal) so that the synchronous tests and their helpers drive it like a live ser
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +26,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hsmscep.cli.dev import dev_config
 from hsmscep.config.settings import Settings, load_settings
-from hsmscep.testing.softkeys import PrivateKey, SoftKeys
+from hsmscep.hsm.pool import SigningPool
+from hsmscep.testing.softkeys import PrivateKey, SoftKeyring, SoftKeys
 from hsmscep.web.app import create_app
 
 # The config names a PKCS#11 module like any other; with SoftKeys nothing ever loads it.
@@ -46,6 +47,15 @@ class SoftCa:
     @property
     def ca_cert(self) -> Path:
         return self.directory / "ca.pem"
+
+    @property
+    def ra_cert(self) -> Path:
+        return self.directory / "ra.pem"
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite store dev_config names (read here, not from Settings)."""
+        return self.directory / "hsmscep.db"
 
 
 def soft_ca(directory: Path, label: str, ca_key: str = "rsa2048", extra_config: str = "") -> SoftCa:
@@ -70,6 +80,48 @@ def soft_ca(directory: Path, label: str, ca_key: str = "rsa2048", extra_config: 
     (directory / "ca.pem").write_bytes(ca_cert.public_bytes(Encoding.PEM))
     (directory / "ra.pem").write_bytes(ra_cert.public_bytes(Encoding.PEM))
     return SoftCa(directory, config, load_settings(config), f"secret-{label}", keys)
+
+
+@dataclass(frozen=True)
+class CaCerts:
+    """A CA's certificates as its workers' keys are looked up by (softkeys.CertSource)."""
+
+    ca_cert: x509.Certificate
+    ra_sign_cert: x509.Certificate
+    decrypt: Sequence[tuple[object, x509.Certificate]]
+
+    @classmethod
+    def of(cls, ca: SoftCa) -> CaCerts:
+        ca_cert = x509.load_pem_x509_certificate(ca.ca_cert.read_bytes())
+        ra_cert = x509.load_pem_x509_certificate(ca.ra_cert.read_bytes())
+        return cls(ca_cert, ra_cert, [(None, ra_cert)])
+
+
+@asynccontextmanager
+async def soft_pool(ca: SoftCa) -> AsyncIterator[SigningPool[SoftKeyring]]:
+    """A started one-worker signing pool over the CA's software keys, for service tests."""
+    certs = CaCerts.of(ca)
+    pool: SigningPool[SoftKeyring] = SigningPool(
+        lambda: ca.keys.keyring(certs), size=1, max_pending=8, close_context=SoftKeyring.close
+    )
+    try:
+        await pool.start()
+        yield pool
+    finally:
+        await pool.aclose()
+
+
+def add_ca(ca: SoftCa, name: str, subject: str) -> x509.Certificate:
+    """Software keys and certificates for `[cas.<name>]`, where `hsmscep init --ca` puts them."""
+    ca_private = rsa.generate_private_key(65537, 2048)
+    ra_private = rsa.generate_private_key(65537, 2048)
+    ca.keys.add(ca_private)
+    ca.keys.add(ra_private)
+    ca_cert = ca_certificate(ca_private, x509.Name.from_rfc4514_string(subject))
+    ra_cert = ra_certificate(ca_private, ca_cert, ra_private.public_key())
+    (ca.directory / f"{name}-ca.pem").write_bytes(ca_cert.public_bytes(Encoding.PEM))
+    (ca.directory / f"{name}-ra.pem").write_bytes(ra_cert.public_bytes(Encoding.PEM))
+    return ca_cert
 
 
 @contextmanager

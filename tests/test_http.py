@@ -1,17 +1,21 @@
-"""The HTTP edge of a live server: operations, paths, methods, encodings, limits and framing.
+"""The HTTP edge: operations, paths, methods, encodings, limits and framing.
 
-Requests that a friendly client library would normalise (raw '+', huge URLs, lying
-Content-Length) are sent with http.client or a bare socket.
+What the app decides (operations, paths, methods, base64 forms, DER limits) runs in process
+over ASGI with software keys, each request target checked to reach the app byte for byte.
+What the HTTP server decides (chunking, HTTP/1.0, lying Content-Length, Expect, head limits,
+floods) runs against a live `hsmscep serve`: http.client or a bare socket on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import base64
 import http.client
-import signal
 import socket
+import sqlite3
 from collections.abc import Iterator, Mapping
+from contextlib import closing
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -20,10 +24,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from hsmscep.config.sections import ALL_CAPS
+from hsmscep.config.settings import load_settings
 from hsmscep.protocol import asn1
-from hsmscep.testing.cacerts import parse_ca_certs
-from hsmscep.testing.requests import ClientRequest
-from tests.conftest import DevCa, Server, start_server
+from hsmscep.testing.client import ClientRequest, parse_ca_certs
+from tests.conftest import DevCa, Server
+from tests.inprocess import SoftCa, serve, soft_ca
 from tests.test_enroll import (
     PKI_MESSAGE,
     TIMEOUT,
@@ -31,7 +36,6 @@ from tests.test_enroll import (
     issued_cert,
     new_request,
     row_count,
-    rows_for,
     spki,
 )
 
@@ -40,21 +44,49 @@ BIG_BODY = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def ca_certs(server: Server) -> list[x509.Certificate]:
+def server_certs(server: Server) -> list[x509.Certificate]:
     return fetch_ca_certs(server.url)
 
 
 @pytest.fixture(scope="module")
-def custom_server(dev_ca: DevCa) -> Iterator[Server]:
-    """A second server on the same CA with other capabilities and a 1 MiB body cap."""
-    srv = start_server(
-        dev_ca,
-        {"HSMSCEP_SERVER_CAPS": ",".join(CUSTOM_CAPS), "HSMSCEP_SERVER_MAX_BODY": str(BIG_BODY)},
-    )
-    yield srv
-    assert srv.stop() in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after a clean exit
-    assert "Application shutdown complete" in srv.output()
-    assert "Exception in ASGI application" not in srv.output()
+def hca(tmp_path_factory: pytest.TempPathFactory) -> SoftCa:
+    return soft_ca(tmp_path_factory.mktemp("http"), "http-ca")
+
+
+@pytest.fixture(scope="module")
+def app(hca: SoftCa) -> Iterator[httpx.Client]:
+    with serve(hca) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def custom_app(hca: SoftCa) -> Iterator[httpx.Client]:
+    """A second app on the same CA with other capabilities and a 1 MiB body cap."""
+    env = {"HSMSCEP_SERVER_CAPS": ",".join(CUSTOM_CAPS), "HSMSCEP_SERVER_MAX_BODY": str(BIG_BODY)}
+    with serve(hca, load_settings(hca.config, env)) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def ca_certs(app: httpx.Client) -> list[x509.Certificate]:
+    response = app.get("/scep", params={"operation": "GetCACert"})
+    assert response.status_code == 200, response.text
+    return parse_ca_certs(response.content)
+
+
+def stored_count(ca: SoftCa) -> int:
+    with closing(sqlite3.connect(ca.db_path)) as db:
+        return int(db.execute("SELECT COUNT(*) FROM certificates").fetchone()[0])
+
+
+def stored_rows(ca: SoftCa, transaction_id: str) -> list[tuple[Any, ...]]:
+    """(serial, subject, transaction_id, der, sans_json) rows stored for a transactionID."""
+    with closing(sqlite3.connect(ca.db_path)) as db:
+        query = (
+            "SELECT serial, subject, transaction_id, der, sans_json FROM certificates"
+            " WHERE transaction_id = ?"
+        )
+        return list(db.execute(query, (transaction_id,)).fetchall())
 
 
 @dataclass(frozen=True)
@@ -71,7 +103,7 @@ class Reply:
 
 
 def raw_request(
-    url: str,
+    url: str | httpx.Client,
     method: str,
     target: str,
     body: bytes | Iterator[bytes] | None = None,
@@ -79,7 +111,15 @@ def raw_request(
     *,
     chunked: bool = False,
 ) -> Reply:
-    """One request over http.client: the target is sent exactly as given."""
+    """One request, its target exactly as given: over http.client to a live server's URL,
+    or over ASGI to an app's client."""
+    if isinstance(url, httpx.Client):
+        assert not chunked and not isinstance(body, Iterator)
+        request = url.build_request(method, target, content=body, headers=headers)
+        assert request.url.raw_path == target.encode(), (request.url.raw_path[:100], target[:100])
+        response = url.send(request)
+        headers = {k.lower(): v for k, v in response.headers.items()}
+        return Reply(response.status_code, headers, response.content)
     parts = urlsplit(url)
     assert parts.hostname is not None and parts.port is not None
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT)
@@ -147,9 +187,9 @@ def expect_success(
 # ---- GetCACaps / GetCACert ----------------------------------------------------------------
 
 
-def test_get_ca_caps_lists_the_default_capabilities(server: Server) -> None:
+def test_get_ca_caps_lists_the_default_capabilities(app: httpx.Client) -> None:
     """GetCACaps: text/plain, one capability per line, the default set."""
-    reply = raw_request(server.url, "GET", "/scep?operation=GetCACaps")
+    reply = raw_request(app, "GET", "/scep?operation=GetCACaps")
     assert reply.status == 200
     assert reply.content_type.startswith("text/plain")
     caps = reply.body.decode("ascii").split()
@@ -158,23 +198,23 @@ def test_get_ca_caps_lists_the_default_capabilities(server: Server) -> None:
     assert {"POSTPKIOperation", "SHA-1", "SHA-256", "SHA-512", "AES", "DES3"} <= set(caps)
 
 
-def test_get_ca_caps_is_configurable(custom_server: Server) -> None:
+def test_get_ca_caps_is_configurable(custom_app: httpx.Client) -> None:
     """HSMSCEP_SERVER_CAPS replaces the advertised set exactly."""
-    reply = raw_request(custom_server.url, "GET", "/scep?operation=GetCACaps")
+    reply = raw_request(custom_app, "GET", "/scep?operation=GetCACaps")
     assert reply.status == 200
     assert reply.content_type.startswith("text/plain")
     assert sorted(reply.body.decode("ascii").split()) == sorted(CUSTOM_CAPS)
     assert b"DES3" not in reply.body and b"SHA-1\n" not in reply.body
 
 
-def test_get_ca_cert_returns_ca_and_ra(server: Server, dev_ca: DevCa) -> None:
+def test_get_ca_cert_returns_ca_and_ra(app: httpx.Client, hca: SoftCa) -> None:
     """x-x509-ca-ra-cert with the CA first and an RA that can sign and be encrypted to."""
-    reply = raw_request(server.url, "GET", "/scep?operation=GetCACert&message=CAIdentifier")
+    reply = raw_request(app, "GET", "/scep?operation=GetCACert&message=CAIdentifier")
     assert reply.status == 200
     assert reply.content_type == "application/x-x509-ca-ra-cert"
     certs = parse_ca_certs(reply.body)
-    ca = x509.load_pem_x509_certificate(dev_ca.settings.ca.cert.read_bytes())
-    ra = x509.load_pem_x509_certificate(dev_ca.settings.ra.cert.read_bytes())
+    ca = x509.load_pem_x509_certificate(hca.ca_cert.read_bytes())
+    ra = x509.load_pem_x509_certificate(hca.ra_cert.read_bytes())
     assert certs == [ca, ra]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert not ra.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -198,11 +238,11 @@ def test_get_ca_cert_returns_ca_and_ra(server: Server, dev_ca: DevCa) -> None:
     ],
     ids=["absent", "caidentifier", "default", "empty", "text", "unicode", "plus", "bytes", "long"],
 )
-def test_get_ca_cert_accepts_any_message(server: Server, message: str | None) -> None:
+def test_get_ca_cert_accepts_any_message(app: httpx.Client, message: str | None) -> None:
     """Any message= value, or none, gets the same GetCACert body (interop-quirks #2)."""
-    baseline = raw_request(server.url, "GET", "/scep?operation=GetCACert")
+    baseline = raw_request(app, "GET", "/scep?operation=GetCACert")
     target = "/scep?operation=GetCACert" + ("" if message is None else f"&message={message}")
-    reply = raw_request(server.url, "GET", target)
+    reply = raw_request(app, "GET", target)
     assert reply.status == 200
     assert reply.content_type == "application/x-x509-ca-ra-cert"
     assert reply.body == baseline.body
@@ -220,17 +260,17 @@ def test_get_ca_cert_accepts_any_message(server: Server, message: str | None) ->
     ],
 )
 def test_path_suffixes_work_for_every_operation(
-    server: Server, dev_ca: DevCa, ca_certs: list[x509.Certificate], path: str
+    app: httpx.Client, hca: SoftCa, ca_certs: list[x509.Certificate], path: str
 ) -> None:
     """Path suffixes clients append (interop-quirks #2) work for all three operations."""
-    caps = raw_request(server.url, "GET", f"{path}?operation=GetCACaps")
+    caps = raw_request(app, "GET", f"{path}?operation=GetCACaps")
     assert caps.status == 200 and b"POSTPKIOperation" in caps.body
-    cert = raw_request(server.url, "GET", f"{path}?operation=GetCACert&message=default")
+    cert = raw_request(app, "GET", f"{path}?operation=GetCACert&message=default")
     assert cert.status == 200
     assert parse_ca_certs(cert.body) == ca_certs
-    request = new_request(ca_certs, dev_ca.challenge, cn=f"path{path.replace('/', '-')}")
+    request = new_request(ca_certs, hca.challenge, cn=f"path{path.replace('/', '-')}")
     reply = raw_request(
-        server.url,
+        app,
         "POST",
         f"{path}?operation=PKIOperation",
         request.der,
@@ -314,29 +354,29 @@ def _request_with_padding(
 
 @pytest.mark.parametrize("variant", GET_VARIANTS)
 def test_pki_operation_over_get_accepts_base64_variant(
-    server: Server, dev_ca: DevCa, ca_certs: list[x509.Certificate], variant: str
+    app: httpx.Client, hca: SoftCa, ca_certs: list[x509.Certificate], variant: str
 ) -> None:
     """Every mangled base64 form of a GET message= enrolls and is stored."""
-    request = _request_with_padding(ca_certs, dev_ca.challenge, variant)
+    request = _request_with_padding(ca_certs, hca.challenge, variant)
     value = encode_message(variant, request.der)
     assert _has_feature(variant, value), value[:120]
-    reply = raw_request(server.url, "GET", f"/scep?operation=PKIOperation&message={value}")
+    reply = raw_request(app, "GET", f"/scep?operation=PKIOperation&message={value}")
     cert = expect_success(reply, request, ca_certs)
-    [row] = rows_for(dev_ca, request.transaction_id)
+    [row] = stored_rows(hca, request.transaction_id)
     assert row[3] == cert.public_bytes(Encoding.DER)
 
 
 def test_long_get_url_enrolls(
-    server: Server, dev_ca: DevCa, ca_certs: list[x509.Certificate]
+    server: Server, dev_ca: DevCa, server_certs: list[x509.Certificate]
 ) -> None:
     """A PKCSReq with 60 long DNS SANs: a URL of tens of kilobytes still works over GET."""
     sans = [x509.DNSName(f"{i:02d}-" + "a" * 60 + ".example.com") for i in range(60)]
-    request = new_request(ca_certs, dev_ca.challenge, cn="long-get", sans=sans)
+    request = new_request(server_certs, dev_ca.challenge, cn="long-get", sans=sans)
     target = "/scep?operation=PKIOperation&message=" + encode_message(
         "percent-encoded", request.der
     )
     assert len(target) > 10_000
-    cert = expect_success(raw_request(server.url, "GET", target), request, ca_certs)
+    cert = expect_success(raw_request(server.url, "GET", target), request, server_certs)
     assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value == (
         x509.SubjectAlternativeName(sans)
     )
@@ -353,11 +393,11 @@ def test_long_get_url_enrolls(
     ],
     ids=["no-message", "empty", "not-base64", "two-messages", "garbage"],
 )
-def test_bad_get_message_is_http_400(server: Server, dev_ca: DevCa, query: str) -> None:
+def test_bad_get_message_is_http_400(app: httpx.Client, hca: SoftCa, query: str) -> None:
     """Missing, empty, duplicated or non-base64 message=: a plain 400."""
-    before = row_count(dev_ca)
-    assert_short_plain_error(raw_request(server.url, "GET", f"/scep?{query}"))
-    assert row_count(dev_ca) == before
+    before = stored_count(hca)
+    assert_short_plain_error(raw_request(app, "GET", f"/scep?{query}"))
+    assert stored_count(hca) == before
 
 
 @pytest.mark.parametrize("size", [200 * 1024, 4 * 1024 * 1024], ids=["200KiB", "4MiB"])
@@ -413,17 +453,17 @@ def test_huge_get_message_is_refused_cleanly(server: Server, dev_ca: DevCa, size
     ],
 )
 @pytest.mark.parametrize("method", ["GET", "POST"])
-def test_bad_operation_is_a_short_plain_error(server: Server, query: str, method: str) -> None:
+def test_bad_operation_is_a_short_plain_error(app: httpx.Client, query: str, method: str) -> None:
     """Missing, empty, duplicated or unknown operation=: a short plain 400/501."""
     body = b"" if method == "POST" else None
-    reply = raw_request(server.url, method, f"/scep{query}", body)
+    reply = raw_request(app, method, f"/scep{query}", body)
     assert_short_plain_error(reply, (400, 501))
 
 
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
-def test_other_methods_are_405(server: Server, method: str) -> None:
+def test_other_methods_are_405(app: httpx.Client, method: str) -> None:
     """PUT, DELETE and PATCH: 405 with an Allow header."""
-    reply = raw_request(server.url, method, "/scep?operation=GetCACaps", b"x")
+    reply = raw_request(app, method, "/scep?operation=GetCACaps", b"x")
     assert_short_plain_error(reply, (405,))
     assert {m.strip() for m in reply.headers["allow"].split(",")} >= {"GET", "POST"}
 
@@ -440,25 +480,25 @@ def test_other_methods_are_405(server: Server, method: str) -> None:
     ],
 )
 def test_post_content_type_is_ignored(
-    server: Server, dev_ca: DevCa, ca_certs: list[x509.Certificate], content_type: str | None
+    app: httpx.Client, hca: SoftCa, ca_certs: list[x509.Certificate], content_type: str | None
 ) -> None:
     """Whatever Content-Type a client sends, or none, a POST enrolls (interop-quirks #14)."""
-    request = new_request(ca_certs, dev_ca.challenge, cn=f"ctype-{content_type}")
+    request = new_request(ca_certs, hca.challenge, cn=f"ctype-{content_type}")
     headers = {} if content_type is None else {"Content-Type": content_type}
-    reply = raw_request(server.url, "POST", "/scep?operation=PKIOperation", request.der, headers)
+    reply = raw_request(app, "POST", "/scep?operation=PKIOperation", request.der, headers)
     expect_success(reply, request, ca_certs)
 
 
 def test_chunked_post_enrolls(
-    server: Server, dev_ca: DevCa, ca_certs: list[x509.Certificate]
+    server: Server, dev_ca: DevCa, server_certs: list[x509.Certificate]
 ) -> None:
     """A chunked POST body without Content-Length (interop-quirks #14)."""
-    request = new_request(ca_certs, dev_ca.challenge, cn="chunked")
+    request = new_request(server_certs, dev_ca.challenge, cn="chunked")
     pieces = iter([request.der[i : i + 700] for i in range(0, len(request.der), 700)])
     reply = raw_request(
         server.url, "POST", "/scep?operation=PKIOperation", pieces, {}, chunked=True
     )
-    expect_success(reply, request, ca_certs)
+    expect_success(reply, request, server_certs)
 
 
 def test_http10_without_host(server: Server) -> None:
@@ -493,15 +533,15 @@ def _definite_nesting(levels: int) -> bytes:
     ],
     ids=["indefinite", "indefinite-terminated", "definite", "context-tags"],
 )
-def test_deep_nesting_is_http_400(server: Server, dev_ca: DevCa, body: bytes) -> None:
+def test_deep_nesting_is_http_400(app: httpx.Client, hca: SoftCa, body: bytes) -> None:
     """Tens of thousands of nested headers under the 64 KiB cap: a plain 400."""
     assert len(body) <= 64 * 1024
-    before = row_count(dev_ca)
+    before = stored_count(hca)
     reply = raw_request(
-        server.url, "POST", "/scep?operation=PKIOperation", body, {"Content-Type": PKI_MESSAGE}
+        app, "POST", "/scep?operation=PKIOperation", body, {"Content-Type": PKI_MESSAGE}
     )
     assert_short_plain_error(reply)
-    assert row_count(dev_ca) == before
+    assert stored_count(hca) == before
 
 
 @pytest.mark.parametrize(
@@ -509,29 +549,29 @@ def test_deep_nesting_is_http_400(server: Server, dev_ca: DevCa, body: bytes) ->
     [b"\x30\x80" * 200_000, _definite_nesting(100_000)],
     ids=["indefinite-200k", "definite-100k"],
 )
-def test_very_deep_nesting_is_http_400(custom_server: Server, body: bytes) -> None:
+def test_very_deep_nesting_is_http_400(custom_app: httpx.Client, body: bytes) -> None:
     """Hundreds of thousands of levels under a 1 MiB cap: a plain 400, not a crash."""
     assert len(body) <= BIG_BODY
     reply = raw_request(
-        custom_server.url,
+        custom_app,
         "POST",
         "/scep?operation=PKIOperation",
         body,
         {"Content-Type": PKI_MESSAGE},
     )
     assert_short_plain_error(reply)
-    assert raw_request(custom_server.url, "GET", "/healthz").status == 200
+    assert raw_request(custom_app, "GET", "/healthz").status == 200
 
 
 def test_deep_nesting_over_get_is_http_400(server: Server) -> None:
-    """Deep nesting arriving as a GET message=: a plain 400."""
+    """Deep nesting arriving as a GET message= (a URL of 100 KiB, past httpx's limit): a 400."""
     value = quote(base64.b64encode(b"\x30\x80" * 40_000).decode(), safe="")
     reply = raw_request(server.url, "GET", f"/scep?operation=PKIOperation&message={value}")
     assert_short_plain_error(reply)
 
 
 def test_lying_content_length_does_not_hurt_the_server(
-    server: Server, dev_ca: DevCa, ca_certs: list[x509.Certificate]
+    server: Server, dev_ca: DevCa, server_certs: list[x509.Certificate]
 ) -> None:
     """Content-Length 100 but 10 bytes and a close; then a stalled one: the next still works."""
     head = (
@@ -543,7 +583,7 @@ def test_lying_content_length_does_not_hurt_the_server(
 
     with connect(server.url) as stalled:
         stalled.sendall(head + b"\x30\x80" * 5)  # and then nothing: the request stays open
-        request = new_request(ca_certs, dev_ca.challenge, cn="after-lying-client")
+        request = new_request(server_certs, dev_ca.challenge, cn="after-lying-client")
         reply = raw_request(
             server.url,
             "POST",
@@ -551,7 +591,7 @@ def test_lying_content_length_does_not_hurt_the_server(
             request.der,
             {"Content-Type": PKI_MESSAGE},
         )
-        expect_success(reply, request, ca_certs)
+        expect_success(reply, request, server_certs)
     assert raw_request(server.url, "GET", "/scep?operation=GetCACaps").status == 200
 
 
@@ -566,10 +606,10 @@ def test_declared_oversized_body_is_413_before_reading(server: Server) -> None:
 
 
 def test_expect_100_continue_post_enrolls(
-    server: Server, dev_ca: DevCa, ca_certs: list[x509.Certificate]
+    server: Server, dev_ca: DevCa, server_certs: list[x509.Certificate]
 ) -> None:
     """A client that sends Expect: 100-continue and waits for the interim answer."""
-    request = new_request(ca_certs, dev_ca.challenge, cn="expect-continue")
+    request = new_request(server_certs, dev_ca.challenge, cn="expect-continue")
     head = (
         "POST /scep?operation=PKIOperation HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         f"Content-Type: {PKI_MESSAGE}\r\nContent-Length: {len(request.der)}\r\n"
@@ -581,7 +621,7 @@ def test_expect_100_continue_post_enrolls(
         assert interim.startswith(b"HTTP/1.1 100"), interim[:100]
         sock.sendall(request.der)
         data = read_to_close(sock)
-    expect_success(parse_reply(data), request, ca_certs)
+    expect_success(parse_reply(data), request, server_certs)
 
 
 def test_broken_chunked_framing_is_http_400(server: Server) -> None:

@@ -1,14 +1,16 @@
-"""Manual approval end to end: PENDING, CertPoll, approve/reject by the CLI and the admin API.
+"""Manual approval: PENDING, CertPoll, approve/reject by the CLI and the admin API.
 
-Real `hsmscep serve` processes on a SoftHSM2 token and SQLite; decisions are made by
-`hsmscep pending` in its own process or over the admin HTTP API, and servers are restarted
-between request, decision and poll to show that pending requests live in the store.
+The app in process (software keys, SQLite); decisions are made by `hsmscep pending` in its
+own process or over the admin HTTP API, and the app is restarted between request, decision and
+poll to show that pending requests live in the store. micromdm's scepclient waits for an
+approval across a restart of a real `hsmscep serve` on SoftHSM2.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import sqlite3
 import subprocess
@@ -16,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,10 +34,9 @@ from hsmscep.errors import ConfigError, RequestConflict, UnknownRequest
 from hsmscep.store.records import PendingRequest
 from hsmscep.store.sqlite import _MIGRATIONS, SCHEMA_VERSION, CertStore
 from hsmscep.testing import client
-from tests.conftest import DevCa, Server, make_ca, start_server
+from tests.conftest import DevCa, Server, Target, http_request, make_ca, start_server
 from tests.conftest import post_pki_message as post
-
-pytestmark = pytest.mark.hsm
+from tests.inprocess import SoftCa, serve, soft_ca
 
 SUCCESS, FAILURE, PENDING = "0", "2", "3"
 BAD_REQUEST = "2"
@@ -47,26 +49,53 @@ SCEPCLIENT = shutil.which("scepclient")
 # ---- fixtures and helpers -----------------------------------------------------------------
 
 
+MANUAL = f'validity_days = 365\napproval = "manual"\npending_ttl_hours = {TTL_HOURS}\n'
+
+
+def make_manual(directory: Path) -> None:
+    """Requests wait for approval (TTL 2 h)."""
+    config = directory / "hsmscep.toml"
+    config.write_text(config.read_text().replace("validity_days = 365\n", MANUAL, 1))
+
+
 @pytest.fixture(scope="module")
-def pca(softhsm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DevCa:
+def pca(tmp_path_factory: pytest.TempPathFactory) -> SoftCa:
     """A CA whose requests wait for approval (TTL 2 h), with an admin token in a file."""
     directory = tmp_path_factory.mktemp("pending")
     (directory / "admin-token").write_text(TOKEN + "\n")
     extra = '\n[admin]\ntoken_file = "admin-token"\n'
-    ca = make_ca(softhsm_dir, directory, "pending-ca", extra_config=extra)
-    text = ca.config.read_text()
-    manual = f'validity_days = 365\napproval = "manual"\npending_ttl_hours = {TTL_HOURS}\n'
-    ca.config.write_text(text.replace("validity_days = 365\n", manual, 1))
+    ca = soft_ca(directory, "pending-ca", extra_config=extra)
+    make_manual(directory)
     settings = load_settings(ca.config)
     assert settings.enroll.approval == "manual" and settings.admin.token == TOKEN
-    return ca
+    return replace(ca, settings=settings)
 
 
 @pytest.fixture(scope="module")
-def pserver(pca: DevCa) -> Iterator[Server]:
-    srv = start_server(pca)
-    yield srv
-    stop_checked(srv)
+def pserver(pca: SoftCa) -> Iterator[httpx.Client]:
+    with serve(pca) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> SoftCa:
+    """Automatic approval and no admin token: what `hsmscep dev` writes."""
+    return soft_ca(tmp_path_factory.mktemp("pending-plain"), "pending-plain")
+
+
+@pytest.fixture(scope="module")
+def plain_server(plain: SoftCa) -> Iterator[httpx.Client]:
+    with serve(plain) as http:
+        yield http
+
+
+@pytest.fixture(autouse=True)
+def nothing_secret_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    caplog.set_level(logging.INFO)
+    yield
+    assert "Traceback" not in caplog.text
+    assert TOKEN not in caplog.text  # neither the admin token nor the challenge is ever logged
+    assert "secret-pending-ca" not in caplog.text
 
 
 def stop_checked(srv: Server) -> None:
@@ -77,15 +106,15 @@ def stop_checked(srv: Server) -> None:
     assert "secret-pending-ca" not in output
 
 
-def get_ca_certs(url: str) -> list[x509.Certificate]:
-    response = httpx.get(f"{url}/scep", params={"operation": "GetCACert"}, timeout=TIMEOUT)
+def get_ca_certs(url: Target) -> list[x509.Certificate]:
+    response = http_request(url, "GET", "/scep", params={"operation": "GetCACert"})
     return client.parse_ca_certs(response.content)
 
 
 class Requester:
     """One client: a key, its self-signed signer certificate and one transactionID."""
 
-    def __init__(self, ca: DevCa, ca_certs: Sequence[x509.Certificate], cn: str) -> None:
+    def __init__(self, ca: DevCa | SoftCa, ca_certs: Sequence[x509.Certificate], cn: str) -> None:
         self.ca, self.ca_certs = ca, list(ca_certs)
         self.key = rsa.generate_private_key(65537, 2048)
         self.subject = x509.Name.from_rfc4514_string(f"CN={cn},O=Pending Test")
@@ -93,7 +122,7 @@ class Requester:
         self.sans = [x509.DNSName(f"{cn}.example.test")]
         self.transaction_id = f"tx-{cn}"
 
-    def pkcs_req(self, url: str, challenge: str | None = None) -> client.CertRepResult:
+    def pkcs_req(self, url: Target, challenge: str | None = None) -> client.CertRepResult:
         request = client.build_pkcs_req(
             key=self.key,
             ca_certs=self.ca_certs,
@@ -105,7 +134,7 @@ class Requester:
         )
         return client.open_cert_rep(post(url, request.der), request, self.ca_certs)
 
-    def poll(self, url: str, cipher: str = "aes256") -> client.CertRepResult:
+    def poll(self, url: Target, cipher: str = "aes256") -> client.CertRepResult:
         request = client.build_cert_poll(
             key=self.key,
             ca_certs=self.ca_certs,
@@ -133,7 +162,7 @@ def spki(key: Any) -> bytes:
     return bytes(key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
 
 
-def pending_cli(ca: DevCa, *args: str) -> subprocess.CompletedProcess[str]:
+def pending_cli(ca: DevCa | SoftCa, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "hsmscep", "pending", *args, "--config", str(ca.config)],
         capture_output=True,
@@ -142,7 +171,7 @@ def pending_cli(ca: DevCa, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def cli_list(ca: DevCa) -> list[dict[str, Any]]:
+def cli_list(ca: DevCa | SoftCa) -> list[dict[str, Any]]:
     listed = pending_cli(ca, "list", "--json")
     assert listed.returncode == 0, listed.stderr
     rows: list[dict[str, Any]] = json.loads(listed.stdout)
@@ -155,18 +184,18 @@ def row_for(rows: list[dict[str, Any]], transaction_id: str) -> dict[str, Any]:
 
 
 def admin(
-    url: str, method: str, path: str, token: str | None = TOKEN, scheme: str = "Bearer"
+    url: Target, method: str, path: str, token: str | None = TOKEN, scheme: str = "Bearer"
 ) -> httpx.Response:
     headers = {"Authorization": f"{scheme} {token}"} if token is not None else {}
-    return httpx.request(method, f"{url}{path}", headers=headers, timeout=TIMEOUT)
+    return http_request(url, method, path, headers=headers, timeout=TIMEOUT)
 
 
-def stored(ca: DevCa, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
-    with closing(sqlite3.connect(ca.settings.store.path)) as db:
+def stored(ca: DevCa | SoftCa, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
+    with closing(sqlite3.connect(ca.db_path)) as db:
         return list(db.execute(sql, params))
 
 
-def certificates_for(ca: DevCa, transaction_id: str) -> list[int]:
+def certificates_for(ca: DevCa | SoftCa, transaction_id: str) -> list[int]:
     rows = stored(ca, "SELECT serial FROM certificates WHERE transaction_id = ?", (transaction_id,))
     return [int(serial, 16) for (serial,) in rows]
 
@@ -174,18 +203,15 @@ def certificates_for(ca: DevCa, transaction_id: str) -> list[int]:
 # ---- approve by the CLI, reject by the admin API, across restarts --------------------------
 
 
-def test_pending_then_approved_by_cli_across_restart(pca: DevCa) -> None:
-    srv = start_server(pca)
-    try:
-        ca_certs = get_ca_certs(srv.url)
+def test_pending_then_approved_by_cli_across_restart(pca: SoftCa) -> None:
+    with serve(pca) as srv:
+        ca_certs = get_ca_certs(srv)
         alice = Requester(pca, ca_certs, "alice")
-        first = alice.pkcs_req(srv.url)
+        first = alice.pkcs_req(srv)
         assert (first.pki_status, first.fail_info, first.certificates) == (PENDING, None, [])
-        assert alice.poll(srv.url).pki_status == PENDING
+        assert alice.poll(srv).pki_status == PENDING
         # A re-sent PKCSReq with the same transactionID is the same request, still pending.
-        assert alice.pkcs_req(srv.url).pki_status == PENDING
-    finally:
-        stop_checked(srv)
+        assert alice.pkcs_req(srv).pki_status == PENDING
     rows = [r for r in cli_list(pca) if r["transaction_id"] == alice.transaction_id]
     assert len(rows) == 1
     [row] = rows
@@ -204,39 +230,32 @@ def test_pending_then_approved_by_cli_across_restart(pca: DevCa) -> None:
     assert alice.transaction_id not in [r["transaction_id"] for r in cli_list(pca)]
     assert certificates_for(pca, alice.transaction_id) == []  # issued at the next poll
 
-    srv = start_server(pca)
-    try:
-        cert = alice.check_certificate(alice.poll(srv.url))
+    with serve(pca) as srv:
+        cert = alice.check_certificate(alice.poll(srv))
         assert certificates_for(pca, alice.transaction_id) == [cert.serial_number]
         # Later polls and a re-sent PKCSReq get the same certificate, never a second one.
-        assert alice.check_certificate(alice.poll(srv.url, cipher="des3")) == cert
-        assert alice.check_certificate(alice.pkcs_req(srv.url)) == cert
+        assert alice.check_certificate(alice.poll(srv, cipher="des3")) == cert
+        assert alice.check_certificate(alice.pkcs_req(srv)) == cert
         assert certificates_for(pca, alice.transaction_id) == [cert.serial_number]
-    finally:
-        stop_checked(srv)
     [(status,)] = stored(
         pca, "SELECT status FROM pending_requests WHERE transaction_id = ?", (alice.transaction_id,)
     )
     assert status == "issued"
     verify = subprocess.run(
-        ["openssl", "verify", "-CAfile", str(pca.settings.ca.cert), "/dev/stdin"],
+        ["openssl", "verify", "-CAfile", str(pca.ca_cert), "/dev/stdin"],
         input=cert.public_bytes(Encoding.PEM),
         capture_output=True,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
-def test_pending_then_rejected_by_admin_api_across_restart(pca: DevCa) -> None:
-    srv = start_server(pca)
-    try:
-        ca_certs = get_ca_certs(srv.url)
+def test_pending_then_rejected_by_admin_api_across_restart(pca: SoftCa) -> None:
+    with serve(pca) as srv:
+        ca_certs = get_ca_certs(srv)
         bob = Requester(pca, ca_certs, "bob")
-        assert bob.pkcs_req(srv.url).pki_status == PENDING
-    finally:
-        stop_checked(srv)
-    srv = start_server(pca)
-    try:
-        listed = admin(srv.url, "GET", "/admin/pending")
+        assert bob.pkcs_req(srv).pki_status == PENDING
+    with serve(pca) as srv:
+        listed = admin(srv, "GET", "/admin/pending")
         assert listed.status_code == 200
         assert listed.headers["content-type"] == "application/json"
         row = row_for(listed.json(), bob.transaction_id)
@@ -245,61 +264,56 @@ def test_pending_then_rejected_by_admin_api_across_restart(pca: DevCa) -> None:
         assert row["key"] == "RSA 2048"
         assert row["requester_ip"] == "127.0.0.1"
         assert isinstance(row["age_seconds"], int) and row["age_seconds"] >= 0
-        assert bob.poll(srv.url).pki_status == PENDING
+        assert bob.poll(srv).pki_status == PENDING
 
-        rejected = admin(srv.url, "POST", f"/admin/pending/{row['id']}/reject")
+        rejected = admin(srv, "POST", f"/admin/pending/{row['id']}/reject")
         assert rejected.status_code == 200, rejected.text
         assert rejected.json()["status"] == "rejected" and rejected.json()["changed"] is True
         # The decision stands: approving a rejected request is a conflict.
-        conflict = admin(srv.url, "POST", f"/admin/pending/{row['id']}/approve")
+        conflict = admin(srv, "POST", f"/admin/pending/{row['id']}/approve")
         assert conflict.status_code == 409
-        missing = admin(srv.url, "POST", "/admin/pending/999999/approve")
+        missing = admin(srv, "POST", "/admin/pending/999999/approve")
         assert missing.status_code == 404
-        assert admin(srv.url, "POST", "/admin/pending/x1/approve").status_code == 404
-    finally:
-        stop_checked(srv)
-    srv = start_server(pca)
-    try:
-        polled = bob.poll(srv.url)
+        assert admin(srv, "POST", "/admin/pending/x1/approve").status_code == 404
+    with serve(pca) as srv:
+        polled = bob.poll(srv)
         assert (polled.pki_status, polled.fail_info) == (FAILURE, BAD_REQUEST)
-        resent = bob.pkcs_req(srv.url)
+        resent = bob.pkcs_req(srv)
         assert (resent.pki_status, resent.fail_info) == (FAILURE, BAD_REQUEST)
-        listed = admin(srv.url, "GET", "/admin/pending").json()
+        listed = admin(srv, "GET", "/admin/pending").json()
         assert bob.transaction_id not in [r["transaction_id"] for r in listed]
-    finally:
-        stop_checked(srv)
     assert certificates_for(pca, bob.transaction_id) == []
     cli = pending_cli(pca, "approve", str(row["id"]))
     assert cli.returncode == 2 and "already rejected" in cli.stderr
 
 
-def test_admin_api_needs_the_token(pca: DevCa, pserver: Server) -> None:
+def test_admin_api_needs_the_token(pca: SoftCa, pserver: httpx.Client) -> None:
     for token, scheme in ((None, "Bearer"), ("wrong-token-0123456789", "Bearer"), (TOKEN, "Basic")):
         for method, path in (
             ("GET", "/admin/pending"),
             ("POST", "/admin/pending/1/approve"),
             ("POST", "/admin/pending/1/reject"),
         ):
-            response = admin(pserver.url, method, path, token, scheme)
+            response = admin(pserver, method, path, token, scheme)
             assert response.status_code == 401, (token, scheme, path)
             assert response.headers["www-authenticate"] == "Bearer"
             assert TOKEN not in response.text
-    assert admin(pserver.url, "GET", "/admin/pending").status_code == 200
-    assert admin(pserver.url, "POST", "/admin/pending").status_code == 405
-    assert admin(pserver.url, "GET", "/admin/pending/1/approve").status_code == 405
-    assert admin(pserver.url, "DELETE", "/admin/pending/1/reject", None).status_code == 401
+    assert admin(pserver, "GET", "/admin/pending").status_code == 200
+    assert admin(pserver, "POST", "/admin/pending").status_code == 405
+    assert admin(pserver, "GET", "/admin/pending/1/approve").status_code == 405
+    assert admin(pserver, "DELETE", "/admin/pending/1/reject", None).status_code == 401
 
 
-def test_admin_api_disabled_without_token(dev_ca: DevCa, server: Server) -> None:
-    assert load_settings(dev_ca.config).admin.token is None
+def test_admin_api_disabled_without_token(plain: SoftCa, plain_server: httpx.Client) -> None:
+    assert load_settings(plain.config).admin.token is None
     for token in (None, TOKEN):
-        assert admin(server.url, "GET", "/admin/pending", token).status_code == 404
-        assert admin(server.url, "POST", "/admin/pending/1/approve", token).status_code == 404
-        assert admin(server.url, "GET", "/admin/pending/1/reject", token).status_code == 404
-        assert admin(server.url, "PUT", "/admin/pending", token).status_code == 404
+        assert admin(plain_server, "GET", "/admin/pending", token).status_code == 404
+        assert admin(plain_server, "POST", "/admin/pending/1/approve", token).status_code == 404
+        assert admin(plain_server, "GET", "/admin/pending/1/reject", token).status_code == 404
+        assert admin(plain_server, "PUT", "/admin/pending", token).status_code == 404
 
 
-def variant(ca: DevCa, name: str, old: str, new: str) -> Path:
+def variant(ca: SoftCa, name: str, old: str, new: str) -> Path:
     """A copy of the CA's config (same directory, so relative paths hold) with one change."""
     text = ca.config.read_text()
     assert old in text
@@ -308,7 +322,7 @@ def variant(ca: DevCa, name: str, old: str, new: str) -> Path:
     return config
 
 
-def test_admin_token_from_env(pca: DevCa) -> None:
+def test_admin_token_from_env(pca: SoftCa) -> None:
     env_token = "from-the-environment-0123"
     config = variant(pca, "env", 'token_file = "admin-token"', 'token_env = "ADMIN_TOK"')
     settings = load_settings(config, {"ADMIN_TOK": env_token})
@@ -320,31 +334,31 @@ def test_admin_token_from_env(pca: DevCa) -> None:
 # ---- refusals: expiry, a wrong challenge, another requester ---------------------------------
 
 
-def test_expired_pending_request_is_refused(pca: DevCa, pserver: Server) -> None:
-    carol = Requester(pca, get_ca_certs(pserver.url), "carol")
-    assert carol.pkcs_req(pserver.url).pki_status == PENDING
+def test_expired_pending_request_is_refused(pca: SoftCa, pserver: httpx.Client) -> None:
+    carol = Requester(pca, get_ca_certs(pserver), "carol")
+    assert carol.pkcs_req(pserver).pki_status == PENDING
     old = (datetime.now(UTC) - timedelta(hours=TTL_HOURS, minutes=1)).isoformat()
-    with closing(sqlite3.connect(pca.settings.store.path)) as db, db:
+    with closing(sqlite3.connect(pca.db_path)) as db, db:
         db.execute(
             "UPDATE pending_requests SET created_at = ? WHERE transaction_id = ?",
             (old, carol.transaction_id),
         )
-    polled = carol.poll(pserver.url)
+    polled = carol.poll(pserver)
     assert (polled.pki_status, polled.fail_info) == (FAILURE, BAD_REQUEST)
-    resent = carol.pkcs_req(pserver.url)
+    resent = carol.pkcs_req(pserver)
     assert (resent.pki_status, resent.fail_info) == (FAILURE, BAD_REQUEST)
-    row = row_for(admin(pserver.url, "GET", "/admin/pending").json(), carol.transaction_id)
+    row = row_for(admin(pserver, "GET", "/admin/pending").json(), carol.transaction_id)
     assert row["expired"] is True and row["age_seconds"] >= TTL_HOURS * 3600
     assert row_for(cli_list(pca), carol.transaction_id)["expired"] is True
-    assert admin(pserver.url, "POST", f"/admin/pending/{row['id']}/approve").status_code == 409
+    assert admin(pserver, "POST", f"/admin/pending/{row['id']}/approve").status_code == 409
     cli = pending_cli(pca, "approve", str(row["id"]))
     assert cli.returncode == 2 and "expired" in cli.stderr
     assert certificates_for(pca, carol.transaction_id) == []
 
 
-def test_wrong_challenge_is_refused_before_it_waits(pca: DevCa, pserver: Server) -> None:
-    dave = Requester(pca, get_ca_certs(pserver.url), "dave")
-    refused = dave.pkcs_req(pserver.url, challenge="not-the-challenge")
+def test_wrong_challenge_is_refused_before_it_waits(pca: SoftCa, pserver: httpx.Client) -> None:
+    dave = Requester(pca, get_ca_certs(pserver), "dave")
+    refused = dave.pkcs_req(pserver, challenge="not-the-challenge")
     assert (refused.pki_status, refused.fail_info) == (FAILURE, BAD_REQUEST)
     assert (
         stored(
@@ -354,23 +368,23 @@ def test_wrong_challenge_is_refused_before_it_waits(pca: DevCa, pserver: Server)
     )
 
 
-def test_poll_by_another_key_is_refused(pca: DevCa, pserver: Server) -> None:
-    ca_certs = get_ca_certs(pserver.url)
+def test_poll_by_another_key_is_refused(pca: SoftCa, pserver: httpx.Client) -> None:
+    ca_certs = get_ca_certs(pserver)
     erin = Requester(pca, ca_certs, "erin")
-    assert erin.pkcs_req(pserver.url).pki_status == PENDING
+    assert erin.pkcs_req(pserver).pki_status == PENDING
     mallory = Requester(pca, ca_certs, "mallory")
     mallory.transaction_id = erin.transaction_id
-    polled = mallory.poll(pserver.url)
+    polled = mallory.poll(pserver)
     assert (polled.pki_status, polled.fail_info) == (FAILURE, BAD_REQUEST)
     row = row_for(cli_list(pca), erin.transaction_id)
     assert pending_cli(pca, "approve", str(row["id"])).returncode == 0
-    polled = mallory.poll(pserver.url)
+    polled = mallory.poll(pserver)
     assert (polled.pki_status, polled.fail_info) == (FAILURE, BAD_REQUEST)
     assert certificates_for(pca, erin.transaction_id) == []
-    erin.check_certificate(erin.poll(pserver.url))
+    erin.check_certificate(erin.poll(pserver))
 
 
-def test_unknown_ids_on_the_cli(pca: DevCa) -> None:
+def test_unknown_ids_on_the_cli(pca: SoftCa) -> None:
     for action in ("approve", "reject"):
         result = pending_cli(pca, action, "424242")
         assert result.returncode == 2 and "no pending request with id 424242" in result.stderr
@@ -379,15 +393,17 @@ def test_unknown_ids_on_the_cli(pca: DevCa) -> None:
 # ---- automatic approval: polls still work, nothing waits ----------------------------------
 
 
-def test_auto_approval_poll_returns_issued_certificate(dev_ca: DevCa, server: Server) -> None:
-    ca_certs = get_ca_certs(server.url)
-    frank = Requester(dev_ca, ca_certs, "frank")
-    cert = frank.check_certificate(frank.pkcs_req(server.url))
-    assert frank.check_certificate(frank.poll(server.url)) == cert
-    stranger = Requester(dev_ca, ca_certs, "stranger")
-    polled = stranger.poll(server.url)
+def test_auto_approval_poll_returns_issued_certificate(
+    plain: SoftCa, plain_server: httpx.Client
+) -> None:
+    ca_certs = get_ca_certs(plain_server)
+    frank = Requester(plain, ca_certs, "frank")
+    cert = frank.check_certificate(frank.pkcs_req(plain_server))
+    assert frank.check_certificate(frank.poll(plain_server)) == cert
+    stranger = Requester(plain, ca_certs, "stranger")
+    polled = stranger.poll(plain_server)
     assert (polled.pki_status, polled.fail_info) == (FAILURE, BAD_REQUEST)
-    assert stored(dev_ca, "SELECT COUNT(*) FROM pending_requests") == [(0,)]
+    assert stored(plain, "SELECT COUNT(*) FROM pending_requests") == [(0,)]
 
 
 @pytest.mark.parametrize(
@@ -397,14 +413,14 @@ def test_auto_approval_poll_returns_issued_certificate(dev_ca: DevCa, server: Se
         ("pending_ttl_hours = 0", "enroll.pending_ttl_hours must be at least 1"),
     ],
 )
-def test_enroll_settings_checked(pca: DevCa, line: str, message: str) -> None:
+def test_enroll_settings_checked(pca: SoftCa, line: str, message: str) -> None:
     config = variant(pca, "bad", f"pending_ttl_hours = {TTL_HOURS}\n", "")
     config.write_text(config.read_text().replace('approval = "manual"', line, 1))
     with pytest.raises(ConfigError, match=message):
         load_settings(config, {})
 
 
-def test_admin_token_must_not_be_inline_or_short(pca: DevCa) -> None:
+def test_admin_token_must_not_be_inline_or_short(pca: SoftCa) -> None:
     inline = variant(pca, "inline", 'token_file = "admin-token"', f'token = "{TOKEN}"')
     with pytest.raises(ConfigError, match="admin.token must not be written"):
         load_settings(inline, {})
@@ -416,47 +432,69 @@ def test_admin_token_must_not_be_inline_or_short(pca: DevCa) -> None:
 # ---- micromdm's scepclient against a manual-approval server --------------------------------
 
 
-def test_scepclient_pending_then_approved(pca: DevCa, pserver: Server, tmp_path: Path) -> None:
+@pytest.mark.hsm
+@pytest.mark.interop
+def test_scepclient_pending_then_approved_across_restart(
+    softhsm_dir: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """Real `hsmscep serve` on SoftHSM2: PENDING, the server stops, `hsmscep pending approve`,
+    a new server, and scepclient gets its certificate."""
     if SCEPCLIENT is None:
         pytest.skip("scepclient not installed (apt-get install scep)")
+    directory = tmp_path_factory.mktemp("pending-real")
+    (directory / "admin-token").write_text(TOKEN + "\n")
+    ca = make_ca(
+        softhsm_dir, directory, "pending-ca", extra_config='\n[admin]\ntoken_file = "admin-token"\n'
+    )
+    make_manual(directory)
+    srv = start_server(ca)
     command = [
         SCEPCLIENT,
-        "-server-url", f"{pserver.url}/scep",
-        "-challenge", pca.challenge,
+        "-server-url", f"{srv.url}/scep",
+        "-challenge", ca.challenge,
         "-private-key", str(tmp_path / "client.key"),
         "-certificate", str(tmp_path / "client.pem"),
         "-cn", "scepclient-pending",
     ]  # fmt: skip
     log = tmp_path / "first.log"
-    with log.open("wb") as out:
-        first = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
     try:
-        # scepclient answers PENDING by sleeping 30 s and sending its PKCSReq again (same
-        # transactionID, derived from its key); waiting for that would only slow the suite.
-        deadline = time.monotonic() + 60
-        while "pkiStatus=PENDING" not in log.read_text() and time.monotonic() < deadline:
-            assert first.poll() is None, log.read_text()
-            time.sleep(0.2)
-        assert "pkiStatus=PENDING" in log.read_text()
+        with log.open("wb") as out:
+            first = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            # scepclient answers PENDING by sleeping 30 s and sending its PKCSReq again (same
+            # transactionID, derived from its key); waiting for that would only slow the suite.
+            deadline = time.monotonic() + 60
+            while "pkiStatus=PENDING" not in log.read_text() and time.monotonic() < deadline:
+                assert first.poll() is None, log.read_text()
+                time.sleep(0.2)
+            assert "pkiStatus=PENDING" in log.read_text()
+        finally:
+            first.kill()
+            first.wait(timeout=10)
     finally:
-        first.kill()
-        first.wait(timeout=10)
+        stop_checked(srv)
     assert not (tmp_path / "client.pem").exists()
-    [row] = [r for r in cli_list(pca) if "CN=scepclient-pending" in r["subject"]]
+    [row] = [r for r in cli_list(ca) if "CN=scepclient-pending" in r["subject"]]
     assert row["key"] == "RSA 2048" and row["requester_ip"] == "127.0.0.1"
-    assert pending_cli(pca, "approve", str(row["id"])).returncode == 0
-    # Run again with the same key: the same transactionID, and now the certificate.
-    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert pending_cli(ca, "approve", str(row["id"])).returncode == 0
+    # Run again with the same key against a new server: the same transactionID, and now the
+    # certificate.
+    srv = start_server(ca)
+    try:
+        command[2] = f"{srv.url}/scep"
+        again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    finally:
+        stop_checked(srv)
     assert again.returncode == 0, again.stdout + again.stderr
     pem = tmp_path / "client.pem"
     verify = subprocess.run(
-        ["openssl", "verify", "-CAfile", str(pca.settings.ca.cert), str(pem)],
+        ["openssl", "verify", "-CAfile", str(ca.directory / "ca.pem"), str(pem)],
         capture_output=True,
         text=True,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     cert = x509.load_pem_x509_certificate(pem.read_bytes())
-    assert certificates_for(pca, row["transaction_id"]) == [cert.serial_number]
+    assert certificates_for(ca, row["transaction_id"]) == [cert.serial_number]
 
 
 # ---- the store: migration 3 keeps what migration 2 stored ----------------------------------

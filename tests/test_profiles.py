@@ -1,8 +1,9 @@
-"""Enrollment profiles end to end: several endpoints on one real server (SoftHSM2, SQLite).
+"""Enrollment profiles: several endpoints on one app, in process (software keys, SQLite).
 
 Profiles with different templates, challenge policies (static, one-time, webhook, none), the
 Microsoft template name choosing a profile, the admin API and CLI for one-time challenges, a
-real local HTTP server as the authorization and notification webhook, and config errors.
+real local HTTP server as the authorization and notification webhook, and config errors. One
+scepclient enrollment still runs against a real `hsmscep serve` on SoftHSM2.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import shutil
 import sqlite3
 import subprocess
@@ -40,8 +42,7 @@ from hsmscep.store.records import OneTimeChallenge
 from hsmscep.store.sqlite import CertStore
 from hsmscep.testing import client
 from tests.conftest import DevCa, Server, free_port, make_ca, start_server
-
-pytestmark = pytest.mark.hsm
+from tests.inprocess import SoftCa, add_ca, serve, soft_ca
 
 SUCCESS, FAILURE = "0", "2"
 BAD_REQUEST = "2"
@@ -200,41 +201,41 @@ def webhook() -> Iterator[Webhook]:
     hook.close()
 
 
-@pytest.fixture(scope="module")
-def pca(softhsm_dir: Path, tmp_path_factory: pytest.TempPathFactory, webhook: Webhook) -> DevCa:
-    directory = tmp_path_factory.mktemp("profiles")
+def write_secrets(directory: Path) -> None:
     (directory / "admin-token").write_text(ADMIN_TOKEN + "\n")
     (directory / "wifi-challenge").write_text(WIFI_CHALLENGE + "\n")
     (directory / "hook-secret").write_bytes(HOOK_SECRET + b"\n")
+
+
+@pytest.fixture(scope="module")
+def pca(tmp_path_factory: pytest.TempPathFactory, webhook: Webhook) -> SoftCa:
+    directory = tmp_path_factory.mktemp("profiles")
+    write_secrets(directory)
     extra = PROFILES.format(port=webhook.port)
-    ca = make_ca(softhsm_dir, directory, "profiles-ca", extra_config=extra)
-    init = subprocess.run(
-        [sys.executable, "-m", "hsmscep", "init", "--config", str(ca.config), "--ca", "routers"]
-        + ["--subject", "CN=routers CA"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert init.returncode == 0, init.stderr
-    assert "generated CA key" in init.stdout and (directory / "routers-ca.pem").exists()
+    ca = soft_ca(directory, "profiles-ca", extra_config=extra)
+    add_ca(ca, "routers", "CN=routers CA")
     return ca
 
 
 @pytest.fixture(scope="module")
-def pserver(pca: DevCa) -> Iterator[Server]:
-    srv = start_server(pca)
-    yield srv
-    srv.stop()
-    output = srv.output()
-    assert "Traceback" not in output
+def pserver(pca: SoftCa) -> Iterator[httpx.Client]:
+    with serve(pca) as http:
+        yield http
+
+
+@pytest.fixture(autouse=True)
+def nothing_secret_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    caplog.set_level(logging.INFO)
+    yield
+    assert "Traceback" not in caplog.text
     # No challenge value, shared secret or admin token is ever logged.
-    for secret in (pca.challenge, WIFI_CHALLENGE, HOOK_SECRET.decode(), ADMIN_TOKEN):
-        assert secret not in output
+    for secret in ("secret-profiles-ca", WIFI_CHALLENGE, HOOK_SECRET.decode(), ADMIN_TOKEN):
+        assert secret not in caplog.text
 
 
 @pytest.fixture(scope="module")
-def ca_certs(pserver: Server) -> list[x509.Certificate]:
-    response = httpx.get(f"{pserver.url}/scep", params={"operation": "GetCACert"}, timeout=TIMEOUT)
+def ca_certs(pserver: httpx.Client) -> list[x509.Certificate]:
+    response = pserver.get("/scep", params={"operation": "GetCACert"})
     return client.parse_ca_certs(response.content)
 
 
@@ -270,18 +271,17 @@ def request_for(
 
 
 def send(
-    srv: Server,
+    http: httpx.Client,
     path: str,
     request: client.ClientRequest,
     ca_certs: Sequence[x509.Certificate],
-    http: httpx.Client | None = None,
 ) -> client.CertRepResult:
-    target = f"{srv.url}{path}?operation=PKIOperation"
-    headers = {"Content-Type": "application/x-pki-message"}
-    if http is None:
-        response = httpx.post(target, content=request.der, headers=headers, timeout=TIMEOUT)
-    else:
-        response = http.post(target, content=request.der, headers=headers)
+    """POST the request to `path` of the app (or a live server's URL + path)."""
+    response = http.post(
+        f"{path}?operation=PKIOperation",
+        content=request.der,
+        headers={"Content-Type": "application/x-pki-message"},
+    )
     assert response.status_code == 200, response.text
     return client.open_cert_rep(response.content, request, ca_certs)
 
@@ -300,8 +300,8 @@ def refused(result: client.CertRepResult) -> None:
     assert result.certificates == []
 
 
-def stored(ca: DevCa) -> int:
-    with sqlite3.connect(ca.settings.store.path) as db:
+def stored(ca: SoftCa) -> int:
+    with sqlite3.connect(ca.db_path) as db:
         return int(db.execute("SELECT COUNT(*) FROM certificates").fetchone()[0])
 
 
@@ -317,17 +317,14 @@ def sans_of(cert: x509.Certificate) -> list[x509.GeneralName]:
     return list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
 
 
-def admin_challenge(srv: Server, body: dict[str, Any], token: str = ADMIN_TOKEN) -> httpx.Response:
-    return httpx.post(
-        f"{srv.url}/admin/challenges",
-        json=body,
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=TIMEOUT,
-    )
+def admin_challenge(
+    http: httpx.Client, body: dict[str, Any], token: str = ADMIN_TOKEN
+) -> httpx.Response:
+    return http.post("/admin/challenges", json=body, headers={"Authorization": f"Bearer {token}"})
 
 
-def new_challenge(srv: Server, profile: str, **extra: Any) -> str:
-    response = admin_challenge(srv, {"profile": profile, **extra})
+def new_challenge(http: httpx.Client, profile: str, **extra: Any) -> str:
+    response = admin_challenge(http, {"profile": profile, **extra})
     assert response.status_code == 201, response.text
     assert response.headers["cache-control"] == "no-store"
     value = response.json()["challenge"]
@@ -343,7 +340,7 @@ def spki(key: Any) -> bytes:
 
 
 def test_profiles_issue_certificates_by_their_templates(
-    pca: DevCa, pserver: Server, ca_certs: list[x509.Certificate]
+    pca: SoftCa, pserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     san = [x509.DNSName("ap-1.wifi.example")]
     default = certificate(
@@ -376,9 +373,9 @@ def test_profiles_issue_certificates_by_their_templates(
     assert validity(certificate(tolerant, ca_certs)) == timedelta(days=30, minutes=5)
 
 
-def test_each_profile_has_its_own_caps(pserver: Server) -> None:
+def test_each_profile_has_its_own_caps(pserver: httpx.Client) -> None:
     def caps(path: str) -> list[str]:
-        response = httpx.get(f"{pserver.url}{path}", params={"operation": "GetCACaps"})
+        response = pserver.get(path, params={"operation": "GetCACaps"})
         assert response.status_code == 200
         return response.text.split()
 
@@ -388,7 +385,7 @@ def test_each_profile_has_its_own_caps(pserver: Server) -> None:
 
 
 def test_profile_needs_its_own_static_challenge(
-    pca: DevCa, pserver: Server, ca_certs: list[x509.Certificate]
+    pca: SoftCa, pserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     san = [x509.DNSName("ap-2.wifi.example")]
     before = stored(pca)
@@ -415,8 +412,8 @@ def test_profile_needs_its_own_static_challenge(
     ids=["san-type", "san-pattern", "max-sans", "san-required", "forbidden-attribute"],
 )
 def test_template_refusals_store_nothing(
-    pca: DevCa,
-    pserver: Server,
+    pca: SoftCa,
+    pserver: httpx.Client,
     ca_certs: list[x509.Certificate],
     subject: str,
     sans: list[x509.GeneralName],
@@ -437,7 +434,7 @@ def test_template_refusals_store_nothing(
 
 
 def test_one_time_challenge_is_used_once(
-    pca: DevCa, pserver: Server, ca_certs: list[x509.Certificate]
+    pca: SoftCa, pserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     value = new_challenge(pserver, "otp")
     cert = certificate(
@@ -462,7 +459,7 @@ def test_one_time_challenge_is_used_once(
 
 
 def test_a_resent_request_gets_its_certificate_not_a_refusal(
-    pserver: Server, ca_certs: list[x509.Certificate]
+    pserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     value = new_challenge(pserver, "otp")
     request = request_for(ca_certs, value, "CN=otp-resend")
@@ -472,20 +469,19 @@ def test_a_resent_request_gets_its_certificate_not_a_refusal(
 
 
 def test_fifty_concurrent_requests_one_certificate(
-    pca: DevCa, pserver: Server, ca_certs: list[x509.Certificate]
+    pca: SoftCa, pserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     value = new_challenge(pserver, "otp")
     requests = [request_for(ca_certs, value, f"CN=race-{i}") for i in range(50)]
     before = stored(pca)
     barrier = threading.Barrier(50, timeout=60)
-    with httpx.Client(timeout=TIMEOUT, limits=httpx.Limits(max_connections=50)) as http:
 
-        def attempt(request: client.ClientRequest) -> client.CertRepResult:
-            barrier.wait()
-            return send(pserver, "/scep/otp", request, ca_certs, http)
+    def attempt(request: client.ClientRequest) -> client.CertRepResult:
+        barrier.wait()
+        return send(pserver, "/scep/otp", request, ca_certs)
 
-        with ThreadPoolExecutor(max_workers=50) as pool:
-            results = list(pool.map(attempt, requests))
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        results = list(pool.map(attempt, requests))
     winners = [r for r in results if r.pki_status == SUCCESS]
     assert len(winners) == 1
     assert all(
@@ -495,13 +491,13 @@ def test_fifty_concurrent_requests_one_certificate(
 
 
 def test_expired_challenge_is_refused(
-    pca: DevCa, pserver: Server, ca_certs: list[x509.Certificate]
+    pca: SoftCa, pserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     value = "expired-challenge-value-0123456789"
     now = datetime.now(UTC)
 
     async def add() -> None:
-        store = await CertStore.open(pca.settings.store.path)
+        store = await CertStore.open(pca.db_path)
         try:
             await store.add_challenge(
                 OneTimeChallenge(
@@ -521,7 +517,7 @@ def test_expired_challenge_is_refused(
 
 
 def test_challenge_bound_to_a_subject_and_san_pattern(
-    pca: DevCa, pserver: Server, ca_certs: list[x509.Certificate]
+    pca: SoftCa, pserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     value = new_challenge(
         pserver, "otp", subject_pattern="CN=kiosk-[0-9]+", san_pattern=r"DNS:kiosk-[0-9]+\.example"
@@ -545,7 +541,7 @@ def test_challenge_bound_to_a_subject_and_san_pattern(
 
 
 def test_cli_issues_a_working_challenge(
-    pca: DevCa, pserver: Server, ca_certs: list[x509.Certificate]
+    pca: SoftCa, pserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     cli = subprocess.run(
         [sys.executable, "-m", "hsmscep", "challenge", "issue", "--config", str(pca.config)]
@@ -567,7 +563,7 @@ def test_cli_issues_a_working_challenge(
         ca_certs,
     )
     assert cert.subject == name("CN=cli")
-    with sqlite3.connect(pca.settings.store.path) as db:
+    with sqlite3.connect(pca.db_path) as db:
         values = [row[0] for row in db.execute("SELECT hash FROM challenges")]
     assert issued["challenge"] not in values and challenge_hash(issued["challenge"]) in values
 
@@ -581,7 +577,7 @@ def test_cli_issues_a_working_challenge(
         (["--profile", "otp", "--subject-pattern", "("], "subject_pattern is not a valid"),
     ],
 )
-def test_cli_refuses_bad_challenge_requests(pca: DevCa, args: list[str], message: str) -> None:
+def test_cli_refuses_bad_challenge_requests(pca: SoftCa, args: list[str], message: str) -> None:
     cli = subprocess.run(
         [sys.executable, "-m", "hsmscep", "challenge", "issue", "--config", str(pca.config), *args],
         capture_output=True,
@@ -591,7 +587,7 @@ def test_cli_refuses_bad_challenge_requests(pca: DevCa, args: list[str], message
     assert cli.returncode == 2 and message in cli.stderr, cli.stderr
 
 
-def test_admin_challenge_api_refusals(pserver: Server) -> None:
+def test_admin_challenge_api_refusals(pserver: httpx.Client) -> None:
     assert (
         admin_challenge(pserver, {"profile": "otp"}, token="wrong-token-0123456789").status_code
         == 401
@@ -601,8 +597,8 @@ def test_admin_challenge_api_refusals(pserver: Server) -> None:
     assert static.status_code == 400 and "does not use one-time challenges" in static.text
     assert admin_challenge(pserver, {"profile": "otp", "ttl_seconds": "1h"}).status_code == 400
     assert admin_challenge(pserver, {"profile": "otp", "colour": "red"}).status_code == 400
-    wrong_method = httpx.get(
-        f"{pserver.url}/admin/challenges", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    wrong_method = pserver.get(
+        "/admin/challenges", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
     )
     assert wrong_method.status_code == 405
 
@@ -611,7 +607,7 @@ def test_admin_challenge_api_refusals(pserver: Server) -> None:
 
 
 def test_ms_template_name_selects_the_router_profile(
-    pca: DevCa, pserver: Server, ca_certs: list[x509.Certificate]
+    pca: SoftCa, pserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     key = rsa_key(1, 3072)
     # Sent to the default endpoint, with the default challenge: the router profile decides,
@@ -653,7 +649,7 @@ def test_ms_template_name_selects_the_router_profile(
 
 
 def test_unknown_template_name_stays_with_the_endpoint(
-    pca: DevCa, pserver: Server, ca_certs: list[x509.Certificate]
+    pca: SoftCa, pserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     cert = certificate(
         send(
@@ -671,7 +667,7 @@ def test_unknown_template_name_stays_with_the_endpoint(
 
 
 def test_webhook_allows_and_sees_the_request(
-    pca: DevCa, pserver: Server, ca_certs: list[x509.Certificate], webhook: Webhook
+    pca: SoftCa, pserver: httpx.Client, ca_certs: list[x509.Certificate], webhook: Webhook
 ) -> None:
     sans = [x509.DNSName("allow.hook.example")]
     request = request_for(ca_certs, "hook-challenge", "CN=allow-1", sans=sans)
@@ -692,17 +688,20 @@ def test_webhook_allows_and_sees_the_request(
 
 
 def test_webhook_denies(
-    pca: DevCa, pserver: Server, ca_certs: list[x509.Certificate], webhook: Webhook
+    pca: SoftCa,
+    pserver: httpx.Client,
+    ca_certs: list[x509.Certificate],
+    webhook: Webhook,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     before = stored(pca)
     refused(send(pserver, "/scep/hook", request_for(ca_certs, "x", "CN=deny-1"), ca_certs))
     assert stored(pca) == before
-    output = pserver.output()
-    assert "webhook denied: device not in inventory" in output
+    assert "webhook denied: device not in inventory" in caplog.text
 
 
 def test_webhook_overrides_subject_sans_and_validity(
-    pserver: Server, ca_certs: list[x509.Certificate]
+    pserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     request = request_for(ca_certs, "x", "CN=override-1", sans=[x509.DNSName("asked.example")])
     cert = certificate(send(pserver, "/scep/hook", request, ca_certs), ca_certs)
@@ -712,7 +711,7 @@ def test_webhook_overrides_subject_sans_and_validity(
 
 
 def test_webhook_timeout_denies(
-    pca: DevCa, pserver: Server, ca_certs: list[x509.Certificate]
+    pca: SoftCa, pserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     before = stored(pca)
     refused(send(pserver, "/scep/hook", request_for(ca_certs, "x", "CN=slow-1"), ca_certs))
@@ -720,7 +719,7 @@ def test_webhook_timeout_denies(
 
 
 def test_notifications_on_issue_and_deny(
-    pserver: Server, ca_certs: list[x509.Certificate], webhook: Webhook
+    pserver: httpx.Client, ca_certs: list[x509.Certificate], webhook: Webhook
 ) -> None:
     issued = request_for(ca_certs, "notify-secret-challenge", "CN=allow-notify")
     cert = certificate(send(pserver, "/scep/hook", issued, ca_certs), ca_certs)
@@ -750,7 +749,7 @@ def test_notifications_on_issue_and_deny(
 # ---- challenge_mode none, audit lines --------------------------------------------------------
 
 
-def test_profile_without_challenge(pserver: Server, ca_certs: list[x509.Certificate]) -> None:
+def test_profile_without_challenge(pserver: httpx.Client, ca_certs: list[x509.Certificate]) -> None:
     cert = certificate(
         send(pserver, "/scep/open", request_for(ca_certs, None, "CN=trusted"), ca_certs), ca_certs
     )
@@ -758,7 +757,10 @@ def test_profile_without_challenge(pserver: Server, ca_certs: list[x509.Certific
 
 
 def test_every_decision_is_a_json_audit_line(
-    pca: DevCa, pserver: Server, ca_certs: list[x509.Certificate]
+    pca: SoftCa,
+    pserver: httpx.Client,
+    ca_certs: list[x509.Certificate],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     ok = request_for(ca_certs, WIFI_CHALLENGE, "CN=audit-ok", sans=[x509.DNSName("a.wifi.example")])
     certificate(send(pserver, "/scep/wifi", ok, ca_certs), ca_certs)
@@ -767,7 +769,7 @@ def test_every_decision_is_a_json_audit_line(
     )
     refused(send(pserver, "/scep/wifi", bad, ca_certs))
     lines = {}
-    for line in pserver.output().splitlines():
+    for line in caplog.text.splitlines():
         start = line.find('{"event": "pki_operation"')
         if start >= 0:
             entry = json.loads(line[start:])
@@ -785,7 +787,7 @@ def test_every_decision_is_a_json_audit_line(
 # ---- config errors ---------------------------------------------------------------------------
 
 
-def write_config(pca: DevCa, tmp_path: Path, extra: str) -> Path:
+def write_config(pca: SoftCa, tmp_path: Path, extra: str) -> Path:
     base = pca.config.read_text().split("\n[admin]")[0]
     config = tmp_path / "hsmscep.toml"
     for file in ("pin", "challenge", "wifi-challenge", "hook-secret", "ca.pem", "ra.pem"):
@@ -837,7 +839,7 @@ def write_config(pca: DevCa, tmp_path: Path, extra: str) -> Path:
     ],
 )
 def test_config_errors_name_profile_and_key(
-    pca: DevCa, tmp_path: Path, extra: str, message: str
+    pca: SoftCa, tmp_path: Path, extra: str, message: str
 ) -> None:
     config = write_config(pca, tmp_path, extra)
     with pytest.raises(ConfigError) as error:
@@ -845,7 +847,7 @@ def test_config_errors_name_profile_and_key(
     assert message in str(error.value)
 
 
-def test_server_refuses_to_start_on_a_profile_error(pca: DevCa, tmp_path: Path) -> None:
+def test_server_refuses_to_start_on_a_profile_error(pca: SoftCa, tmp_path: Path) -> None:
     config = write_config(
         pca,
         tmp_path,
@@ -873,8 +875,8 @@ def test_server_refuses_to_start_on_a_profile_error(pca: DevCa, tmp_path: Path) 
 # ---- a profile with a CA of its own ----------------------------------------------------------
 
 
-def crl_of(srv: Server, path: str) -> x509.CertificateRevocationList:
-    response = httpx.get(f"{srv.url}{path}", timeout=TIMEOUT)
+def crl_of(http: httpx.Client, path: str) -> x509.CertificateRevocationList:
+    response = http.get(path)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/pkix-crl"
     return x509.load_der_x509_crl(response.content)
@@ -888,9 +890,9 @@ def crl_url(cert: x509.Certificate) -> str:
 
 
 def test_profile_with_its_own_ca(
-    pca: DevCa, pserver: Server, ca_certs: list[x509.Certificate]
+    pca: SoftCa, pserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
-    response = httpx.get(f"{pserver.url}/scep/netgear", params={"operation": "GetCACert"})
+    response = pserver.get("/scep/netgear", params={"operation": "GetCACert"})
     routers = client.parse_ca_certs(response.content)
     assert routers[0].subject == name("CN=routers CA") and routers[0] != ca_certs[0]
     assert routers[1].issuer == routers[0].subject  # its own RA certificate
@@ -912,22 +914,20 @@ def test_profile_with_its_own_ca(
         send(pserver, "/scep", request_for(ca_certs, pca.challenge, "CN=m"), ca_certs), ca_certs
     )
     assert crl_url(main) == "http://pki.example/crl/ca.crl"
-    ca_der = httpx.get(f"{pserver.url}/ca/routers.crt").content
+    ca_der = pserver.get("/ca/routers.crt").content
     assert x509.load_der_x509_certificate(ca_der) == routers[0]
 
     # Revoked through the admin API of its CA: in its CRL, not in the default CA's.
-    revoke = httpx.post(
-        f"{pserver.url}/admin/certificates/{cert.serial_number:x}/revoke",
+    revoke = pserver.post(
+        f"/admin/certificates/{cert.serial_number:x}/revoke",
         params={"ca": "routers"},
         json={"reason": "keyCompromise"},
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-        timeout=TIMEOUT,
     )
     assert revoke.status_code == 200, revoke.text
-    wrong_ca = httpx.post(
-        f"{pserver.url}/admin/certificates/{cert.serial_number:x}/revoke",
+    wrong_ca = pserver.post(
+        f"/admin/certificates/{cert.serial_number:x}/revoke",
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-        timeout=TIMEOUT,
     )
     assert wrong_ca.status_code == 404
     own = crl_of(pserver, "/crl/routers.crl")
@@ -937,23 +937,23 @@ def test_profile_with_its_own_ca(
     assert default.is_signature_valid(ca_certs[0].public_key())  # type: ignore[arg-type]
     assert default.get_revoked_certificate_by_serial_number(cert.serial_number) is None
     for missing in ("/crl/nope.crl", "/crl/default.crl", "/ca/nope.crt"):
-        assert httpx.get(f"{pserver.url}{missing}").status_code == 404
-    unknown_ca = httpx.get(
-        f"{pserver.url}/admin/pending",
+        assert pserver.get(missing).status_code == 404
+    unknown_ca = pserver.get(
+        "/admin/pending",
         params={"ca": "nope"},
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
     )
     assert unknown_ca.status_code == 404
 
 
-def test_a_profile_naming_an_unknown_ca_is_a_config_error(pca: DevCa, tmp_path: Path) -> None:
+def test_a_profile_naming_an_unknown_ca_is_a_config_error(pca: SoftCa, tmp_path: Path) -> None:
     config = write_config(pca, tmp_path, "[profiles.x]\nca = 'nope'\nchallenge_mode = 'none'\n")
     with pytest.raises(ConfigError, match=r"profiles\.x\.ca: no CA 'nope'"):
         load_settings(config)
 
 
 def test_manual_approval_issues_with_the_profile_template(
-    pca: DevCa, pserver: Server, ca_certs: list[x509.Certificate]
+    pca: SoftCa, pserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     key = rsa_key(2)
     subject = name("CN=held-1")
@@ -969,12 +969,10 @@ def test_manual_approval_issues_with_the_profile_template(
     first = send(pserver, "/scep/held", request, ca_certs)
     assert first.pki_status == "3"  # PENDING
     auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    listed = httpx.get(f"{pserver.url}/admin/pending", headers=auth, timeout=TIMEOUT).json()
+    listed = pserver.get("/admin/pending", headers=auth).json()
     [entry] = [p for p in listed if p["transaction_id"] == "held-transaction-1"]
     assert entry["profile"] == "held"
-    approve = httpx.post(
-        f"{pserver.url}/admin/pending/{entry['id']}/approve", headers=auth, timeout=TIMEOUT
-    )
+    approve = pserver.post(f"/admin/pending/{entry['id']}/approve", headers=auth)
     assert approve.status_code == 200, approve.text
     poll = client.build_cert_poll(
         key=key,
@@ -1010,14 +1008,55 @@ def scepclient(
     )
 
 
+# ---- the real path: `hsmscep init --ca`, `hsmscep serve` on SoftHSM2, scepclient ------------
+
+
+@pytest.fixture(scope="module")
+def real_pca(
+    softhsm_dir: Path, tmp_path_factory: pytest.TempPathFactory, webhook: Webhook
+) -> DevCa:
+    directory = tmp_path_factory.mktemp("profiles-real")
+    write_secrets(directory)
+    extra = PROFILES.format(port=webhook.port)
+    ca = make_ca(softhsm_dir, directory, "profiles-ca", extra_config=extra)
+    init = subprocess.run(
+        [sys.executable, "-m", "hsmscep", "init", "--config", str(ca.config), "--ca", "routers"]
+        + ["--subject", "CN=routers CA"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert init.returncode == 0, init.stderr
+    assert "generated CA key" in init.stdout and (directory / "routers-ca.pem").exists()
+    return ca
+
+
+@pytest.fixture(scope="module")
+def real_pserver(real_pca: DevCa) -> Iterator[Server]:
+    srv = start_server(real_pca)
+    yield srv
+    srv.stop()
+    output = srv.output()
+    assert "Traceback" not in output
+    # No challenge value, shared secret or admin token is ever logged.
+    for secret in (real_pca.challenge, WIFI_CHALLENGE, HOOK_SECRET.decode(), ADMIN_TOKEN):
+        assert secret not in output
+
+
+@pytest.mark.hsm
 @pytest.mark.interop
 def test_scepclient_enrolls_at_a_profile_with_a_one_time_challenge(
-    pca: DevCa, pserver: Server, tmp_path: Path
+    real_pserver: Server, tmp_path: Path
 ) -> None:
-    value = new_challenge(pserver, "otp")
-    first = scepclient(f"{pserver.url}/scep/otp", value, tmp_path / "a", "sc-otp")
+    with httpx.Client(base_url=real_pserver.url, timeout=TIMEOUT) as http:
+        value = new_challenge(http, "otp")
+        netgear = http.get("/scep/netgear", params={"operation": "GetCACert"})
+    # The CA `hsmscep init --ca routers` made in the token serves its profile.
+    routers = client.parse_ca_certs(netgear.content)
+    assert routers[0].subject == name("CN=routers CA")
+    first = scepclient(f"{real_pserver.url}/scep/otp", value, tmp_path / "a", "sc-otp")
     assert first.returncode == 0, first.stdout + first.stderr
     cert = x509.load_pem_x509_certificate((tmp_path / "a" / "client.pem").read_bytes())
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "sc-otp"
-    again = scepclient(f"{pserver.url}/scep/otp", value, tmp_path / "b", "sc-otp-2")
+    again = scepclient(f"{real_pserver.url}/scep/otp", value, tmp_path / "b", "sc-otp-2")
     assert again.returncode != 0 and not (tmp_path / "b" / "client.pem").exists()

@@ -1,8 +1,9 @@
-"""Renewal end to end: RenewalReq and certificate-signed PKCSReq against live servers.
+"""Renewal: RenewalReq and certificate-signed PKCSReq, in process (software keys, SQLite).
 
-One CA (SoftHSM2 token, SQLite store) serves several `hsmscep serve` processes that differ only
-in their [renewal] settings, given as HSMSCEP_RENEWAL_* overrides. The renewal window and expiry
-are checked with the service itself on the real HSM pool and store and a clock we move.
+One CA serves several apps that differ only in their [renewal] settings, given as
+HSMSCEP_RENEWAL_* overrides. The renewal window and expiry are checked with the service itself
+on a signing pool with software keys, the real store and a clock we move. micromdm's scepclient
+renews against real `hsmscep serve` processes on SoftHSM2.
 """
 
 from __future__ import annotations
@@ -28,9 +29,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hsmscep.config.settings import load_settings
 from hsmscep.errors import ConfigError, Rejected
-from hsmscep.hsm.keyring import Keyring, KeySource
-from hsmscep.hsm.login import TokenLogin
-from hsmscep.hsm.pool import SigningPool
 from hsmscep.policy.issuance import CertRequest, IssuancePolicy
 from hsmscep.policy.profiles import Profile, Profiles
 from hsmscep.policy.renewal import (
@@ -44,9 +42,8 @@ from hsmscep.policy.template import DEFAULT_TEMPLATE
 from hsmscep.service.scep import ScepService
 from hsmscep.store.sqlite import CertStore
 from hsmscep.testing import client
-from tests.conftest import DevCa, Server, make_ca, software_root, start_server
-
-pytestmark = pytest.mark.hsm
+from tests.conftest import DevCa, make_ca, software_root, start_server
+from tests.inprocess import CaCerts, SoftCa, serve, soft_ca, soft_pool
 
 SUCCESS, FAILURE = "0", "2"
 BAD_REQUEST, BAD_CERT_ID = "2", "4"
@@ -63,49 +60,45 @@ OTHER_SUBJECT = x509.Name.from_rfc4514_string("CN=someone else,O=Elsewhere")
 
 
 @pytest.fixture(scope="module")
-def nca(softhsm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DevCa:
-    return make_ca(softhsm_dir, tmp_path_factory.mktemp("renewal"), "renewal-ca")
+def nca(tmp_path_factory: pytest.TempPathFactory) -> SoftCa:
+    return soft_ca(tmp_path_factory.mktemp("renewal"), "renewal-ca")
 
 
-def _server(ca: DevCa, env: dict[str, str]) -> Iterator[Server]:
-    srv = start_server(ca, env)
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.output()
+def _server(ca: SoftCa, env: dict[str, str]) -> Iterator[httpx.Client]:
+    with serve(ca, load_settings(ca.config, env)) as http:
+        yield http
 
 
 @pytest.fixture(scope="module")
-def default_server(nca: DevCa) -> Iterator[Server]:
+def default_server(nca: SoftCa) -> Iterator[httpx.Client]:
     """The defaults: enabled, any time before expiry, key reuse refused, old cert kept."""
     yield from _server(nca, {})
 
 
-@pytest.fixture(scope="module")
-def lenient_server(nca: DevCa) -> Iterator[Server]:
-    yield from _server(
-        nca, {"HSMSCEP_RENEWAL_ALLOW_KEY_REUSE": "true", "HSMSCEP_RENEWAL_REVOKE_REPLACED": "yes"}
-    )
+LENIENT = {"HSMSCEP_RENEWAL_ALLOW_KEY_REUSE": "true", "HSMSCEP_RENEWAL_REVOKE_REPLACED": "yes"}
 
 
 @pytest.fixture(scope="module")
-def disabled_server(nca: DevCa) -> Iterator[Server]:
+def lenient_server(nca: SoftCa) -> Iterator[httpx.Client]:
+    yield from _server(nca, LENIENT)
+
+
+@pytest.fixture(scope="module")
+def disabled_server(nca: SoftCa) -> Iterator[httpx.Client]:
     yield from _server(nca, {"HSMSCEP_RENEWAL_ENABLED": "false"})
 
 
 @pytest.fixture(scope="module")
-def ca_certs(default_server: Server) -> list[x509.Certificate]:
-    response = httpx.get(
-        f"{default_server.url}/scep", params={"operation": "GetCACert"}, timeout=TIMEOUT
-    )
+def ca_certs(default_server: httpx.Client) -> list[x509.Certificate]:
+    response = default_server.get("/scep", params={"operation": "GetCACert"})
     return client.parse_ca_certs(response.content)
 
 
-def post(url: str, der: bytes) -> bytes:
-    response = httpx.post(
-        f"{url}/scep?operation=PKIOperation",
+def post(url: httpx.Client, der: bytes) -> bytes:
+    response = url.post(
+        "/scep?operation=PKIOperation",
         content=der,
         headers={"Content-Type": "application/x-pki-message"},
-        timeout=TIMEOUT,
     )
     assert response.status_code == 200, response.text
     return response.content
@@ -121,7 +114,7 @@ def subject(cn: str) -> x509.Name:
 
 
 def enroll(
-    url: str, ca: DevCa, ca_certs: Sequence[x509.Certificate], cn: str
+    url: httpx.Client, ca: SoftCa, ca_certs: Sequence[x509.Certificate], cn: str
 ) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
     """A first certificate the usual way: self-signed signer and the challenge."""
     key = rsa.generate_private_key(65537, 2048)
@@ -162,7 +155,7 @@ def renewal_request(
 
 
 def send(
-    url: str, ca_certs: Sequence[x509.Certificate], request: client.ClientRequest
+    url: httpx.Client, ca_certs: Sequence[x509.Certificate], request: client.ClientRequest
 ) -> client.CertRepResult:
     result = client.open_cert_rep(post(url, request.der), request, ca_certs)
     assert result.signer_cert == ca_certs[1]  # signed by the RA, like every CertRep
@@ -170,7 +163,7 @@ def send(
 
 
 def renew(
-    url: str,
+    url: httpx.Client,
     ca_certs: Sequence[x509.Certificate],
     old: x509.Certificate,
     old_key: rsa.RSAPrivateKey,
@@ -200,9 +193,9 @@ def sans(cert: x509.Certificate) -> list[x509.GeneralName]:
     return list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
 
 
-def stored(ca: DevCa, serial: int) -> tuple[str, list[str], str, str | None] | None:
+def stored(ca: SoftCa | DevCa, serial: int) -> tuple[str, list[str], str, str | None] | None:
     """(subject, SANs, status, revocation reason) as the store has them, read with sqlite3."""
-    with closing(sqlite3.connect(ca.settings.store.path)) as db:
+    with closing(sqlite3.connect(ca.directory / "hsmscep.db")) as db:
         row = db.execute(
             "SELECT subject, sans_json, status, revocation_reason FROM certificates"
             " WHERE serial = ?",
@@ -213,8 +206,8 @@ def stored(ca: DevCa, serial: int) -> tuple[str, list[str], str, str | None] | N
     return row[0], json.loads(row[1]), row[2], row[3]
 
 
-def transaction_of(ca: DevCa, serial: int) -> str:
-    with closing(sqlite3.connect(ca.settings.store.path)) as db:
+def transaction_of(ca: SoftCa, serial: int) -> str:
+    with closing(sqlite3.connect(ca.db_path)) as db:
         row = db.execute(
             "SELECT transaction_id FROM certificates WHERE serial = ?", (format(serial, "040x"),)
         ).fetchone()
@@ -226,7 +219,7 @@ def new_rsa_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(65537, 2048)
 
 
-def revoke(ca: DevCa, serial: int, reason: str) -> None:
+def revoke(ca: SoftCa, serial: int, reason: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "hsmscep", "revoke", "--config", str(ca.config)]
         + ["--serial", f"{serial:x}", "--reason", reason],
@@ -237,8 +230,8 @@ def revoke(ca: DevCa, serial: int, reason: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def caps(url: str) -> list[str]:
-    response = httpx.get(f"{url}/scep", params={"operation": "GetCACaps"}, timeout=TIMEOUT)
+def caps(url: httpx.Client) -> list[str]:
+    response = url.get("/scep", params={"operation": "GetCACaps"})
     assert response.status_code == 200
     return response.text.split()
 
@@ -247,7 +240,7 @@ def assert_renewed(
     result: client.CertRepResult,
     old: x509.Certificate,
     ca_certs: Sequence[x509.Certificate],
-    ca: DevCa,
+    ca: SoftCa,
 ) -> x509.Certificate:
     """SUCCESS with a new certificate that keeps the old subject, SANs and EKU, and is stored."""
     assert (result.pki_status, result.fail_info) == (SUCCESS, None)
@@ -272,11 +265,11 @@ def assert_renewed(
 
 
 def test_renewal_req_signed_by_issued_certificate(
-    nca: DevCa, default_server: Server, ca_certs: list[x509.Certificate]
+    nca: SoftCa, default_server: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
-    old, old_key = enroll(default_server.url, nca, ca_certs, "renew-17")
+    old, old_key = enroll(default_server, nca, ca_certs, "renew-17")
     request = renewal_request(ca_certs, old, old_key, new_key=(new_key := new_rsa_key()))
-    result = send(default_server.url, ca_certs, request)
+    result = send(default_server, ca_certs, request)
     new = assert_renewed(result, old, ca_certs, nca)
     # Stored under the transactionID and the serial it renews (clients that derive the
     # transactionID from a reused key would otherwise collide with the first enrollment).
@@ -291,31 +284,33 @@ def test_renewal_req_signed_by_issued_certificate(
         None,
     )
     # The new certificate renews in turn.
-    newer, _ = renew(default_server.url, ca_certs, new, new_key)
+    newer, _ = renew(default_server, ca_certs, new, new_key)
     assert_renewed(newer, new, ca_certs, nca)
 
 
 def test_pkcs_req_signed_by_issued_certificate_needs_no_challenge(
-    nca: DevCa, default_server: Server, ca_certs: list[x509.Certificate]
+    nca: SoftCa, default_server: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     """How Cisco, sscep, jscep and macOS renew: a PKCSReq signed with the old certificate."""
-    old, old_key = enroll(default_server.url, nca, ca_certs, "renew-19")
-    result, _ = renew(default_server.url, ca_certs, old, old_key, message_type=PKCS_REQ)
+    old, old_key = enroll(default_server, nca, ca_certs, "renew-19")
+    result, _ = renew(default_server, ca_certs, old, old_key, message_type=PKCS_REQ)
     assert_renewed(result, old, ca_certs, nca)
 
 
 def test_renewal_ignores_a_wrong_challenge(
-    nca: DevCa, default_server: Server, ca_certs: list[x509.Certificate]
+    nca: SoftCa, default_server: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     """The signer certificate authenticates a renewal; a stale challenge does not matter."""
-    old, old_key = enroll(default_server.url, nca, ca_certs, "renew-stale-challenge")
-    result, _ = renew(default_server.url, ca_certs, old, old_key, challenge="not the challenge")
+    old, old_key = enroll(default_server, nca, ca_certs, "renew-stale-challenge")
+    result, _ = renew(default_server, ca_certs, old, old_key, challenge="not the challenge")
     assert_renewed(result, old, ca_certs, nca)
 
 
-def test_caps_advertise_renewal_by_default(default_server: Server, lenient_server: Server) -> None:
-    assert "Renewal" in caps(default_server.url)
-    assert "Renewal" in caps(lenient_server.url)
+def test_caps_advertise_renewal_by_default(
+    default_server: httpx.Client, lenient_server: httpx.Client
+) -> None:
+    assert "Renewal" in caps(default_server)
+    assert "Renewal" in caps(lenient_server)
 
 
 # ---- who may not renew --------------------------------------------------------------------
@@ -323,18 +318,18 @@ def test_caps_advertise_renewal_by_default(default_server: Server, lenient_serve
 
 @pytest.mark.parametrize("message_type", [RENEWAL_REQ, PKCS_REQ])
 def test_revoked_signer_is_refused(
-    nca: DevCa, default_server: Server, ca_certs: list[x509.Certificate], message_type: str
+    nca: SoftCa, default_server: httpx.Client, ca_certs: list[x509.Certificate], message_type: str
 ) -> None:
-    old, old_key = enroll(default_server.url, nca, ca_certs, f"revoked-{message_type}")
-    assert renew(default_server.url, ca_certs, old, old_key)[0].pki_status == SUCCESS
+    old, old_key = enroll(default_server, nca, ca_certs, f"revoked-{message_type}")
+    assert renew(default_server, ca_certs, old, old_key)[0].pki_status == SUCCESS
     revoke(nca, old.serial_number, "keyCompromise")
     before = count(nca)
-    result, _ = renew(default_server.url, ca_certs, old, old_key, message_type=message_type)
+    result, _ = renew(default_server, ca_certs, old, old_key, message_type=message_type)
     assert refusal(result) == (FAILURE, BAD_REQUEST)
     assert count(nca) == before
     # Even with the challenge in the CSR: the revoked signer is not a self-signed enrollment.
     result, _ = renew(
-        default_server.url,
+        default_server,
         ca_certs,
         old,
         old_key,
@@ -344,13 +339,13 @@ def test_revoked_signer_is_refused(
     assert refusal(result) == (FAILURE, BAD_REQUEST)
 
 
-def count(ca: DevCa) -> int:
-    with closing(sqlite3.connect(ca.settings.store.path)) as db:
+def count(ca: SoftCa) -> int:
+    with closing(sqlite3.connect(ca.db_path)) as db:
         return int(db.execute("SELECT COUNT(*) FROM certificates").fetchone()[0])
 
 
 def test_self_signed_renewal_req_is_refused(
-    nca: DevCa, default_server: Server, ca_certs: list[x509.Certificate]
+    nca: SoftCa, default_server: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     """A RenewalReq needs a signer we issued; a self-signed one is bad, even with the challenge."""
     key = rsa.generate_private_key(65537, 2048)
@@ -361,22 +356,22 @@ def test_self_signed_renewal_req_is_refused(
         subject=subject("self-signed-renewal"),
         message_type=RENEWAL_REQ,
     )
-    assert refusal(send(default_server.url, ca_certs, request)) == (FAILURE, BAD_REQUEST)
+    assert refusal(send(default_server, ca_certs, request)) == (FAILURE, BAD_REQUEST)
 
 
 def test_self_signed_pkcs_req_still_needs_the_challenge(
-    nca: DevCa, default_server: Server, ca_certs: list[x509.Certificate]
+    nca: SoftCa, default_server: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     key = rsa.generate_private_key(65537, 2048)
     for challenge, outcome in ((None, (FAILURE, BAD_REQUEST)), ("wrong", (FAILURE, BAD_REQUEST))):
         request = client.build_pkcs_req(
             key=key, ca_certs=ca_certs, challenge=challenge, subject=subject("self-signed")
         )
-        assert refusal(send(default_server.url, ca_certs, request)) == outcome
+        assert refusal(send(default_server, ca_certs, request)) == outcome
     request = client.build_pkcs_req(
         key=key, ca_certs=ca_certs, challenge=nca.challenge, subject=subject("self-signed")
     )
-    result = send(default_server.url, ca_certs, request)
+    result = send(default_server, ca_certs, request)
     assert result.pki_status == SUCCESS
     assert result.certificates[0].subject == subject("self-signed")
 
@@ -401,16 +396,16 @@ def forge(
 
 
 def test_forged_signer_is_refused(
-    nca: DevCa, default_server: Server, ca_certs: list[x509.Certificate]
+    nca: SoftCa, default_server: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     """Issuer name and key id of our CA, but not our signature: never a renewal."""
-    old, _ = enroll(default_server.url, nca, ca_certs, "forged")
+    old, _ = enroll(default_server, nca, ca_certs, "forged")
     key = rsa.generate_private_key(65537, 2048)
     for serial in (old.serial_number, x509.random_serial_number()):
         forged = forge(old, key, ca_certs[0], serial)
         for message_type in (RENEWAL_REQ, PKCS_REQ):
             result, _ = renew(
-                default_server.url,
+                default_server,
                 ca_certs,
                 forged,
                 key,
@@ -421,10 +416,10 @@ def test_forged_signer_is_refused(
 
 
 def test_key_reuse_is_refused_by_default(
-    nca: DevCa, default_server: Server, ca_certs: list[x509.Certificate]
+    nca: SoftCa, default_server: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
-    old, old_key = enroll(default_server.url, nca, ca_certs, "reuse-refused")
-    result, _ = renew(default_server.url, ca_certs, old, old_key, new_key=old_key)
+    old, old_key = enroll(default_server, nca, ca_certs, "reuse-refused")
+    result, _ = renew(default_server, ca_certs, old, old_key, new_key=old_key)
     assert refusal(result) == (FAILURE, BAD_REQUEST)
 
 
@@ -432,11 +427,11 @@ def test_key_reuse_is_refused_by_default(
 
 
 def test_key_reuse_allowed_and_replaced_certificate_revoked_when_configured(
-    nca: DevCa, lenient_server: Server, ca_certs: list[x509.Certificate]
+    nca: SoftCa, lenient_server: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
-    old, old_key = enroll(lenient_server.url, nca, ca_certs, "reuse-allowed")
+    old, old_key = enroll(lenient_server, nca, ca_certs, "reuse-allowed")
     request = renewal_request(ca_certs, old, old_key, new_key=old_key)
-    result = send(lenient_server.url, ca_certs, request)
+    result = send(lenient_server, ca_certs, request)
     assert result.pki_status == SUCCESS
     [new] = result.certificates
     assert new.public_key() == old.public_key() and new.serial_number != old.serial_number
@@ -444,7 +439,7 @@ def test_key_reuse_allowed_and_replaced_certificate_revoked_when_configured(
     assert stored(nca, old.serial_number)[2:] == ("revoked", "superseded")  # type: ignore[index]
     assert stored(nca, new.serial_number)[2:] == ("issued", None)  # type: ignore[index]
 
-    crl_response = httpx.get(f"{lenient_server.url}/crl/ca.crl", timeout=TIMEOUT)
+    crl_response = lenient_server.get("/crl/ca.crl")
     assert crl_response.status_code == 200
     crl = x509.load_der_x509_crl(crl_response.content)
     assert crl.is_signature_valid(ca_certs[0].public_key())  # type: ignore[arg-type]
@@ -456,26 +451,26 @@ def test_key_reuse_allowed_and_replaced_certificate_revoked_when_configured(
 
     # A retry of the same request (lost reply) gets the same certificate, not a refusal
     # because its signer is now revoked.
-    again = send(lenient_server.url, ca_certs, request)
+    again = send(lenient_server, ca_certs, request)
     assert (again.pki_status, again.certificates) == (SUCCESS, [new])
     # Any other renewal with the replaced certificate is refused.
-    result, _ = renew(lenient_server.url, ca_certs, old, old_key)
+    result, _ = renew(lenient_server, ca_certs, old, old_key)
     assert refusal(result) == (FAILURE, BAD_REQUEST)
 
 
 def test_renewal_disabled(
-    nca: DevCa, disabled_server: Server, ca_certs: list[x509.Certificate]
+    nca: SoftCa, disabled_server: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     """No Renewal cap; RenewalReq refused; a certificate-signed PKCSReq is a plain enrollment."""
-    assert "Renewal" not in caps(disabled_server.url)
-    assert {"POSTPKIOperation", "SHA-256", "AES"} <= set(caps(disabled_server.url))
-    old, old_key = enroll(disabled_server.url, nca, ca_certs, "disabled")
-    result, _ = renew(disabled_server.url, ca_certs, old, old_key)
+    assert "Renewal" not in caps(disabled_server)
+    assert {"POSTPKIOperation", "SHA-256", "AES"} <= set(caps(disabled_server))
+    old, old_key = enroll(disabled_server, nca, ca_certs, "disabled")
+    result, _ = renew(disabled_server, ca_certs, old, old_key)
     assert refusal(result) == (FAILURE, BAD_REQUEST)
-    result, _ = renew(disabled_server.url, ca_certs, old, old_key, message_type=PKCS_REQ)
+    result, _ = renew(disabled_server, ca_certs, old, old_key, message_type=PKCS_REQ)
     assert refusal(result) == (FAILURE, BAD_REQUEST)  # no challenge
     result, _ = renew(
-        disabled_server.url,
+        disabled_server,
         ca_certs,
         old,
         old_key,
@@ -494,14 +489,14 @@ def test_renewal_disabled(
         ("window_days = -1", "renewal.window_days must be at least 0"),
     ],
 )
-def test_renewal_settings_are_checked(nca: DevCa, setting: str, message: str) -> None:
+def test_renewal_settings_are_checked(nca: SoftCa, setting: str, message: str) -> None:
     bad = nca.directory / "bad-renewal.toml"
     bad.write_text(nca.config.read_text() + f"\n[renewal]\n{setting}\n")
     with pytest.raises(ConfigError, match=message):
         load_settings(bad)
 
 
-def test_renewal_settings(nca: DevCa) -> None:
+def test_renewal_settings(nca: SoftCa) -> None:
     config = nca.directory / "renewal.toml"
     config.write_text(nca.config.read_text() + "\n[renewal]\nenabled = false\n")
     settings = load_settings(config)
@@ -526,96 +521,82 @@ def test_renewal_settings(nca: DevCa) -> None:
     ) == (0, False, False)
 
 
-# ---- the renewal window and expiry: the service on the real HSM and store, our clock --------
+# ---- the renewal window and expiry: the service on software keys, the store, our clock ----
 
 
-def test_renewal_window_and_expired_signer(nca: DevCa, tmp_path: Path) -> None:
-    s = nca.settings
-    ra = x509.load_pem_x509_certificate(s.ra.cert.read_bytes())
-    source = KeySource(
-        ca_key=s.ca.key,
-        ca_cert=x509.load_pem_x509_certificate(s.ca.cert.read_bytes()),
-        ra_sign_key=s.ra.key,
-        ra_sign_cert=ra,
-        decrypt=[(s.ra_decrypt.key, ra)],
-    )
+def test_renewal_window_and_expired_signer(nca: SoftCa, tmp_path: Path) -> None:
+    certs = CaCerts.of(nca)
     t0 = datetime.now(UTC).replace(microsecond=0)
     now = [t0]
 
     async def scenario() -> None:
-        logins = TokenLogin()
-        pool: SigningPool[Keyring] = SigningPool(
-            lambda: Keyring.open(source, logins), size=1, max_pending=8, close_context=Keyring.close
-        )
         store = await CertStore.open(tmp_path / "window.sqlite3")
         try:
-            await pool.start()
-            service = ScepService(
-                pool=pool,
-                store=store,
-                ca_cert=source.ca_cert,
-                ra_certs=[ra],
-                chain=[],
-                policy=IssuancePolicy(challenge=None),
-                profiles=Profiles.of(
-                    Profile(
-                        name="default",
-                        caps=(),
-                        challenge_mode="static",
-                        static_challenge=b"pw",
-                        template=replace(DEFAULT_TEMPLATE, validity=timedelta(days=30)),
+            async with soft_pool(nca) as pool:
+                service = ScepService(
+                    pool=pool,
+                    store=store,
+                    ca_cert=certs.ca_cert,
+                    ra_certs=[certs.ra_sign_cert],
+                    chain=[],
+                    policy=IssuancePolicy(challenge=None),
+                    profiles=Profiles.of(
+                        Profile(
+                            name="default",
+                            caps=(),
+                            challenge_mode="static",
+                            static_challenge=b"pw",
+                            template=replace(DEFAULT_TEMPLATE, validity=timedelta(days=30)),
+                        )
+                    ),
+                    clock=lambda: now[0],
+                    renewal=RenewalPolicy(window=timedelta(days=7)),
+                )
+                ca_certs = client.parse_ca_certs(service.ca_cert_body)
+
+                async def exchange(request: client.ClientRequest) -> client.CertRepResult:
+                    return client.open_cert_rep(
+                        await service.pki_operation(request.der), request, ca_certs
                     )
-                ),
-                clock=lambda: now[0],
-                renewal=RenewalPolicy(window=timedelta(days=7)),
-            )
-            ca_certs = client.parse_ca_certs(service.ca_cert_body)
 
-            async def exchange(request: client.ClientRequest) -> client.CertRepResult:
-                return client.open_cert_rep(
-                    await service.pki_operation(request.der), request, ca_certs
+                key = rsa.generate_private_key(65537, 2048)
+                first = await exchange(
+                    client.build_pkcs_req(
+                        key=key, ca_certs=ca_certs, challenge="pw", subject=subject("window")
+                    )
                 )
+                [old] = first.certificates
+                assert old.not_valid_after_utc == t0 + timedelta(days=30)
 
-            key = rsa.generate_private_key(65537, 2048)
-            first = await exchange(
-                client.build_pkcs_req(
-                    key=key, ca_certs=ca_certs, challenge="pw", subject=subject("window")
-                )
-            )
-            [old] = first.certificates
-            assert old.not_valid_after_utc == t0 + timedelta(days=30)
-
-            # 23 days before expiry: outside the 7-day window.
-            result = await exchange(renewal_request(ca_certs, old, key))
-            assert refusal(result) == (FAILURE, BAD_REQUEST)
-            now[0] = t0 + timedelta(days=23) - timedelta(seconds=1)
-            result = await exchange(renewal_request(ca_certs, old, key, message_type=PKCS_REQ))
-            assert refusal(result) == (FAILURE, BAD_REQUEST)
-
-            # Inside the window, by either message type.
-            now[0] = t0 + timedelta(days=23)
-            for message_type in (RENEWAL_REQ, PKCS_REQ):
-                result = await exchange(
-                    renewal_request(ca_certs, old, key, message_type=message_type)
-                )
-                assert result.pki_status == SUCCESS
-                [new] = result.certificates
-                assert new.subject == old.subject and new.serial_number != old.serial_number
-                assert new.not_valid_after_utc == now[0] + timedelta(days=30)
-                assert await store.get_by_serial(new.serial_number) is not None
-
-            # Expired: refused, even inside what would be the window.
-            now[0] = t0 + timedelta(days=30, seconds=1)
-            for message_type in (RENEWAL_REQ, PKCS_REQ):
-                result = await exchange(
-                    renewal_request(ca_certs, old, key, message_type=message_type)
-                )
+                # 23 days before expiry: outside the 7-day window.
+                result = await exchange(renewal_request(ca_certs, old, key))
                 assert refusal(result) == (FAILURE, BAD_REQUEST)
-            assert await store.count() == 3
+                now[0] = t0 + timedelta(days=23) - timedelta(seconds=1)
+                result = await exchange(renewal_request(ca_certs, old, key, message_type=PKCS_REQ))
+                assert refusal(result) == (FAILURE, BAD_REQUEST)
+
+                # Inside the window, by either message type.
+                now[0] = t0 + timedelta(days=23)
+                for message_type in (RENEWAL_REQ, PKCS_REQ):
+                    result = await exchange(
+                        renewal_request(ca_certs, old, key, message_type=message_type)
+                    )
+                    assert result.pki_status == SUCCESS
+                    [new] = result.certificates
+                    assert new.subject == old.subject and new.serial_number != old.serial_number
+                    assert new.not_valid_after_utc == now[0] + timedelta(days=30)
+                    assert await store.get_by_serial(new.serial_number) is not None
+
+                # Expired: refused, even inside what would be the window.
+                now[0] = t0 + timedelta(days=30, seconds=1)
+                for message_type in (RENEWAL_REQ, PKCS_REQ):
+                    result = await exchange(
+                        renewal_request(ca_certs, old, key, message_type=message_type)
+                    )
+                    assert refusal(result) == (FAILURE, BAD_REQUEST)
+                assert await store.count() == 3
         finally:
-            await pool.aclose()
             await store.close()
-            logins.close()
 
     asyncio.run(scenario())
 
@@ -725,22 +706,35 @@ def test_check_signer_and_renewed_request() -> None:
 # ---- a real client ------------------------------------------------------------------------------
 
 
+@pytest.mark.hsm
 @pytest.mark.interop
 def test_scepclient_renews_with_its_certificate(
-    nca: DevCa, default_server: Server, lenient_server: Server, tmp_path: Path
+    softhsm_dir: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
-    """micromdm's scepclient sends a RenewalReq once client.pem exists, with the same key."""
-    from tests.test_interop import enroll_with_scepclient
+    """micromdm's scepclient sends a RenewalReq once client.pem exists, with the same key.
 
-    first = enroll_with_scepclient(lenient_server.url, nca.challenge, tmp_path, "scepclient-r")
-    assert first.returncode == 0, first.stdout + first.stderr
-    old = x509.load_pem_x509_certificate((tmp_path / "client.pem").read_bytes())
-    # It keeps its key: refused where key reuse is (the default), renewed where it is allowed.
-    refused = enroll_with_scepclient(default_server.url, "", tmp_path, "scepclient-r")
-    assert refused.returncode != 0
-    assert "badRequest" in refused.stdout + refused.stderr
-    renewed = enroll_with_scepclient(lenient_server.url, "", tmp_path, "scepclient-r")
-    assert renewed.returncode == 0, renewed.stdout + renewed.stderr
+    Against real `hsmscep serve` processes on one SoftHSM2 CA: the defaults and LENIENT.
+    """
+    from tests.test_interop import SCEPCLIENT, enroll_with_scepclient
+
+    if SCEPCLIENT is None:
+        pytest.skip("scepclient not installed (apt-get install scep)")
+    ca = make_ca(softhsm_dir, tmp_path_factory.mktemp("renewal-real"), "renewal-ca")
+    default_server, lenient_server = start_server(ca), start_server(ca, LENIENT)
+    try:
+        first = enroll_with_scepclient(lenient_server.url, ca.challenge, tmp_path, "scepclient-r")
+        assert first.returncode == 0, first.stdout + first.stderr
+        old = x509.load_pem_x509_certificate((tmp_path / "client.pem").read_bytes())
+        # It keeps its key: refused where key reuse is (the default), renewed where allowed.
+        refused = enroll_with_scepclient(default_server.url, "", tmp_path, "scepclient-r")
+        assert refused.returncode != 0
+        assert "badRequest" in refused.stdout + refused.stderr
+        renewed = enroll_with_scepclient(lenient_server.url, "", tmp_path, "scepclient-r")
+        assert renewed.returncode == 0, renewed.stdout + renewed.stderr
+    finally:
+        for srv in (default_server, lenient_server):
+            srv.stop()
+            assert "Traceback" not in srv.output()
     new = x509.load_pem_x509_certificate((tmp_path / "client.pem").read_bytes())
     assert new.serial_number != old.serial_number and new.subject == old.subject
-    assert stored(nca, old.serial_number)[2:] == ("revoked", "superseded")  # type: ignore[index]
+    assert stored(ca, old.serial_number)[2:] == ("revoked", "superseded")  # type: ignore[index]

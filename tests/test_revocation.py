@@ -1,7 +1,8 @@
-"""Revocation, CRLs, GetCert and GetCRL, end to end: CLI, live servers, SoftHSM2 and SQLite.
+"""Revocation, CRLs, GetCert and GetCRL: the CLI, the app in process (software keys), SQLite.
 
 Revocations are made by `hsmscep revoke` in its own process, as an operator would, while the
-servers run; CRLs are checked with cryptography and with `openssl crl`.
+app runs; CRLs are checked with cryptography and with `openssl crl`. Several `hsmscep serve`
+worker processes on SoftHSM2 serve the one CRL the store published.
 """
 
 from __future__ import annotations
@@ -28,28 +29,15 @@ from cryptography.x509.oid import AuthorityInformationAccessOID
 
 from hsmscep.config.settings import load_settings
 from hsmscep.errors import ConfigError
-from hsmscep.hsm.keyring import Keyring
-from hsmscep.hsm.login import TokenLogin
-from hsmscep.hsm.pool import SigningPool
 from hsmscep.policy.issuance import IssuancePolicy
 from hsmscep.policy.profiles import Profile, Profiles
 from hsmscep.service.scep import ScepService
 from hsmscep.store.records import CrlInfo, CrlStatus, IssuedCert
 from hsmscep.store.sqlite import _MIGRATIONS, SCHEMA_VERSION, CertStore
 from hsmscep.testing import client
-from tests.conftest import (
-    DevCa,
-    Server,
-    Target,
-    http_request,
-    key_source,
-    make_ca,
-    start_server,
-)
+from tests.conftest import DevCa, Server, Target, http_request, start_server
 from tests.conftest import post_pki_message as post
-from tests.inprocess import SoftCa
-
-pytestmark = pytest.mark.hsm
+from tests.inprocess import CaCerts, SoftCa, ca_certificate, serve, soft_ca, soft_pool
 
 BASE_URL = "http://pki.example.test/hsmscep"
 SUCCESS, FAILURE = "0", "2"
@@ -62,25 +50,21 @@ TIMEOUT = 30.0
 
 
 @pytest.fixture(scope="module")
-def rca(softhsm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DevCa:
+def rca(tmp_path_factory: pytest.TempPathFactory) -> SoftCa:
     """A CA of its own, with a public base URL (trailing slash on purpose) and 6 h CRLs."""
     extra = f'\n[crl]\nbase_url = "{BASE_URL}/"\nnext_update_hours = 6\n'
-    return make_ca(
-        softhsm_dir, tmp_path_factory.mktemp("revocation"), "revoke-ca", extra_config=extra
-    )
+    return soft_ca(tmp_path_factory.mktemp("revocation"), "revoke-ca", extra_config=extra)
 
 
 @pytest.fixture(scope="module")
-def rserver(rca: DevCa) -> Iterator[Server]:
-    srv = start_server(rca)
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.output()
+def rserver(rca: SoftCa) -> Iterator[httpx.Client]:
+    with serve(rca) as http:
+        yield http
 
 
 @pytest.fixture(scope="module")
-def ca_certs(rserver: Server) -> list[x509.Certificate]:
-    response = httpx.get(f"{rserver.url}/scep", params={"operation": "GetCACert"}, timeout=TIMEOUT)
+def ca_certs(rserver: httpx.Client) -> list[x509.Certificate]:
+    response = rserver.get("/scep", params={"operation": "GetCACert"})
     return client.parse_ca_certs(response.content)
 
 
@@ -102,7 +86,7 @@ def enroll(
 
 
 def query(
-    url: str,
+    url: Target,
     ca_certs: Sequence[x509.Certificate],
     serial: int,
     message_type: str,
@@ -125,7 +109,7 @@ def query(
     return result
 
 
-def revoke(ca: DevCa, *args: str) -> subprocess.CompletedProcess[str]:
+def revoke(ca: DevCa | SoftCa, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "hsmscep", "revoke", "--config", str(ca.config), *args],
         capture_output=True,
@@ -169,9 +153,9 @@ def openssl_crl(der: bytes, tmp_path: Path, *args: str) -> subprocess.CompletedP
 
 
 def test_issued_certificates_carry_crl_dp_and_aia(
-    rca: DevCa, rserver: Server, ca_certs: list[x509.Certificate]
+    rca: SoftCa, rserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
-    cert, _ = enroll(rserver.url, rca, ca_certs, "with-urls")
+    cert, _ = enroll(rserver, rca, ca_certs, "with-urls")
     dp = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints)
     assert not dp.critical
     [point] = dp.value
@@ -184,13 +168,14 @@ def test_issued_certificates_carry_crl_dp_and_aia(
         )
     ]
     # What those URLs name is served here (base_url is the public prefix of these paths).
-    response = httpx.get(f"{rserver.url}/ca.crt", timeout=TIMEOUT)
+    response = rserver.get("/ca.crt")
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/pkix-cert"
     assert x509.load_der_x509_certificate(response.content) == ca_certs[0]
-    http_crl(rserver.url)
+    http_crl(rserver)
 
 
+@pytest.mark.hsm
 def test_without_base_url_no_crl_dp_or_aia(dev_ca: DevCa, server: Server, tmp_path: Path) -> None:
     assert dev_ca.settings.crl.base_url is None
     certs = client.parse_ca_certs(
@@ -209,10 +194,10 @@ def test_without_base_url_no_crl_dp_or_aia(dev_ca: DevCa, server: Server, tmp_pa
 
 
 def test_cli_revocation_reaches_the_running_servers_crl(
-    rca: DevCa, rserver: Server, ca_certs: list[x509.Certificate], tmp_path: Path
+    rca: SoftCa, rserver: httpx.Client, ca_certs: list[x509.Certificate], tmp_path: Path
 ) -> None:
-    cert, _ = enroll(rserver.url, rca, ca_certs, "to-revoke")
-    _, before = http_crl(rserver.url)
+    cert, _ = enroll(rserver, rca, ca_certs, "to-revoke")
+    _, before = http_crl(rserver)
     assert before.get_revoked_certificate_by_serial_number(cert.serial_number) is None
 
     done = revoke(rca, "--serial", f"{cert.serial_number:x}", "--reason", "keyCompromise")
@@ -224,7 +209,7 @@ def test_cli_revocation_reaches_the_running_servers_crl(
         ("revoke", f"{cert.serial_number:x}", "revoked")
     ]
 
-    der, after = http_crl(rserver.url)
+    der, after = http_crl(rserver)
     assert crl_number(after) > crl_number(before)
     assert reason_of(after, cert.serial_number) == x509.ReasonFlags.key_compromise
     assert after.is_signature_valid(ca_certs[0].public_key())  # type: ignore[arg-type]
@@ -234,7 +219,7 @@ def test_cli_revocation_reaches_the_running_servers_crl(
     ski = ca_certs[0].extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     assert aki.key_identifier == ski.digest
 
-    ca_pem = str(rca.settings.ca.cert)
+    ca_pem = str(rca.ca_cert)
     verified = openssl_crl(der, tmp_path, "-CAfile", ca_pem, "-verify", "-noout")
     assert verified.returncode == 0 and "verify OK" in verified.stderr, verified
     text = openssl_crl(der, tmp_path, "-text", "-noout")
@@ -242,7 +227,7 @@ def test_cli_revocation_reaches_the_running_servers_crl(
     assert re.search(rf"Serial Number: 0*{cert.serial_number:X}\n", text.stdout), text.stdout
     assert "Key Compromise" in text.stdout
     # The check can fail: the same CRL does not verify against another certificate.
-    ra_pem = str(rca.settings.ra.cert)
+    ra_pem = str(rca.ra_cert)
     refused = openssl_crl(der, tmp_path, "-CAfile", ra_pem, "-verify", "-noout")
     assert "verify OK" not in refused.stderr, refused
 
@@ -250,7 +235,7 @@ def test_cli_revocation_reaches_the_running_servers_crl(
     # one that was not revoked.
     (tmp_path / "crl.pem").write_bytes(after.public_bytes(Encoding.PEM))
     (tmp_path / "cert.pem").write_bytes(cert.public_bytes(Encoding.PEM))
-    good, _ = enroll(rserver.url, rca, ca_certs, "not-revoked")
+    good, _ = enroll(rserver, rca, ca_certs, "not-revoked")
     (tmp_path / "good.pem").write_bytes(good.public_bytes(Encoding.PEM))
     crl_pem = str(tmp_path / "crl.pem")
     check = ["openssl", "verify", "-crl_check", "-CAfile", ca_pem, "-CRLfile", crl_pem]
@@ -260,7 +245,7 @@ def test_cli_revocation_reaches_the_running_servers_crl(
     accepted = subprocess.run([*check, str(tmp_path / "good.pem")], capture_output=True)
     assert accepted.returncode == 0 and b": OK" in accepted.stdout, accepted
 
-    with closing(sqlite3.connect(rca.settings.store.path)) as db:
+    with closing(sqlite3.connect(rca.db_path)) as db:
         row = db.execute(
             "SELECT status, revocation_reason, revoked_at FROM certificates WHERE serial = ?",
             (format(cert.serial_number, "040x"),),
@@ -269,28 +254,28 @@ def test_cli_revocation_reaches_the_running_servers_crl(
 
 
 def test_revoking_twice_is_idempotent(
-    rca: DevCa, rserver: Server, ca_certs: list[x509.Certificate]
+    rca: SoftCa, rserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
-    cert, _ = enroll(rserver.url, rca, ca_certs, "twice")
+    cert, _ = enroll(rserver, rca, ca_certs, "twice")
     serial = f"{cert.serial_number:X}"  # upper case and colons are accepted too
     first = revoke(rca, "--serial", ":".join(re.findall("..?", serial)), "--reason", "superseded")
     assert first.returncode == 0, first.stderr
-    _, crl = http_crl(rserver.url)
+    _, crl = http_crl(rserver)
     second = revoke(rca, "--serial", f"0x{serial}", "--reason", "keyCompromise")
     assert second.returncode == 0, second.stderr
     assert "already revoked (superseded)" in second.stdout
-    _, again = http_crl(rserver.url)
+    _, again = http_crl(rserver)
     assert crl_number(again) == crl_number(crl)  # nothing changed, no new CRL
     assert reason_of(again, cert.serial_number) == x509.ReasonFlags.superseded
 
 
 def test_unspecified_reason_has_no_reason_code(
-    rca: DevCa, rserver: Server, ca_certs: list[x509.Certificate]
+    rca: SoftCa, rserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
-    cert, _ = enroll(rserver.url, rca, ca_certs, "unspecified")
+    cert, _ = enroll(rserver, rca, ca_certs, "unspecified")
     done = revoke(rca, "--serial", f"{cert.serial_number:x}")
     assert done.returncode == 0, done.stderr
-    _, crl = http_crl(rserver.url)
+    _, crl = http_crl(rserver)
     assert reason_of(crl, cert.serial_number) is None  # RFC 5280 §5.3.1
 
 
@@ -305,7 +290,7 @@ def test_unspecified_reason_has_no_reason_code(
     ],
 )
 def test_revoke_refusals_exit_2(
-    rca: DevCa, rserver: Server, args: tuple[str, ...], message: str
+    rca: SoftCa, rserver: httpx.Client, args: tuple[str, ...], message: str
 ) -> None:
     revision = revision_of(rca)
     done = revoke(rca, *args)
@@ -314,12 +299,14 @@ def test_revoke_refusals_exit_2(
     assert revision_of(rca) == revision
 
 
-def test_crl_and_ca_cert_urls_are_get_and_head_only(rserver: Server) -> None:
+@pytest.mark.hsm
+def test_crl_and_ca_cert_urls_are_get_and_head_only(server: Server) -> None:
+    """On a real uvicorn: it is the HTTP server that drops a HEAD answer's body."""
     for path in ("/crl/ca.crl", "/ca.crt"):
-        head = httpx.head(f"{rserver.url}{path}", timeout=TIMEOUT)
+        head = httpx.head(f"{server.url}{path}", timeout=TIMEOUT)
         assert head.status_code == 200 and head.content == b""
         assert int(head.headers["content-length"]) > 100
-        assert httpx.post(f"{rserver.url}{path}", timeout=TIMEOUT).status_code == 405
+        assert httpx.post(f"{server.url}{path}", timeout=TIMEOUT).status_code == 405
 
 
 @pytest.mark.parametrize(
@@ -329,31 +316,33 @@ def test_crl_and_ca_cert_urls_are_get_and_head_only(rserver: Server) -> None:
         ("next_update_hours = 0", "crl.next_update_hours must be at least 1"),
     ],
 )
-def test_crl_settings_are_checked(rca: DevCa, section: str, message: str) -> None:
+def test_crl_settings_are_checked(rca: SoftCa, section: str, message: str) -> None:
     bad = rca.directory / "bad-crl.toml"
     bad.write_text(rca.config.read_text().split("\n[crl]")[0] + f"\n[crl]\n{section}\n")
     with pytest.raises(ConfigError, match=message):
         load_settings(bad)
 
 
-def revision_of(ca: DevCa) -> int:
-    with closing(sqlite3.connect(ca.settings.store.path)) as db:
+def revision_of(ca: SoftCa) -> int:
+    with closing(sqlite3.connect(ca.db_path)) as db:
         return int(db.execute("SELECT revision FROM revocation_state").fetchone()[0])
 
 
-def test_several_worker_processes_serve_one_crl(
-    rca: DevCa, rserver: Server, ca_certs: list[x509.Certificate]
-) -> None:
+@pytest.mark.hsm
+def test_several_worker_processes_serve_one_crl(dev_ca: DevCa, server: Server) -> None:
     """Two more processes on the same store: all serve the CLI's revocation, one CRL."""
-    workers = start_server(rca, args=("--workers", "2"))
+    ca_certs = client.parse_ca_certs(
+        httpx.get(f"{server.url}/scep", params={"operation": "GetCACert"}).content
+    )
+    workers = start_server(dev_ca, args=("--workers", "2"))
     try:
-        cert, _ = enroll(workers.url, rca, ca_certs, "multi-worker")
+        cert, _ = enroll(workers.url, dev_ca, ca_certs, "multi-worker")
         http_crl(workers.url)
-        done = revoke(rca, "--serial", f"{cert.serial_number:x}", "--reason", "cACompromise")
+        done = revoke(dev_ca, "--serial", f"{cert.serial_number:x}", "--reason", "cACompromise")
         assert done.returncode == 0, done.stderr
         # Each request on a new connection: the kernel spreads them over the processes.
         bodies = {http_crl(workers.url)[0] for _ in range(12)}
-        bodies.add(http_crl(rserver.url)[0])
+        bodies.add(http_crl(server.url)[0])
     finally:
         assert workers.stop() == 0
     assert "Traceback" not in workers.output()
@@ -366,38 +355,36 @@ def test_several_worker_processes_serve_one_crl(
 
 
 def test_get_cert_returns_the_certificate(
-    rca: DevCa, rserver: Server, ca_certs: list[x509.Certificate]
+    rca: SoftCa, rserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
-    cert, key = enroll(rserver.url, rca, ca_certs, "get-cert")
+    cert, key = enroll(rserver, rca, ca_certs, "get-cert")
     # As clients do it: signed with the certificate in question.
-    result = query(rserver.url, ca_certs, cert.serial_number, GET_CERT, key=key, signer=cert)
+    result = query(rserver, ca_certs, cert.serial_number, GET_CERT, key=key, signer=cert)
     assert (result.pki_status, result.fail_info) == (SUCCESS, None)
     assert result.certificates == [cert] and result.crls == []
     # And from anyone else (a throwaway signer): certificates are public.
-    other = query(rserver.url, ca_certs, cert.serial_number, GET_CERT)
+    other = query(rserver, ca_certs, cert.serial_number, GET_CERT)
     assert other.certificates == [cert]
 
 
 @pytest.mark.parametrize("message_type", [GET_CERT, GET_CRL])
 def test_unknown_certificate_is_bad_cert_id(
-    rca: DevCa,
-    rserver: Server,
-    ca_certs: list[x509.Certificate],
-    dev_ca: DevCa,
-    message_type: str,
+    rca: SoftCa, rserver: httpx.Client, ca_certs: list[x509.Certificate], message_type: str
 ) -> None:
-    result = query(rserver.url, ca_certs, 0x1234ABCD, message_type)
+    result = query(rserver, ca_certs, 0x1234ABCD, message_type)
     assert (result.pki_status, result.fail_info) == (FAILURE, BAD_CERT_ID)
     assert result.certificates == [] and result.crls == []
     # A serial we did issue, but named under another CA's name: not ours either.
-    cert, _ = enroll(rserver.url, rca, ca_certs, f"foreign-issuer-{message_type}")
-    foreign = x509.load_pem_x509_certificate(dev_ca.settings.ca.cert.read_bytes())
-    result = query(rserver.url, ca_certs, cert.serial_number, message_type, issuer=foreign)
+    cert, _ = enroll(rserver, rca, ca_certs, f"foreign-issuer-{message_type}")
+    foreign = ca_certificate(
+        rsa.generate_private_key(65537, 2048), x509.Name.from_rfc4514_string("CN=test CA other")
+    )
+    result = query(rserver, ca_certs, cert.serial_number, message_type, issuer=foreign)
     assert (result.pki_status, result.fail_info) == (FAILURE, BAD_CERT_ID)
 
 
 def test_query_without_issuer_and_serial_is_bad_message_check(
-    rca: DevCa, rserver: Server, ca_certs: list[x509.Certificate]
+    rca: SoftCa, rserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
     """A GetCert whose envelope holds a CSR, not an IssuerAndSerialNumber."""
     key = rsa.generate_private_key(65537, 2048)
@@ -408,19 +395,19 @@ def test_query_without_issuer_and_serial_is_bad_message_check(
         subject=x509.Name.from_rfc4514_string("CN=confused"),
         message_type=GET_CERT,
     )
-    result = client.open_cert_rep(post(rserver.url, request.der), request, ca_certs)
+    result = client.open_cert_rep(post(rserver, request.der), request, ca_certs)
     assert (result.pki_status, result.fail_info) == (FAILURE, BAD_MESSAGE_CHECK)
 
 
 def test_get_crl_returns_the_current_crl(
-    rca: DevCa, rserver: Server, ca_certs: list[x509.Certificate]
+    rca: SoftCa, rserver: httpx.Client, ca_certs: list[x509.Certificate]
 ) -> None:
-    revoked, _ = enroll(rserver.url, rca, ca_certs, "get-crl-revoked")
-    mine, key = enroll(rserver.url, rca, ca_certs, "get-crl-asker")
+    revoked, _ = enroll(rserver, rca, ca_certs, "get-crl-revoked")
+    mine, key = enroll(rserver, rca, ca_certs, "get-crl-asker")
     done = revoke(rca, "--serial", f"{revoked.serial_number:x}", "--reason", "superseded")
     assert done.returncode == 0, done.stderr
 
-    result = query(rserver.url, ca_certs, mine.serial_number, GET_CRL, key=key, signer=mine)
+    result = query(rserver, ca_certs, mine.serial_number, GET_CRL, key=key, signer=mine)
     assert (result.pki_status, result.fail_info) == (SUCCESS, None)
     assert result.certificates == []
     [crl] = result.crls
@@ -428,7 +415,7 @@ def test_get_crl_returns_the_current_crl(
     assert reason_of(crl, revoked.serial_number) == x509.ReasonFlags.superseded
     assert crl.get_revoked_certificate_by_serial_number(mine.serial_number) is None
     # The same CRL as over HTTP.
-    assert crl.public_bytes(Encoding.DER) == http_crl(rserver.url)[0]
+    assert crl.public_bytes(Encoding.DER) == http_crl(rserver)[0]
 
 
 # ---- the store: migration 2 and the CRL schedule ----------------------------------------------
@@ -509,68 +496,64 @@ def record(serial: int, now: datetime) -> IssuedCert:
 
 
 def test_crl_is_resigned_halfway_to_next_update_and_after_revocations(
-    rca: DevCa, tmp_path: Path
+    rca: SoftCa, tmp_path: Path
 ) -> None:
-    """The service's CRL logic with the real HSM pool and store, and a clock we move."""
+    """The service's CRL logic with a software-key pool, the real store and a clock we move."""
     t0 = datetime.now(UTC).replace(microsecond=0)
     now = [t0]
-    source = key_source(rca)
+    certs = CaCerts.of(rca)
 
     async def scenario() -> None:
-        logins = TokenLogin()
-        pool: SigningPool[Keyring] = SigningPool(
-            lambda: Keyring.open(source, logins), size=1, max_pending=8, close_context=Keyring.close
-        )
         store = await CertStore.open(tmp_path / "crl.sqlite3")
         try:
-            await pool.start()
-            service = ScepService(
-                pool=pool,
-                store=store,
-                ca_cert=source.ca_cert,
-                ra_certs=[source.ra_sign_cert],
-                chain=[],
-                policy=IssuancePolicy(challenge=None),
-                profiles=Profiles.of(Profile(name="default", caps=(), challenge_mode="none")),
-                clock=lambda: now[0],
-                crl_lifetime=timedelta(hours=6),
-            )
-            first = x509.load_der_x509_crl(await service.current_crl())
-            assert crl_number(first) == 1 and len(first) == 0
-            assert first.last_update_utc == t0 and first.next_update_utc == t0 + timedelta(hours=6)
-            now[0] = t0 + timedelta(hours=3) - timedelta(seconds=1)
-            assert crl_number(x509.load_der_x509_crl(await service.current_crl())) == 1
-            now[0] = t0 + timedelta(hours=3)  # half of next_update - this_update
-            second = x509.load_der_x509_crl(await service.current_crl())
-            assert crl_number(second) == 2 and second.last_update_utc == now[0]
+            async with soft_pool(rca) as pool:
+                service = ScepService(
+                    pool=pool,
+                    store=store,
+                    ca_cert=certs.ca_cert,
+                    ra_certs=[certs.ra_sign_cert],
+                    chain=[],
+                    policy=IssuancePolicy(challenge=None),
+                    profiles=Profiles.of(Profile(name="default", caps=(), challenge_mode="none")),
+                    clock=lambda: now[0],
+                    crl_lifetime=timedelta(hours=6),
+                )
+                first = x509.load_der_x509_crl(await service.current_crl())
+                assert crl_number(first) == 1 and len(first) == 0
+                assert first.last_update_utc == t0 and first.next_update_utc == t0 + timedelta(
+                    hours=6
+                )
+                now[0] = t0 + timedelta(hours=3) - timedelta(seconds=1)
+                assert crl_number(x509.load_der_x509_crl(await service.current_crl())) == 1
+                now[0] = t0 + timedelta(hours=3)  # half of next_update - this_update
+                second = x509.load_der_x509_crl(await service.current_crl())
+                assert crl_number(second) == 2 and second.last_update_utc == now[0]
 
-            await store.put(record(0x51, t0))
-            await store.revoke(0x51, "privilegeWithdrawn", now[0])
-            third = x509.load_der_x509_crl(await service.current_crl())
-            assert crl_number(third) == 3
-            assert reason_of(third, 0x51) == x509.ReasonFlags.privilege_withdrawn
-            assert third.is_signature_valid(source.ca_cert.public_key())  # type: ignore[arg-type]
+                await store.put(record(0x51, t0))
+                await store.revoke(0x51, "privilegeWithdrawn", now[0])
+                third = x509.load_der_x509_crl(await service.current_crl())
+                assert crl_number(third) == 3
+                assert reason_of(third, 0x51) == x509.ReasonFlags.privilege_withdrawn
+                assert third.is_signature_valid(certs.ca_cert.public_key())  # type: ignore[arg-type]
 
-            # The background check signs a new CRL after a revocation made elsewhere.
-            await store.put(record(0x52, t0))
-            await store.revoke(0x52, "cessationOfOperation", now[0])
-            async with service.crl_refresher(every=0.01):
-                deadline = time.monotonic() + 30
-                while time.monotonic() < deadline:
-                    status = await store.crl_status()
-                    if status.latest is not None and status.latest.revision == status.revision:
-                        break
-                    await asyncio.sleep(0.01)
-            status = await store.crl_status()
-            assert status.latest is not None and status.latest.number == 4
-            der = await store.get_crl(4)
-            assert der is not None
-            assert reason_of(x509.load_der_x509_crl(der), 0x52) == (
-                x509.ReasonFlags.cessation_of_operation
-            )
+                # The background check signs a new CRL after a revocation made elsewhere.
+                await store.put(record(0x52, t0))
+                await store.revoke(0x52, "cessationOfOperation", now[0])
+                async with service.crl_refresher(every=0.01):
+                    deadline = time.monotonic() + 30
+                    while time.monotonic() < deadline:
+                        status = await store.crl_status()
+                        if status.latest is not None and status.latest.revision == status.revision:
+                            break
+                        await asyncio.sleep(0.01)
+                status = await store.crl_status()
+                assert status.latest is not None and status.latest.number == 4
+                der = await store.get_crl(4)
+                assert der is not None
+                assert reason_of(x509.load_der_x509_crl(der), 0x52) == (
+                    x509.ReasonFlags.cessation_of_operation
+                )
         finally:
-            await pool.aclose()
             await store.close()
-            logins.close()
 
     asyncio.run(scenario())
