@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -19,17 +20,25 @@ from tests.test_pipeline import worker_pids
 pytestmark = pytest.mark.hsm
 
 
-def serve(ca: DevCa, port: int, log: Path) -> subprocess.Popen[bytes]:
-    """`hsmscep serve --workers 2` on `port`, once /healthz answers (bounded: 60 s)."""
+def serve(
+    ca: DevCa,
+    port: int,
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    preexec: Callable[[], None] | None = None,
+) -> subprocess.Popen[bytes]:
+    """`hsmscep serve` (2 workers unless `env` says otherwise) on `port`, once /healthz
+    answers (bounded: 60 s); `preexec` runs in the child before it starts."""
     command = [sys.executable, "-m", "hsmscep", "serve", "--config", str(ca.config)]
-    env = dict(os.environ) | {"HSMSCEP_SERVER_WORKERS": "2"}
+    full_env = dict(os.environ) | {"HSMSCEP_SERVER_WORKERS": "2"} | dict(env or {})
     with log.open("ab") as out:
         process = subprocess.Popen(
             [*command, "--port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=full_env,
             cwd=ca.directory,
+            preexec_fn=preexec,
         )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

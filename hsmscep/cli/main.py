@@ -469,7 +469,11 @@ def run_server(config: str, settings: Settings) -> int:
     import uvicorn
 
     from hsmscep.web import affinity, balance
-    from hsmscep.web.httpproto import BoundedHttpToolsProtocol
+    from hsmscep.web.httpproto import (
+        BoundedHttpToolsProtocol,
+        connection_cap,
+        raise_open_files_limit,
+    )
 
     for path, key in ((settings.ca_cert, "ca.cert"), (settings.ra_sign_cert, "ra.cert")):
         if not path.exists():
@@ -478,6 +482,14 @@ def run_server(config: str, settings: Settings) -> int:
     cpus = affinity.usable_cpus()
     workers = affinity.worker_processes(settings.workers)
     logs.configure(settings.log_level)
+    # Before the workers start: they inherit the limit, and each derives its cap from it.
+    before, after = raise_open_files_limit()
+    logging.getLogger("hsmscep.web").info(
+        "open files limit %d (soft limit was %d): at most %d connections per worker process",
+        after,
+        before,
+        connection_cap(),
+    )
     options: dict[str, Any] = {
         "factory": True,
         "host": settings.host,
