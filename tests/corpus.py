@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from hsmscep.protocol import asn1, cms
 from hsmscep.protocol.algorithms import CIPHERS_BY_NAME
@@ -161,3 +163,15 @@ BROKEN_ISSUERS = {
     "atv-empty": asn1.seq(asn1.set_of(asn1.seq())),
     "not-a-name": asn1.integer(5),
 }
+
+
+def csr_with_subject(k: rsa.RSAPrivateKey, subject_der: bytes, challenge: str) -> bytes:
+    """A correctly self-signed CSR around any subject bytes (asn1.py: no checks)."""
+    spki = k.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    attrs = asn1.explicit(
+        0, asn1.attribute(asn1.OID_CHALLENGE_PASSWORD, asn1.printable_string(challenge))
+    )
+    info = asn1.seq(asn1.integer(0), subject_der, spki, attrs)
+    signature = k.sign(info, padding.PKCS1v15(), hashes.SHA256())
+    algorithm = asn1.algorithm_identifier("1.2.840.113549.1.1.11")
+    return asn1.seq(info, algorithm, asn1.tlv(0x03, b"\x00" + signature))

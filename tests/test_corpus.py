@@ -23,6 +23,7 @@ from hsmscep.testing import requests as client
 from hsmscep.testing.cacerts import parse_ca_certs
 from hsmscep.testing.replies import open_cert_rep, verify_signed_message
 from tests import corpus
+from tests.conftest import DevCa, Server
 from tests.corpus import Case, Expect
 from tests.inprocess import SoftCa, serve, soft_ca
 
@@ -177,28 +178,13 @@ def test_tampered_envelopes_get_bad_message_check(
         check(http, Case(label, body, Expect.FAILURE, BAD_MESSAGE_CHECK), ca_certs)
 
 
-def csr_with_subject(k: rsa.RSAPrivateKey, subject_der: bytes, challenge: str) -> bytes:
-    """A correctly self-signed CSR around any subject bytes (asn1.py: no checks)."""
-    from cryptography.hazmat.primitives.asymmetric import padding
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    spki = k.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    attrs = asn1.explicit(
-        0, asn1.attribute(asn1.OID_CHALLENGE_PASSWORD, asn1.printable_string(challenge))
-    )
-    info = asn1.seq(asn1.integer(0), subject_der, spki, attrs)
-    signature = k.sign(info, padding.PKCS1v15(), hashes.SHA256())
-    algorithm = asn1.algorithm_identifier("1.2.840.113549.1.1.11")
-    return asn1.seq(info, algorithm, asn1.tlv(0x03, b"\x00" + signature))
-
-
 def test_odd_csr_subjects_are_refused_precisely(
     http: httpx.Client, ca: SoftCa, ca_certs: list[x509.Certificate], catch_all: CatchAll
 ) -> None:
     """Subjects that do not load or cannot be issued: a signed FAILURE, not the catch-all."""
     ra, signer = ca_certs[1], client.self_signed_signer(KEYS[0], name("odd"))
     for label, subject in corpus.BROKEN_ISSUERS.items():
-        csr = csr_with_subject(KEYS[0], subject, ca.challenge)
+        csr = corpus.csr_with_subject(KEYS[0], subject, ca.challenge)
         body = corpus.signed_with(KEYS[0], signer, corpus.sealed(csr, ra, corpus.ra_id(ra)))
         kind, value = answer(http, Case(label, body, Expect.FAILURE), ca_certs)
         assert kind == "certrep" and value in (f"2:{BAD_MESSAGE_CHECK}", f"2:{BAD_REQUEST}"), (
@@ -276,3 +262,33 @@ def test_the_catch_all_is_detected(tmp_path: Path) -> None:
     finally:
         logger.removeHandler(handler)
     assert len(handler.records) == 1
+
+
+@pytest.mark.hsm
+def test_a_slice_against_the_real_server(server: Server, dev_ca: DevCa) -> None:
+    """A sample of the corpus over real uvicorn and SoftHSM2: the same answers, and the
+    server's log never shows the catch-all."""
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        certs = parse_ca_certs(http.get("/scep?operation=GetCACert").content)
+        ra, signer = certs[1], client.self_signed_signer(KEYS[0], name("slice"))
+        der = client.build_pkcs_req(
+            key=KEYS[0], ca_certs=certs, challenge=dev_ca.challenge, subject=name("slice")
+        ).der
+        cases = list(corpus.structural(der))[::8] + list(corpus.nesting())
+        csr = client.build_csr(KEYS[0], name("slice"), challenge=dev_ca.challenge)
+        for label, issuer in corpus.BROKEN_ISSUERS.items():
+            envelope = corpus.sealed(csr, ra, asn1.seq(issuer, asn1.integer(ra.serial_number)))
+            body = corpus.signed_with(KEYS[0], signer, envelope)
+            cases.append(Case(f"recipient-{label}", body, Expect.FAILURE, BAD_MESSAGE_CHECK))
+        resigned = corpus.signed_with(
+            KEYS[1], signer_of(KEYS[1]), corpus.sealed(csr, ra, corpus.ra_id(ra))
+        )
+        cases.append(Case("re-signed", resigned, Expect.FAILURE, BAD_MESSAGE_CHECK))
+        for case in cases:
+            check(http, case, certs)
+    assert "unexpected error" not in server.output()
+    assert "Traceback" not in server.output()
+
+
+def signer_of(k: rsa.RSAPrivateKey) -> x509.Certificate:
+    return client.self_signed_signer(k, name("third party"))
