@@ -138,3 +138,28 @@ def test_the_limit_is_raised_in_process(tmp_path: Path) -> None:
         [sys.executable, "-c", code], preexec_fn=low_limit, capture_output=True, check=True
     )
     assert out.stdout.decode().strip() == "(1024, 2048) (2048, 2048)"
+
+
+def test_the_cap_holds_with_balanced_workers(dev_ca: DevCa, tmp_path: Path) -> None:
+    """Two worker processes behind web/balance.py, a cap of 100 connections each: 300 slow
+    connections leave at most 200 open, and enrollments go on."""
+    port, cap = free_port(), 100
+    env = {"HSMSCEP_SERVER_WORKERS": "2", "HSMSCEP_HTTP_MAX_CONNECTIONS": str(cap)}
+    process = serve(dev_ca, port, tmp_path / "balanced.log", env)
+    slow: list[socket.socket] = []
+    try:
+        requests, ca_certs = build_requests(f"http://127.0.0.1:{port}", dev_ca, 2)
+        for _ in range(3 * cap):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(SLOW_HEAD)
+            slow.append(sock)
+        for request in requests:
+            status, _, body = raw_post(port, request.der)
+            assert status == 200
+            assert client.open_cert_rep(body, request, ca_certs).pki_status == "0"
+        assert sum(open_(sock) for sock in slow) <= 2 * cap
+    finally:
+        for sock in slow:
+            sock.close()
+        process.terminate()
+        process.wait(timeout=60)
