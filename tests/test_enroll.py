@@ -605,7 +605,7 @@ def test_weak_rsa_csr_key_is_bad_request(
     name = subject("rsa-1024")
     csr = build_csr(rsa_key(0, 1024), name, challenge=dev_ca.challenge)
     request = build_pkcs_req(
-        key=rsa_key(0), ca_certs=ca_certs, challenge=None, subject=name, csr=csr
+        key=rsa_key(0, 1024), ca_certs=ca_certs, challenge=None, subject=name, csr=csr
     )
     expect_failure(dev_ca, server, ca_certs, request, BAD_REQUEST)
 

@@ -7,6 +7,7 @@ uvicorn's spawned worker processes see the same settings.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,11 @@ def run_server(config: str, settings: Settings) -> int:
     import uvicorn
 
     from hsmscep.web import affinity, balance
-    from hsmscep.web.httpproto import BoundedHttpToolsProtocol
+    from hsmscep.web.httpproto import (
+        BoundedHttpToolsProtocol,
+        connection_cap,
+        raise_open_files_limit,
+    )
 
     for path, key in ((settings.ca.cert, "ca.cert"), (settings.ra.cert, "ra.cert")):
         if not path.exists():
@@ -54,6 +59,14 @@ def run_server(config: str, settings: Settings) -> int:
     cpus = affinity.usable_cpus()
     workers = affinity.worker_processes(settings.server.workers)
     logs.configure(settings.log.level)
+    # Before the workers start: they inherit the limit, and each derives its cap from it.
+    before, after = raise_open_files_limit()
+    logging.getLogger("hsmscep.web").info(
+        "open files limit %d (soft limit was %d): at most %d connections per worker process",
+        after,
+        before,
+        connection_cap(),
+    )
     options: dict[str, Any] = {
         "factory": True,
         "host": settings.server.host,

@@ -88,7 +88,7 @@ def load_csr(der: bytes) -> x509.CertificateSigningRequest:
     try:
         csr = x509.load_der_x509_csr(der)
     except x509.InvalidVersion:
-        return _load_csr_with_bad_version(der)
+        return _with_subject(_load_csr_with_bad_version(der))
     except ValueError:
         raise Rejected(FailInfo.BAD_MESSAGE_CHECK, "CSR does not parse") from None
     # Verified by hand rather than with is_signature_valid, which refuses SHA-1: old Cisco
@@ -99,6 +99,18 @@ def load_csr(der: bytes) -> x509.CertificateSigningRequest:
         csr.tbs_certrequest_bytes,
         csr.signature,
     )
+    return _with_subject(csr)
+
+
+def _with_subject(csr: x509.CertificateSigningRequest) -> x509.CertificateSigningRequest:
+    # cryptography parses the subject lazily: an empty RDN or a value of the wrong type would
+    # otherwise surface as a ValueError deep in the policy checks.
+    try:
+        csr.subject.rfc4514_string()
+    except ValueError:
+        raise Rejected(
+            FailInfo.BAD_REQUEST, "CSR subject is not a valid distinguished name"
+        ) from None
     return csr
 
 

@@ -72,10 +72,14 @@ class Recipient:
             return cert.subject_key_id == self.subject_key_id
         if cert.serial != self.serial or self.issuer_der is None:
             return False
+        if self.issuer_der == cert.issuer_der:
+            return True
         # Clients re-encode the issuer (PrintableString vs UTF8String): compare semantically.
-        return self.issuer_der == cert.issuer_der or (
-            asn1_x509.Name.load(self.issuer_der) == cert.issuer
-        )
+        # asn1crypto parses the name lazily, here: one it cannot read names none of ours.
+        try:
+            return bool(asn1_x509.Name.load(self.issuer_der) == cert.issuer)
+        except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+            return False
 
 
 @dataclass(frozen=True, slots=True)

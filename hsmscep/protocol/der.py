@@ -211,5 +211,6 @@ def malformed(what: str) -> Iterator[None]:
         raise
     except RecursionError:
         raise MessageError(f"{what} nests too deeply") from None
-    except Exception as exc:  # ValueError/IndexError/... from a shape we did not expect
-        raise MessageError(f"malformed {what} ({type(exc).__name__})") from None
+    except Exception:  # ValueError/IndexError/... from a shape we did not expect
+        # The client gets what failed to parse, never a Python class name (robustness.md).
+        raise MessageError(f"malformed {what}") from None

@@ -32,6 +32,7 @@ from hsmscep.protocol.cms import decode_envelope
 from hsmscep.protocol.codes import MessageType
 from hsmscep.protocol.message import PkiRequest
 from hsmscep.service.authorization import Candidate, Chain, Hold
+from hsmscep.service.binding import check_key_binding
 from hsmscep.service.issuing import Issuing
 from hsmscep.service.pending import PendingApprovals
 from hsmscep.service.ports import KeySet
@@ -150,6 +151,8 @@ class Enrollment:
             profile = self.profiles.for_template(endpoint, ms_template_name(csr))
             chain = self._chains[profile.name]
             if not renewing:
+                # Before the challenge is looked at: a lifted envelope must not burn it.
+                check_key_binding(request.signer_cert, csr, self.replies.issuer.certificate)
                 verdict = chain.check.authorize(csr)
                 if isinstance(verdict, Rejected):
                     raise verdict

@@ -16,6 +16,7 @@ from hsmscep.errors import DuplicateSerial, DuplicateTransaction, Rejected, Stor
 from hsmscep.hsm.pool import Deferred, Finish, SigningPool
 from hsmscep.protocol.message import PkiRequest
 from hsmscep.service.authorization import Candidate
+from hsmscep.service.health import StoreHealth
 from hsmscep.service.ports import KeySet, Store
 from hsmscep.service.refusal import Refusal
 from hsmscep.service.replies import Outcome, Replies
@@ -31,14 +32,25 @@ class Issuing:
 
     def __init__(self, pool: SigningPool[KeySet], store: Store, replies: Replies) -> None:
         self.pool, self.store, self.replies = pool, store, replies
+        self.health = StoreHealth()
 
     async def issue_and_store(self, job: Callable[[KeySet], _Opened]) -> _Opened:
-        """Run `job` on the pool; the certificate it issues is committed before this returns."""
+        """Run `job` on the pool; the certificate it issues is committed before this returns.
+        StoreError at once, before any HSM work, while the store is known to be failing."""
+        self.health.check()
         for _ in range(MAX_SERIAL_ATTEMPTS):
             try:
-                return await self.pool.run_deferred(partial(self._committed, job))
+                opened = await self.pool.run_deferred(partial(self._committed, job))
             except DuplicateSerial:
                 continue  # a fresh random serial on the next attempt
+            except DuplicateTransaction:
+                raise
+            except StoreError:
+                self.health.failed()
+                raise
+            if isinstance(opened, Outcome) and opened.record is not None:
+                self.health.stored()
+            return opened
         raise StoreError("no unique serial number after several attempts")
 
     def _committed(self, job: Callable[[KeySet], _Opened], keys: KeySet) -> _Opened | Deferred:

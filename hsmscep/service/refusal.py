@@ -25,6 +25,14 @@ class Refusal(Enum):
         FailInfo.BAD_REQUEST,
         "RenewalReq must be signed by a certificate issued here",
     )
+    SIGNER_KEY_MISMATCH = (
+        FailInfo.BAD_MESSAGE_CHECK,
+        "the request is not signed with the CSR's key (RFC 8894 section 2.3)",
+    )
+    SIGNER_NOT_SELF_SIGNED = (
+        FailInfo.BAD_MESSAGE_CHECK,
+        "the signer certificate of an initial enrollment must be self-signed",
+    )
     REPLY_KEY_NOT_RSA = (FailInfo.BAD_ALG, "the reply can only be encrypted to an RSA key")
     CHALLENGE_MISSING = (FailInfo.BAD_REQUEST, "challengePassword missing")
     CHALLENGE_MISMATCH = (FailInfo.BAD_REQUEST, "challengePassword does not match")

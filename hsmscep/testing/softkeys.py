@@ -8,6 +8,7 @@ public key of the certificate the server loads, so the wiring is the production 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ class SoftKeys:
 
     def __init__(self, keys: Iterable[PrivateKey] = ()) -> None:
         self._keys: dict[bytes, PrivateKey] = {}
+        self.ca_signatures = 0  # made with the CA key, by any worker: what an outage costs
+        self._count_lock = threading.Lock()
         for key in keys:
             self.add(key)
 
@@ -101,8 +104,18 @@ class SoftKeys:
     def _signing(self, cert: x509.Certificate) -> SigningKey:
         key = self._private(cert)
         if isinstance(key, rsa.RSAPrivateKey):
-            return self._rsa(cert)
-        return ExternalEcKey(key.public_key(), ecdsa_sign(key))
+            public = key.public_key()
+            sign = self._counted(rsa_sign(key))
+            return ExternalRsaKey(public, raw_sign=sign, raw_decrypt=rsa_decrypt(key))
+        return ExternalEcKey(key.public_key(), self._counted(ecdsa_sign(key)))
+
+    def _counted(self, sign: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
+        def counted(data: bytes) -> bytes:
+            with self._count_lock:
+                self.ca_signatures += 1
+            return sign(data)
+
+        return counted
 
     def _rsa(self, cert: x509.Certificate) -> ExternalRsaKey:
         key = self._private(cert)

@@ -1,7 +1,9 @@
 """The admin API: bearer token, JSON; disabled (404 throughout) when no token is configured.
 
 Pending requests (list, approve, reject), revocation and one-time challenges. Every decision
-is written to the audit log with the admin's address, never with the token.
+is written to the audit log with the admin's address, never with the token. A failed
+authentication is logged with the client's address and the endpoint; past a burst of them
+an address gets 429 with Retry-After, and so does one issuing challenges too fast.
 """
 
 from __future__ import annotations
@@ -21,9 +23,37 @@ from hsmscep.policy.profiles import DEFAULT_PROFILE, Profiles
 from hsmscep.service.onetime import challenge_json, challenge_record, issue_challenge
 from hsmscep.service.scep import ScepService
 from hsmscep.store.records import PendingRequest
+from hsmscep.web.ratelimit import RateLimit
 from hsmscep.web.scep import service_of
 
 audit = logging.getLogger("hsmscep.audit")
+log = logging.getLogger(__name__)
+
+# Per client address and worker process: a guessing client is slowed to one try in 3 s, a
+# provisioning script may issue 60 challenges at once and one a second after.
+FAILED_AUTH_BURST, FAILED_AUTH_INTERVAL = 20, 3.0
+ISSUE_BURST, ISSUE_INTERVAL = 60, 1.0
+
+
+class _Limits:
+    def __init__(self) -> None:
+        self.failures = RateLimit(FAILED_AUTH_BURST, FAILED_AUTH_INTERVAL)
+        self.issuing = RateLimit(ISSUE_BURST, ISSUE_INTERVAL)
+
+
+def _limits(request: Request) -> _Limits:
+    # One set per app (not per module): in-process tests run several apps in one process.
+    limits: _Limits | None = getattr(request.app.state, "admin_limits", None)
+    if limits is None:
+        limits = request.app.state.admin_limits = _Limits()
+    return limits
+
+
+def _too_many(wait: int, what: str) -> Response:
+    return PlainTextResponse(
+        f"too many {what}, retry later\n", status_code=429, headers={"Retry-After": str(wait)}
+    )
+
 
 _CHALLENGE_FIELDS = {"profile", "ttl_seconds", "subject_pattern", "san_pattern"}
 
@@ -34,11 +64,23 @@ def _refusal(request: Request, method: str) -> Response | None:
     token: str | None = request.state.admin_token
     if token is None:
         return PlainTextResponse("not found\n", status_code=404)
+    client, failures = _client(request), _limits(request).failures
+    wait = failures.retry_after(client)
+    if wait:  # before the token is even looked at: no guessing at full speed
+        return _too_many(wait, "failed authentications")
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     # Compared in constant time; neither the expected nor the given token is ever logged.
     if scheme.lower() != "bearer" or not hmac.compare_digest(
         given.strip().encode(), token.encode()
     ):
+        wait = failures.spend(client)
+        log.warning(
+            "admin authentication failed: client %s, %s %s%s",
+            client,
+            request.method,
+            request.url.path,
+            f" (limited for {wait} s)" if wait else "",
+        )
         return PlainTextResponse(
             "unauthorized\n", status_code=401, headers={"WWW-Authenticate": "Bearer"}
         )
@@ -163,6 +205,10 @@ async def issue(request: Request) -> Response:
     refusal = _refusal(request, "POST")
     if refusal is not None:
         return refusal
+    wait = _limits(request).issuing.take(_client(request))
+    if wait:
+        log.warning("challenge issuing limited for client %s (%d s)", _client(request), wait)
+        return _too_many(wait, "challenges issued")
     document = await _json_body(request)
     if not isinstance(document, dict):
         raise MessageError("body must be a JSON object")

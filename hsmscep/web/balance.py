@@ -34,7 +34,7 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import multiprocess
 
-from hsmscep.web import affinity
+from hsmscep.web import affinity, orphans
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +273,14 @@ class BalancedServer(uvicorn.Server):
 
 
 class _BalancedProcess(multiprocess.Process):
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+        self._supervisor = os.getpid()  # in the supervisor: the child gets it pickled
+        super().__init__(config, sockets)
+
+    def target(self, sockets: list[socket.socket] | None = None) -> None:  # in the worker
+        orphans.exit_with_parent(self._supervisor)
+        super().target(sockets)
+
     @property
     def server(self) -> uvicorn.Server:
         if self._server is None:

@@ -25,8 +25,10 @@ from hsmscep.errors import (
     UnknownProfile,
     UnknownRequest,
 )
+from hsmscep.logs import Throttled
 
 log = logging.getLogger(__name__)
+_outages = Throttled(log)
 
 RETRY_AFTER = {"Retry-After": "1"}
 
@@ -40,7 +42,10 @@ async def _busy(request: Request, exc: Exception) -> Response:
 
 
 async def _unavailable(request: Request, exc: Exception) -> Response:
-    log.error("%s %s failed: %s", request.method, request.url.path, exc)
+    # An outage fails every request alike: one line per interval, with the count.
+    _outages.log(
+        logging.ERROR, type(exc).__name__, "%s %s failed: %s", request.method, request.url.path, exc
+    )
     return PlainTextResponse("temporarily unavailable\n", status_code=503, headers=RETRY_AFTER)
 
 

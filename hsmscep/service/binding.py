@@ -1,0 +1,61 @@
+"""Key binding of an initial enrollment (RFC 8894 §2.3): who signed the request holds the CSR's key.
+
+A PKCSReq not authenticated by a certificate this CA issued (renewal) is signed with a
+throwaway self-signed certificate carrying the key being certified. Requiring that key to be
+the CSR's is what stops an envelope lifted from another device's request, re-signed by a
+third party, from burning that device's one-time challenge or getting its certificate.
+The signer's subject may differ from the CSR's (Cisco ASA, interop-quirks #13).
+
+A CSR key that cannot decrypt the reply (EC) comes with a separate RSA signer key, as the
+reply is encrypted to the signer: there only the self-signature is required, so such an
+envelope could still be re-signed by a third party (docs/protocol.md, key binding).
+"""
+
+from __future__ import annotations
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from hsmscep.service.refusal import Refusal
+
+
+def check_key_binding(
+    signer: x509.Certificate, csr: x509.CertificateSigningRequest, ca_cert: x509.Certificate
+) -> None:
+    """Refuse (badMessageCheck) unless `signer` is self-signed and carries the CSR's key
+    (any RSA key when the CSR's key is not RSA), or was issued by `ca_cert` (with renewal
+    disabled, such a request is a plain enrollment authenticated by that certificate)."""
+    if _issued_by(signer, ca_cert):
+        return
+    csr_key = csr.public_key()
+    if isinstance(csr_key, rsa.RSAPublicKey) and _spki(signer.public_key()) != _spki(csr_key):
+        raise Refusal.SIGNER_KEY_MISMATCH()
+    try:
+        if signer.issuer != signer.subject:
+            raise Refusal.SIGNER_NOT_SELF_SIGNED()
+        signer.verify_directly_issued_by(signer)
+    except (InvalidSignature, ValueError):
+        raise Refusal.SIGNER_NOT_SELF_SIGNED() from None
+    except (UnsupportedAlgorithm, TypeError):
+        # An old digest the library will not verify (MD5 from old IOS): the request's own
+        # signature, checked with this very key, already proves possession of it.
+        pass
+
+
+def _issued_by(signer: x509.Certificate, ca_cert: x509.Certificate) -> bool:
+    # A name is no proof: a forged certificate could carry ours as its issuer.
+    try:
+        signer.verify_directly_issued_by(ca_cert)
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def _spki(key: object) -> bytes:
+    public_bytes = getattr(key, "public_bytes", None)
+    if public_bytes is None:  # a key type the library cannot serialize never matches
+        return b""
+    spki: bytes = public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return spki

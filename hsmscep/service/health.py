@@ -1,0 +1,55 @@
+"""The store's health, as the issuing path last saw it: no CA signature for a certificate that
+cannot be stored.
+
+Once storing a certificate fails (a full or read-only disk, a broken database), enrollments
+are answered 503 before any HSM work, and one request per `PROBE_SECONDS` goes through to
+find out whether the store is back: an outage costs one signature per interval, not one per
+request. Per CA and process; nothing here awaits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from hsmscep.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+PROBE_SECONDS = 2.0
+
+
+class StoreHealth:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._down_since: float | None = None
+        self._next_probe = 0.0
+        self._refused = 0
+
+    def check(self) -> None:
+        """Raise StoreError (503) while the store is down, except for one probe per interval."""
+        if self._down_since is None:
+            return
+        now = self._clock()
+        if now < self._next_probe:
+            self._refused += 1
+            raise StoreError("certificate store unavailable")
+        self._next_probe = now + PROBE_SECONDS  # this request is the probe
+
+    def failed(self) -> None:
+        """Storing a certificate failed."""
+        if self._down_since is None:
+            self._down_since = self._clock()
+            log.error("certificate store failing: enrollments get 503 until it recovers")
+        self._next_probe = self._clock() + PROBE_SECONDS
+
+    def stored(self) -> None:
+        """A certificate was stored."""
+        if self._down_since is not None:
+            log.warning(
+                "certificate store recovered after %.0f s (%d requests refused meanwhile)",
+                self._clock() - self._down_since,
+                self._refused,
+            )
+            self._down_since, self._refused = None, 0
