@@ -57,6 +57,12 @@ def test_store_outage_costs_no_signatures_and_one_log_line(
         assert statuses == [503] * 20
         # The first request found the store failing after its signature; the rest, none.
         assert ca.keys.ca_signatures - signed == 1
+        # Past the probe interval, requests make the store take a write first: it fails, so
+        # they are refused too, still without a signature.
+        for i in range(3):
+            time.sleep(PROBE_SECONDS * 1.1)
+            assert enroll(f"probe-{i}") == 503
+        assert ca.keys.ca_signatures - signed == 1
         lines = [r for r in caplog.records if r.name == "hsmscep.web.errors"]
         assert len(lines) == 1  # one line per interval, not one per request
         with sqlite3.connect(database) as db:

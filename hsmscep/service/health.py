@@ -2,9 +2,9 @@
 cannot be stored.
 
 Once storing a certificate fails (a full or read-only disk, a broken database), enrollments
-are answered 503 before any HSM work, and one request per `PROBE_SECONDS` goes through to
-find out whether the store is back: an outage costs one signature per interval, not one per
-request. Per CA and process; nothing here awaits.
+are answered 503 before any HSM work; once per `PROBE_SECONDS` a request first makes the store
+take a small write (Store.probe) and goes on only if it succeeded: after the failure that
+revealed it, an outage costs no CA signature. Per CA and process; nothing here awaits.
 """
 
 from __future__ import annotations
@@ -27,15 +27,20 @@ class StoreHealth:
         self._next_probe = 0.0
         self._refused = 0
 
+    @property
+    def down(self) -> bool:
+        """Storing failed and no probe or certificate has succeeded since."""
+        return self._down_since is not None
+
     def check(self) -> None:
-        """Raise StoreError (503) while the store is down, except for one probe per interval."""
+        """Raise StoreError (503) while the store is down, except when a probe is due."""
         if self._down_since is None:
             return
         now = self._clock()
         if now < self._next_probe:
             self._refused += 1
             raise StoreError("certificate store unavailable")
-        self._next_probe = now + PROBE_SECONDS  # this request is the probe
+        self._next_probe = now + PROBE_SECONDS  # this request probes the store first
 
     def failed(self) -> None:
         """Storing a certificate failed."""

@@ -37,7 +37,8 @@ class Issuing:
     async def issue_and_store(self, job: Callable[[KeySet], _Opened]) -> _Opened:
         """Run `job` on the pool; the certificate it issues is committed before this returns.
         StoreError at once, before any HSM work, while the store is known to be failing."""
-        self.health.check()
+        if self.health.down:
+            await self._probe()
         for _ in range(MAX_SERIAL_ATTEMPTS):
             try:
                 opened = await self.pool.run_deferred(partial(self._committed, job))
@@ -52,6 +53,17 @@ class Issuing:
                 self.health.stored()
             return opened
         raise StoreError("no unique serial number after several attempts")
+
+    async def _probe(self) -> None:
+        """While the store is down: 503 until the next probe is due, then a write probe
+        (no HSM work); the request goes on only if the store took it."""
+        self.health.check()
+        try:
+            await self.store.probe()
+        except StoreError:
+            self.health.failed()
+            raise
+        self.health.stored()
 
     def _committed(self, job: Callable[[KeySet], _Opened], keys: KeySet) -> _Opened | Deferred:
         """Run `job`; hand the certificate it issued to the store's commit thread, which

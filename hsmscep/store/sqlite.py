@@ -118,6 +118,13 @@ class CertStore:
         signed when it started. Returns what to call when some of that work ends without a row."""
         return self._certificates.batch_with(working)
 
+    async def probe(self) -> None:
+        async with self._db.transaction() as db:
+            # A real page write (the revision rewritten as it is) that a full or read-only disk
+            # refuses at COMMIT, and a statement that needs the certificates table to be there.
+            await fetch(db, "UPDATE revocation_state SET revision = revision WHERE id = 1")
+            await fetch(db, "DELETE FROM certificates WHERE serial = 'probe'")
+
     async def get_by_transaction(self, transaction_id: str) -> IssuedCert | None:
         """The certificate issued for this transactionID, if any."""
         return await self._certificates.get_by_transaction(transaction_id)
