@@ -76,8 +76,14 @@ def _server(ca: DevCa, env: dict[str, str]) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def default_server(nca: DevCa) -> Iterator[Server]:
-    """The defaults: enabled, any time before expiry, key reuse refused, old cert kept."""
+    """The defaults: enabled, any time before expiry, key reuse allowed, old cert kept."""
     yield from _server(nca, {})
+
+
+@pytest.fixture(scope="module")
+def new_key_server(nca: DevCa) -> Iterator[Server]:
+    """The default profile requires a new key on renewal (renewal_requires_new_key)."""
+    yield from _server(nca, {"HSMSCEP_ENROLL_RENEWAL_REQUIRES_NEW_KEY": "true"})
 
 
 @pytest.fixture(scope="module")
@@ -420,12 +426,21 @@ def test_forged_signer_is_refused(
             assert refusal(result) == (FAILURE, BAD_CERT_ID)
 
 
-def test_key_reuse_is_refused_by_default(
-    nca: DevCa, default_server: Server, ca_certs: list[x509.Certificate]
+def test_key_reuse_allowed_by_default_refused_where_the_profile_requires_a_new_key(
+    nca: DevCa, default_server: Server, new_key_server: Server, ca_certs: list[x509.Certificate]
 ) -> None:
-    old, old_key = enroll(default_server.url, nca, ca_certs, "reuse-refused")
+    old, old_key = enroll(default_server.url, nca, ca_certs, "reuse-default")
     result, _ = renew(default_server.url, ca_certs, old, old_key, new_key=old_key)
+    assert result.pki_status == SUCCESS
+    [new] = result.certificates
+    assert new.public_key() == old.public_key() and new.subject == old.subject
+    assert stored(nca, old.serial_number)[2] == "issued"  # revoke_replaced is off by default
+
+    result, _ = renew(new_key_server.url, ca_certs, new, old_key, new_key=old_key)
     assert refusal(result) == (FAILURE, BAD_REQUEST)
+    assert "new key" in new_key_server.output()  # the audit line says why
+    fresh, _ = renew(new_key_server.url, ca_certs, new, old_key)
+    assert fresh.pki_status == SUCCESS and fresh.certificates[0].public_key() != old.public_key()
 
 
 # ---- [renewal] settings ---------------------------------------------------------------------
@@ -523,7 +538,12 @@ def test_renewal_settings(nca: DevCa) -> None:
         defaults.renewal.window_days,
         defaults.renewal.allow_key_reuse,
         defaults.renewal.revoke_replaced,
-    ) == (0, False, False)
+    ) == (0, True, False)
+    assert not defaults.profiles.default.renewal_requires_new_key
+    config.write_text(
+        nca.config.read_text().replace("[enroll]", "[enroll]\nrenewal_requires_new_key = true", 1)
+    )
+    assert load_settings(config).profiles.default.renewal_requires_new_key
 
 
 # ---- the renewal window and expiry: the service on the real HSM and store, our clock --------
@@ -714,11 +734,12 @@ def test_check_signer_and_renewed_request() -> None:
     renewed = renewed_request(old, asked, policy)
     assert renewed.subject == old.subject and renewed.public_key == new_key
     assert renewed.sans is None and renewed.extended_key_usage == server_and_client
+    same_key = CertRequest(OTHER_SUBJECT, key.public_key(), None)
     with pytest.raises(Rejected):
-        renewed_request(old, CertRequest(OTHER_SUBJECT, key.public_key(), None), policy)
-    reused = renewed_request(
-        old, CertRequest(OTHER_SUBJECT, key.public_key(), None), RenewalPolicy(allow_key_reuse=True)
-    )
+        renewed_request(old, same_key, replace(policy, allow_key_reuse=False))
+    with pytest.raises(Rejected):
+        renewed_request(old, same_key, policy, requires_new_key=True)
+    reused = renewed_request(old, same_key, RenewalPolicy())  # the default keeps the key
     assert reused.public_key == key.public_key()
 
 
@@ -727,7 +748,7 @@ def test_check_signer_and_renewed_request() -> None:
 
 @pytest.mark.interop
 def test_scepclient_renews_with_its_certificate(
-    nca: DevCa, default_server: Server, lenient_server: Server, tmp_path: Path
+    nca: DevCa, new_key_server: Server, lenient_server: Server, tmp_path: Path
 ) -> None:
     """micromdm's scepclient sends a RenewalReq once client.pem exists, with the same key."""
     from tests.test_interop import enroll_with_scepclient
@@ -735,8 +756,8 @@ def test_scepclient_renews_with_its_certificate(
     first = enroll_with_scepclient(lenient_server.url, nca.challenge, tmp_path, "scepclient-r")
     assert first.returncode == 0, first.stdout + first.stderr
     old = x509.load_pem_x509_certificate((tmp_path / "client.pem").read_bytes())
-    # It keeps its key: refused where key reuse is (the default), renewed where it is allowed.
-    refused = enroll_with_scepclient(default_server.url, "", tmp_path, "scepclient-r")
+    # It keeps its key: refused where the profile requires a new key, renewed elsewhere.
+    refused = enroll_with_scepclient(new_key_server.url, "", tmp_path, "scepclient-r")
     assert refused.returncode != 0
     assert "badRequest" in refused.stdout + refused.stderr
     renewed = enroll_with_scepclient(lenient_server.url, "", tmp_path, "scepclient-r")
