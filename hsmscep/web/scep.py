@@ -46,6 +46,15 @@ async def ca_cert_endpoint(request: Request) -> Response:
     return Response(service.ca_cert_der, media_type=PKIX_CERT)
 
 
+async def cross_cert_endpoint(request: Request) -> Response:
+    """The NewWithOld cross certificate (DER) after a rollover: the current CA certified by
+    the previous one, for clients that still trust only the previous root."""
+    service = service_of(request, None)
+    if service is None or service.cross_cert_der is None:
+        return PlainTextResponse("no cross certificate\n", status_code=404)
+    return Response(service.cross_cert_der, media_type=PKIX_CERT)
+
+
 async def scep_endpoint(request: Request) -> Response:
     """/scep, /scep/<profile path> and /cgi-bin/pkiclient.exe."""
     if request.method not in ("GET", "POST"):
