@@ -115,10 +115,15 @@ class Server:
 
 
 def start_server(
-    ca: DevCa, env: Mapping[str, str] | None = None, *, args: tuple[str, ...] = ()
+    ca: DevCa,
+    env: Mapping[str, str] | None = None,
+    *,
+    args: tuple[str, ...] = (),
+    port: int | None = None,
 ) -> Server:
-    """Run `hsmscep serve` for `ca` and wait until /healthz answers (bounded: 60 s)."""
-    port = free_port()
+    """Run `hsmscep serve` for `ca` (on `port`, default a free one) and wait until /healthz
+    answers (bounded: 60 s)."""
+    port = port or free_port()
     log = ca.directory / f"server-{port}.log"
     full_env = dict(os.environ) | dict(env or {})
     command = [sys.executable, "-m", "hsmscep", "serve", "--config", str(ca.config)]
