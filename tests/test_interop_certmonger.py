@@ -42,6 +42,10 @@ EXTRA = f"""
 approval = "manual"
 challenge_file = "{CHALLENGE_FILE}"
 
+[profiles.newkey]
+challenge_file = "{CHALLENGE_FILE}"
+renewal_requires_new_key = true
+
 [profiles.getonly]
 challenge_file = "{CHALLENGE_FILE}"
 caps = ["SHA-256", "SHA-512", "AES", "DES3", "SCEPStandard"]
@@ -164,6 +168,7 @@ def cas(certmonger: Certmonger, served: Served) -> dict[str, str]:
         "hsmscep": f"{served.server.url}/scep",
         "held": f"{served.server.url}/scep/held",
         "getonly": f"{served.server.url}/scep/getonly",
+        "newkey": f"{served.server.url}/scep/newkey",
     }
     for name, url in urls.items():
         if name == "getonly":
@@ -293,6 +298,36 @@ def test_renewal_keeps_the_key(
         str(e["outcome"]).startswith(f"renewed {old.serial_number:x}")
         for e in audit_lines(served.server)
     )
+
+
+def test_renewal_with_the_same_key_refused_where_a_new_key_is_required(
+    cca: DevCa, served: Served, certmonger: Certmonger, cas: dict[str, str]
+) -> None:
+    """A profile with renewal_requires_new_key: `resubmit` is rejected, `rekey` renews."""
+    cert_path, _ = request(certmonger, "newkey", "newkey", cca.challenge, "cm-newkey")
+    assert certmonger.wait("newkey", "MONITORING", "CA_REJECTED")["status"] == "MONITORING"
+    old = issued(cca, cert_path, "cm-newkey")
+    done = certmonger.getcert("resubmit", "-i", "newkey")
+    assert done.returncode == 0, done.stdout + done.stderr
+    # A refused renewal keeps the valid certificate: certmonger goes on MONITORING it and
+    # shows the refusal as its ca-error (badRequest), without retrying.
+    deadline = time.monotonic() + 120
+    while "ca-error" not in (fields := certmonger.status("newkey")):
+        assert time.monotonic() < deadline, fields
+        time.sleep(0.5)
+    assert fields["status"] == "MONITORING" and "not permitted" in fields["ca-error"], fields
+    assert x509.load_pem_x509_certificate(cert_path.read_bytes()) == old
+    assert any(
+        "renewal must use a new key" in str(e["outcome"]) for e in audit_lines(served.server)
+    )
+    done = certmonger.getcert("rekey", "-i", "newkey")
+    assert done.returncode == 0, done.stdout + done.stderr
+    deadline = time.monotonic() + 120
+    while x509.load_pem_x509_certificate(cert_path.read_bytes()) == old:
+        assert time.monotonic() < deadline, certmonger.status("newkey")
+        time.sleep(0.5)
+    new = issued(cca, cert_path, "cm-newkey")
+    assert new.public_key() != old.public_key()
 
 
 def scep_submit(*args: str) -> subprocess.CompletedProcess[str]:
