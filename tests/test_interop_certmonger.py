@@ -1,18 +1,14 @@
 """certmonger against a real server: its daemon driven by getcert, and its scep-submit helper.
 
-One certmonger daemon per module, without D-Bus (its private socket), with its own state
-directories; it runs under libfaketime at 20000x so that its own poll of a PENDING request
-(7 days after the answer, certmonger's CM_DELAY_CA_POLL) comes within seconds. The server,
-its SoftHSM2 token and SQLite store are real; so are the requests and answers. The tests run in
-file order: the last one rolls the CA over.
+One certmonger daemon per module (tests/certmonger.py: no D-Bus, its own state, libfaketime so
+that its own poll of a PENDING request comes within seconds). The server, its SoftHSM2 token
+and SQLite store are real; so are the requests and answers. The tests run in file order: the
+last one rolls the CA over.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
 import subprocess
 import sys
 import time
@@ -24,18 +20,11 @@ import httpx
 import pytest
 from cryptography import x509
 
+from tests.certmonger import SCEP_SUBMIT, Certmonger, helper_certs, scep_submit, start, stop
 from tests.conftest import DevCa, Server, make_ca, openssl_serial, start_server
 
 pytestmark = pytest.mark.interop
 
-CERTMONGER = shutil.which("certmonger") or shutil.which("certmonger", path="/usr/sbin")
-GETCERT = shutil.which("getcert")
-SCEP_SUBMIT = Path("/usr/lib/certmonger/scep-submit")
-FAKETIME = next(
-    (p for p in Path("/usr/lib").glob("*/faketime/libfaketime.so.1") if p.exists()), None
-)
-# 7 days of certmonger's clock in about 30 s of ours: its poll of a PENDING request.
-SPEED = 20000
 CHALLENGE_FILE = "challenge"
 EXTRA = f"""
 [profiles.held]
@@ -74,91 +63,11 @@ def served(cca: DevCa) -> Iterator[Served]:
     assert "Traceback" not in holder.server.output()
 
 
-@dataclass
-class Certmonger:
-    """A certmonger daemon of our own and getcert talking to it over its private socket."""
-
-    directory: Path
-    process: subprocess.Popen[bytes]
-    env: dict[str, str]
-
-    def getcert(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [GETCERT or "getcert", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
-    def status(self, request_id: str) -> dict[str, str]:
-        listed = self.getcert("list", "-i", request_id)
-        assert listed.returncode == 0, listed.stderr
-        fields: dict[str, str] = {}
-        for line in listed.stdout.splitlines():
-            name, sep, value = line.strip().partition(": ")
-            if sep and name not in fields:
-                fields[name] = value.strip()
-        return fields
-
-    def wait(self, request_id: str, *states: str, timeout: float = 120) -> dict[str, str]:
-        """Poll getcert list (bounded) until the request reaches one of `states`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            fields = self.status(request_id)
-            if fields.get("status") in states:
-                return fields
-            if time.monotonic() > deadline:
-                log = (self.directory / "daemon.log").read_text(errors="replace")[-4000:]
-                raise AssertionError(f"{request_id} stuck in {fields}:\n{log}")
-            time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def certmonger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Certmonger]:
-    if CERTMONGER is None or GETCERT is None or not SCEP_SUBMIT.exists():
-        pytest.skip("certmonger not installed (apt-get install certmonger)")
-    if FAKETIME is None:
-        pytest.skip("libfaketime not installed (apt-get install faketime)")
-    directory = tmp_path_factory.mktemp("certmonger-daemon")
-    for sub in ("requests", "cas", "tmp", "local", "config"):
-        (directory / sub).mkdir()
-    # Never the system's certmonger state: every directory and the lock are ours.
-    env = dict(os.environ) | {
-        "CERTMONGER_REQUESTS_DIR": str(directory / "requests"),
-        "CERTMONGER_CAS_DIR": str(directory / "cas"),
-        "CERTMONGER_TMPDIR": str(directory / "tmp"),
-        "CERTMONGER_LOCAL_CA_DIR": str(directory / "local"),
-        "CERTMONGER_CONFIG_DIR": str(directory / "config"),
-        "CERTMONGER_SYSTEM_LOCK_FILE": str(directory / "lock"),
-        "CERTMONGER_PVT_ADDRESS": f"unix:path={directory / 'sock'}",
-    }
-    daemon_env = env | {
-        "LD_PRELOAD": str(FAKETIME),
-        "FAKETIME": f"+0 x{SPEED}",
-        "FAKETIME_DONT_RESET": "1",
-    }
-    with (directory / "daemon.log").open("wb") as log:
-        process = subprocess.Popen(
-            [CERTMONGER or "certmonger", "-L", "-P", str(directory / "sock"), "-n", "-d", "2"],
-            env=daemon_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    daemon = Certmonger(directory, process, env)
-    deadline = time.monotonic() + 30
-    while daemon.getcert("list-cas").returncode != 0:
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail((directory / "daemon.log").read_text(errors="replace"))
-        time.sleep(0.2)
+    daemon = start(tmp_path_factory.mktemp("certmonger-daemon"))
     yield daemon
-    process.terminate()  # ours, by its PID
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
+    stop(daemon)
 
 
 @pytest.fixture(scope="module")
@@ -328,22 +237,6 @@ def test_renewal_with_the_same_key_refused_where_a_new_key_is_required(
         time.sleep(0.5)
     new = issued(cca, cert_path, "cm-newkey")
     assert new.public_key() != old.public_key()
-
-
-def scep_submit(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(SCEP_SUBMIT), *args], capture_output=True, text=True, timeout=60, env=dict(os.environ)
-    )
-
-
-PEM = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
-
-
-def helper_certs(url: str) -> list[x509.Certificate]:
-    """scep-submit -C: GetCACert as certmonger's helper reads it (RA first, then the CA)."""
-    done = scep_submit("-u", url, "-C")
-    assert done.returncode == 0, done.stdout + done.stderr
-    return [x509.load_pem_x509_certificate(m.encode()) for m in PEM.findall(done.stdout)]
 
 
 def rollover(ca: DevCa, step: str) -> None:
