@@ -175,6 +175,11 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
         during = ca_certs(srv.url)
         assert during == [old_ca, old_ra]  # GetCACert is unchanged until activation
         select_ca_and_ra(during, old_ca, old_ra)
+        # micromdm's scepclient enrolls under the current CA while the next one is prepared.
+        work = tmp_path / "scepclient-during"
+        run = enroll_with_scepclient(srv.url, ca.challenge, work, "scepclient-during")
+        assert run.returncode == 0, run.stdout + run.stderr
+        check_issued(ca, work, "scepclient-during")
 
         # ---- GetNextCACert: signed by the current RA key, the next CA inside -----------
         response = get(srv.url, "GetNextCACert")
