@@ -25,6 +25,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from hsmscep.cli.bootstrap import InitOptions, init
 from hsmscep.cli.dev import dev_config
@@ -119,10 +120,15 @@ class Server:
 
 
 def start_server(
-    ca: DevCa, env: Mapping[str, str] | None = None, *, args: tuple[str, ...] = ()
+    ca: DevCa,
+    env: Mapping[str, str] | None = None,
+    *,
+    args: tuple[str, ...] = (),
+    port: int | None = None,
 ) -> Server:
-    """Run `hsmscep serve` for `ca` and wait until /healthz answers (bounded: 60 s)."""
-    port = free_port()
+    """Run `hsmscep serve` for `ca` (on `port`, default a free one) and wait until /healthz
+    answers (bounded: 60 s)."""
+    port = port or free_port()
     log = ca.directory / f"server-{port}.log"
     full_env = dict(os.environ) | dict(env or {})
     command = [sys.executable, "-m", "hsmscep", "serve", "--config", str(ca.config)]
@@ -209,3 +215,15 @@ def software_root(key: rsa.RSAPrivateKey, name: x509.Name, now: datetime) -> x50
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .sign(key, hashes.SHA256())
     )
+
+
+def openssl_serial(cert: x509.Certificate) -> str:
+    """The serial as `openssl x509 -serial` prints it: what audit lines must match."""
+    printed = subprocess.run(
+        ["openssl", "x509", "-noout", "-serial"],
+        input=cert.public_bytes(Encoding.PEM),
+        capture_output=True,
+        check=True,
+        timeout=30,
+    ).stdout.decode()
+    return printed.strip().removeprefix("serial=")

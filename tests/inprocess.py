@@ -89,6 +89,7 @@ class CaCerts:
     ca_cert: x509.Certificate
     ra_sign_cert: x509.Certificate
     decrypt: Sequence[tuple[object, x509.Certificate]]
+    previous_signers: Sequence[tuple[object, x509.Certificate]] = ()
 
     @classmethod
     def of(cls, ca: SoftCa) -> CaCerts:

@@ -41,7 +41,7 @@ from hsmscep.policy.challenges import challenge_hash
 from hsmscep.store.records import OneTimeChallenge
 from hsmscep.store.sqlite import CertStore
 from hsmscep.testing import client
-from tests.conftest import DevCa, Server, free_port, make_ca, start_server
+from tests.conftest import DevCa, Server, free_port, make_ca, openssl_serial, start_server
 from tests.inprocess import SoftCa, add_ca, serve, soft_ca
 
 SUCCESS, FAILURE = "0", "2"
@@ -739,7 +739,7 @@ def test_notifications_on_issue_and_deny(
         time.sleep(0.1)
     seen = events()
     assert seen[issued.transaction_id]["event"] == "issued"
-    assert seen[issued.transaction_id]["serial"] == f"{cert.serial_number:x}"
+    assert seen[issued.transaction_id]["serial"] == openssl_serial(cert)
     assert seen[denied.transaction_id]["event"] == "denied"
     assert all(n["profile"] == "hook" for n in seen.values())
     assert "notify-secret-challenge" not in json.dumps(list(seen.values()))

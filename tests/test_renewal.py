@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -71,8 +72,14 @@ def _server(ca: SoftCa, env: dict[str, str]) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="module")
 def default_server(nca: SoftCa) -> Iterator[httpx.Client]:
-    """The defaults: enabled, any time before expiry, key reuse refused, old cert kept."""
+    """The defaults: enabled, any time before expiry, key reuse allowed, old cert kept."""
     yield from _server(nca, {})
+
+
+@pytest.fixture(scope="module")
+def new_key_server(nca: SoftCa) -> Iterator[httpx.Client]:
+    """The default profile requires a new key on renewal (renewal_requires_new_key)."""
+    yield from _server(nca, {"HSMSCEP_ENROLL_RENEWAL_REQUIRES_NEW_KEY": "true"})
 
 
 LENIENT = {"HSMSCEP_RENEWAL_ALLOW_KEY_REUSE": "true", "HSMSCEP_RENEWAL_REVOKE_REPLACED": "yes"}
@@ -415,12 +422,26 @@ def test_forged_signer_is_refused(
             assert refusal(result) == (FAILURE, BAD_CERT_ID)
 
 
-def test_key_reuse_is_refused_by_default(
-    nca: SoftCa, default_server: httpx.Client, ca_certs: list[x509.Certificate]
+def test_key_reuse_allowed_by_default_refused_where_the_profile_requires_a_new_key(
+    nca: SoftCa,
+    default_server: httpx.Client,
+    new_key_server: httpx.Client,
+    ca_certs: list[x509.Certificate],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    old, old_key = enroll(default_server, nca, ca_certs, "reuse-refused")
+    caplog.set_level(logging.INFO, logger="hsmscep.audit")
+    old, old_key = enroll(default_server, nca, ca_certs, "reuse-default")
     result, _ = renew(default_server, ca_certs, old, old_key, new_key=old_key)
+    assert result.pki_status == SUCCESS
+    [new] = result.certificates
+    assert new.public_key() == old.public_key() and new.subject == old.subject
+    assert stored(nca, old.serial_number)[2] == "issued"  # revoke_replaced is off by default
+
+    result, _ = renew(new_key_server, ca_certs, new, old_key, new_key=old_key)
     assert refusal(result) == (FAILURE, BAD_REQUEST)
+    assert any("new key" in r.getMessage() for r in caplog.records)  # the audit line says why
+    fresh, _ = renew(new_key_server, ca_certs, new, old_key)
+    assert fresh.pki_status == SUCCESS and fresh.certificates[0].public_key() != old.public_key()
 
 
 # ---- [renewal] settings ---------------------------------------------------------------------
@@ -518,7 +539,12 @@ def test_renewal_settings(nca: SoftCa) -> None:
         defaults.renewal.window_days,
         defaults.renewal.allow_key_reuse,
         defaults.renewal.revoke_replaced,
-    ) == (0, False, False)
+    ) == (0, True, False)
+    assert not defaults.profiles.default.renewal_requires_new_key
+    config.write_text(
+        nca.config.read_text().replace("[enroll]", "[enroll]\nrenewal_requires_new_key = true", 1)
+    )
+    assert load_settings(config).profiles.default.renewal_requires_new_key
 
 
 # ---- the renewal window and expiry: the service on software keys, the store, our clock ----
@@ -695,11 +721,12 @@ def test_check_signer_and_renewed_request() -> None:
     renewed = renewed_request(old, asked, policy)
     assert renewed.subject == old.subject and renewed.public_key == new_key
     assert renewed.sans is None and renewed.extended_key_usage == server_and_client
+    same_key = CertRequest(OTHER_SUBJECT, key.public_key(), None)
     with pytest.raises(Rejected):
-        renewed_request(old, CertRequest(OTHER_SUBJECT, key.public_key(), None), policy)
-    reused = renewed_request(
-        old, CertRequest(OTHER_SUBJECT, key.public_key(), None), RenewalPolicy(allow_key_reuse=True)
-    )
+        renewed_request(old, same_key, replace(policy, allow_key_reuse=False))
+    with pytest.raises(Rejected):
+        renewed_request(old, same_key, policy, requires_new_key=True)
+    reused = renewed_request(old, same_key, RenewalPolicy())  # the default keeps the key
     assert reused.public_key == key.public_key()
 
 
@@ -713,26 +740,28 @@ def test_scepclient_renews_with_its_certificate(
 ) -> None:
     """micromdm's scepclient sends a RenewalReq once client.pem exists, with the same key.
 
-    Against real `hsmscep serve` processes on one SoftHSM2 CA: the defaults and LENIENT.
+    Against real `hsmscep serve` processes on one SoftHSM2 CA: a profile that requires a new
+    key on renewal, and LENIENT.
     """
     from tests.test_interop import SCEPCLIENT, enroll_with_scepclient
 
     if SCEPCLIENT is None:
         pytest.skip("scepclient not installed (apt-get install scep)")
     ca = make_ca(softhsm_dir, tmp_path_factory.mktemp("renewal-real"), "renewal-ca")
-    default_server, lenient_server = start_server(ca), start_server(ca, LENIENT)
+    new_key_server = start_server(ca, {"HSMSCEP_ENROLL_RENEWAL_REQUIRES_NEW_KEY": "true"})
+    lenient_server = start_server(ca, LENIENT)
     try:
         first = enroll_with_scepclient(lenient_server.url, ca.challenge, tmp_path, "scepclient-r")
         assert first.returncode == 0, first.stdout + first.stderr
         old = x509.load_pem_x509_certificate((tmp_path / "client.pem").read_bytes())
-        # It keeps its key: refused where key reuse is (the default), renewed where allowed.
-        refused = enroll_with_scepclient(default_server.url, "", tmp_path, "scepclient-r")
+        # It keeps its key: refused where the profile requires a new key, renewed elsewhere.
+        refused = enroll_with_scepclient(new_key_server.url, "", tmp_path, "scepclient-r")
         assert refused.returncode != 0
         assert "badRequest" in refused.stdout + refused.stderr
         renewed = enroll_with_scepclient(lenient_server.url, "", tmp_path, "scepclient-r")
         assert renewed.returncode == 0, renewed.stdout + renewed.stderr
     finally:
-        for srv in (default_server, lenient_server):
+        for srv in (new_key_server, lenient_server):
             srv.stop()
             assert "Traceback" not in srv.output()
     new = x509.load_pem_x509_certificate((tmp_path / "client.pem").read_bytes())

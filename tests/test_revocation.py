@@ -35,7 +35,7 @@ from hsmscep.service.scep import ScepService
 from hsmscep.store.records import CrlInfo, CrlStatus, IssuedCert
 from hsmscep.store.sqlite import _MIGRATIONS, SCHEMA_VERSION, CertStore
 from hsmscep.testing import client
-from tests.conftest import DevCa, Server, Target, http_request, start_server
+from tests.conftest import DevCa, Server, Target, http_request, openssl_serial, start_server
 from tests.conftest import post_pki_message as post
 from tests.inprocess import CaCerts, SoftCa, ca_certificate, serve, soft_ca, soft_pool
 
@@ -206,7 +206,7 @@ def test_cli_revocation_reaches_the_running_servers_crl(
     audit = [json.loads(line.split("hsmscep.audit ", 1)[1]) for line in done.stderr.splitlines()
              if "hsmscep.audit " in line]  # fmt: skip
     assert [(a["event"], a["serial"], a["outcome"]) for a in audit] == [
-        ("revoke", f"{cert.serial_number:x}", "revoked")
+        ("revoke", openssl_serial(cert), "revoked")
     ]
 
     der, after = http_crl(rserver)
@@ -368,12 +368,13 @@ def test_get_cert_returns_the_certificate(
 
 
 @pytest.mark.parametrize("message_type", [GET_CERT, GET_CRL])
-def test_unknown_certificate_is_bad_cert_id(
+def test_unknown_certificate_or_foreign_issuer_is_bad_cert_id(
     rca: SoftCa, rserver: httpx.Client, ca_certs: list[x509.Certificate], message_type: str
 ) -> None:
-    result = query(rserver, ca_certs, 0x1234ABCD, message_type)
-    assert (result.pki_status, result.fail_info) == (FAILURE, BAD_CERT_ID)
-    assert result.certificates == [] and result.crls == []
+    if message_type == GET_CERT:
+        result = query(rserver, ca_certs, 0x1234ABCD, message_type)
+        assert (result.pki_status, result.fail_info) == (FAILURE, BAD_CERT_ID)
+        assert result.certificates == [] and result.crls == []
     # A serial we did issue, but named under another CA's name: not ours either.
     cert, _ = enroll(rserver, rca, ca_certs, f"foreign-issuer-{message_type}")
     foreign = ca_certificate(
@@ -416,6 +417,20 @@ def test_get_crl_returns_the_current_crl(
     assert crl.get_revoked_certificate_by_serial_number(mine.serial_number) is None
     # The same CRL as over HTTP.
     assert crl.public_bytes(Encoding.DER) == http_crl(rserver)[0]
+
+
+@pytest.mark.parametrize("serial", ["ca", 0x1234ABCD], ids=["ca-certificate", "unknown-serial"])
+def test_get_crl_naming_our_ca_returns_the_crl(
+    rserver: httpx.Client, ca_certs: list[x509.Certificate], serial: str | int
+) -> None:
+    """sscep's plain getcrl names the CA certificate itself; any serial under our name will do."""
+    ca = ca_certs[0]
+    asked = ca.serial_number if serial == "ca" else int(serial)
+    result = query(rserver, ca_certs, asked, GET_CRL, issuer=ca)
+    assert (result.pki_status, result.fail_info) == (SUCCESS, None)
+    [crl] = result.crls
+    assert crl.issuer == ca.subject
+    assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
 
 
 # ---- the store: migration 2 and the CRL schedule ----------------------------------------------

@@ -96,6 +96,37 @@ def check_new_with_old(
     assert cross.not_valid_before_utc <= datetime.now(UTC)
 
 
+def cross_cert(url: str) -> x509.Certificate:
+    response = httpx.get(f"{url}/ca-cross.crt", timeout=TIMEOUT)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/pkix-cert"
+    return x509.load_der_x509_certificate(response.content)
+
+
+def select_ca_and_ra(
+    certs: list[x509.Certificate], ca: x509.Certificate, ra: x509.Certificate
+) -> None:
+    """How clients pick the CA and RA out of GetCACert; each must land on `ca` and `ra`."""
+
+    def usage(cert: x509.Certificate) -> x509.KeyUsage:
+        return cert.extensions.get_extension_for_class(x509.KeyUsage).value
+
+    # Apple/Windows: the RA by key usage (encrypt to keyEncipherment, verify digitalSignature),
+    # then the CA as the certificate that issued it.
+    leaves = [c for c in certs if not usage(c).key_cert_sign]
+    assert [c for c in leaves if usage(c).key_encipherment] == [ra]
+    assert [c for c in leaves if usage(c).digital_signature] == [ra]
+    issuers = [c for c in certs if c.subject == ra.issuer and usage(c).key_cert_sign]
+    assert issuers == [ca]
+    ra.verify_directly_issued_by(ca)
+    # sscep-style: the first certificate is the CA, and it is self-signed.
+    assert certs[0] == ca and ca.issuer == ca.subject
+    # certmonger (and OpenSSL name-based building): from the RA, follow issuer names to a
+    # certificate whose subject equals its issuer; exactly one candidate at each step.
+    tops = [c for c in certs if c.subject == ca.subject]
+    assert tops == [ca]
+
+
 def restart(ca: DevCa, srv: Server) -> Server:
     srv.stop()
     assert "Traceback" not in srv.output()
@@ -111,6 +142,8 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
         assert get(srv.url, "GetNextCACert").status_code == 404
         old = ca_certs(srv.url)
         old_ca, old_ra = old[0], old[1]
+        select_ca_and_ra(old, old_ca, old_ra)
+        assert httpx.get(f"{srv.url}/ca-cross.crt", timeout=TIMEOUT).status_code == 404
 
         # ---- prepare: next keys in the HSM, a new root and RA certificate --------------
         done = rollover(ca, "prepare")
@@ -139,7 +172,14 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
         assert "GetNextCACert" not in caps(srv.url)
         srv = restart(ca, srv)
         assert "GetNextCACert" in caps(srv.url)
-        assert ca_certs(srv.url)[:2] == [old_ca, old_ra]
+        during = ca_certs(srv.url)
+        assert during == [old_ca, old_ra]  # GetCACert is unchanged until activation
+        select_ca_and_ra(during, old_ca, old_ra)
+        # micromdm's scepclient enrolls under the current CA while the next one is prepared.
+        work = tmp_path / "scepclient-during"
+        run = enroll_with_scepclient(srv.url, ca.challenge, work, "scepclient-during")
+        assert run.returncode == 0, run.stdout + run.stderr
+        check_issued(ca, work, "scepclient-during")
 
         # ---- GetNextCACert: signed by the current RA key, the next CA inside -----------
         response = get(srv.url, "GetNextCACert")
@@ -198,8 +238,11 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
         assert "GetNextCACert" not in caps(srv.url)
         assert get(srv.url, "GetNextCACert").status_code == 404
         current = ca_certs(srv.url)
-        assert current[:2] == [next_ca, next_ra] and old_ca not in current
-        assert current == [next_ca, next_ra, cross]  # NewWithOld after the CA and RA
+        # Only the new CA and RA: the cross certificate (same subject and issuer name as the
+        # new root) would send name-based chain building astray. It stays at a URL.
+        assert current == [next_ca, next_ra] and old_ca not in current
+        assert cross_cert(srv.url) == cross
+        select_ca_and_ra(current, next_ca, next_ra)
 
         # New enrollments chain to the new CA (and not to the old one).
         after, _ = enroll(srv.url, ca, current, "after-activation")
@@ -210,10 +253,11 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
         assert openssl_verify(old_ca_pem, after, tmp_path, untrusted=cross_pem)
         assert not openssl_verify(old_ca_pem, after, tmp_path, untrusted=ca.directory / "ra.pem")
 
-        # The request encrypted to the old RA certificate still decrypts and enrolls.
-        result = client.open_cert_rep(post(srv.url, stale.der), stale, current)
+        # The request encrypted to the old RA certificate still decrypts and enrolls, and is
+        # answered by that RA: the client knows only the certificates it cached.
+        result = client.open_cert_rep(post(srv.url, stale.der), stale, old)
         assert (result.pki_status, result.fail_info) == (SUCCESS, None)
-        assert result.signer_cert == next_ra  # answered by the current RA
+        assert result.signer_cert == old_ra
         [issued] = result.certificates
         assert issued.public_key() == stale_key.public_key()
         assert openssl_verify(ca.directory / "ca-g2.pem", issued, tmp_path)
@@ -240,16 +284,17 @@ def test_rollover_end_to_end(softhsm_dir: Path, tmp_path: Path) -> None:
         current = ca_certs(srv.url)
         assert current[0].subject == old_ca.subject and current[0] != next_ca
         # Generation 3 is cross-certified by generation 2 (the CA it replaced).
-        assert len(current) == 3
-        check_new_with_old(current[2], current[0], next_ca)
+        assert len(current) == 2
+        check_new_with_old(cross_cert(srv.url), current[0], next_ca)
         request = client.build_pkcs_req(
             key=rsa.generate_private_key(65537, 2048),
             ca_certs=old,
             challenge=ca.challenge,
             subject=x509.Name.from_rfc4514_string("CN=two-generations-old"),
         )
-        reply = client.open_cert_rep(post(srv.url, request.der), request, current)
+        reply = client.open_cert_rep(post(srv.url, request.der), request, old)
         assert (reply.pki_status, reply.fail_info) == (SUCCESS, None)
+        assert reply.signer_cert == old_ra  # generation 1's RA, still valid
         assert openssl_verify(ca.directory / "ca-g3.pem", reply.certificates[0], tmp_path)
         g2_pem = ca.directory / "ca-g2.pem"
         cross3 = ca.directory / "cross-g3.pem"
@@ -416,8 +461,9 @@ def test_rollover_to_a_ca_signed_by_an_external_root(softhsm_dir: Path, tmp_path
             challenge=ca.challenge,
             subject=x509.Name.from_rfc4514_string("CN=old-ra-external"),
         )
-        reply = client.open_cert_rep(post(srv.url, request.der), request, current)
+        reply = client.open_cert_rep(post(srv.url, request.der), request, old)
         assert (reply.pki_status, reply.fail_info) == (SUCCESS, None)
+        assert reply.signer_cert == old[1]  # answered by the RA it was sealed to
     finally:
         srv.stop()
     assert "Traceback" not in srv.output()

@@ -107,6 +107,7 @@ def read_profile(
         notify=_webhook(r, f"{section}.notify", notify=True),
         challenge_ttl=challenge_ttl,
         ca=ca or DEFAULT_CA,
+        renewal_requires_new_key=r.boolean(section, "renewal_requires_new_key", False),
     )
 
 

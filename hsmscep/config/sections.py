@@ -115,6 +115,7 @@ class EnrollSettings:
             "template",
             "webhook",
             "notify",
+            "renewal_requires_new_key",
         }
     )
     # Only [enroll] has these; only a [profiles.<name>] has "ca".
@@ -196,7 +197,7 @@ class RenewalSettings:
 
     enabled: bool = True  # GetCACaps advertises Renewal exactly when this is set
     window_days: int = 0  # renew only within N days of expiry; 0: any time before
-    allow_key_reuse: bool = False
+    allow_key_reuse: bool = True
     revoke_replaced: bool = False  # revoke the old certificate (superseded)
 
     @classmethod
@@ -204,7 +205,7 @@ class RenewalSettings:
         return cls(
             enabled=r.boolean("renewal", "enabled", True),
             window_days=r.integer("renewal", "window_days", 0, 0),
-            allow_key_reuse=r.boolean("renewal", "allow_key_reuse", False),
+            allow_key_reuse=r.boolean("renewal", "allow_key_reuse", True),
             revoke_replaced=r.boolean("renewal", "revoke_replaced", False),
         )
 

@@ -35,6 +35,9 @@ class KeySource:
     ra_sign_key: KeyRef
     ra_sign_cert: x509.Certificate
     decrypt: Sequence[tuple[KeyRef, x509.Certificate]]
+    # Earlier generations' RA keys (also in `decrypt`): they sign answers to requests
+    # encrypted to their certificate, which the client expects to verify the reply with.
+    previous_signers: Sequence[tuple[KeyRef, x509.Certificate]] = ()
 
 
 @dataclass(slots=True)
@@ -43,6 +46,7 @@ class Keyring:
     response_signer: ResponseSigner
     decrypt_keys: list[tuple[CertId, ExternalRsaKey]]
     sessions: list[Any] = field(default_factory=list)
+    previous_signers: list[tuple[CertId, ResponseSigner]] = field(default_factory=list)
 
     @classmethod
     def open(cls, source: KeySource, logins: TokenLogin) -> Keyring:
@@ -67,6 +71,13 @@ class Keyring:
                 )
                 for ref, cert in source.decrypt
             ]
+            previous_signers = [
+                (
+                    CertId.of(cert.public_bytes(Encoding.DER)),
+                    _ra_signer(session_for(ref), ref, cert),
+                )
+                for ref, cert in source.previous_signers
+            ]
         except BaseException:
             close_sessions(list(sessions.values()))
             raise
@@ -75,6 +86,7 @@ class Keyring:
             ResponseSigner.of(source.ra_sign_cert, ra_sign),
             decrypt_keys,
             list(sessions.values()),
+            previous_signers,
         )
 
     def check_certificates(self) -> None:
@@ -87,6 +99,8 @@ class Keyring:
             else:
                 _check_rsa_signature(self.ca_key, probe)
             _check_rsa_signature(self.response_signer.key, probe)
+            for _, signer in self.previous_signers:
+                _check_rsa_signature(signer.key, probe)
             for _, key in self.decrypt_keys:
                 sealed = key.public_key().encrypt(probe, padding.PKCS1v15())
                 if key.decrypt(sealed, padding.PKCS1v15()) != probe:
@@ -117,3 +131,9 @@ def close_sessions(sessions: list[Any]) -> None:
             session.close()
         except Exception:  # a dead session has nothing left to close
             pass
+
+
+def _ra_signer(session: Any, ref: KeyRef, cert: x509.Certificate) -> ResponseSigner:
+    key = signing_key(session, ref, _rsa_public(cert, "previous RA"))
+    assert isinstance(key, ExternalRsaKey)
+    return ResponseSigner.of(cert, key)

@@ -47,13 +47,19 @@ def parse_serial(text: str) -> int | None:
     return serial if serial > 0 else None
 
 
+def openssl_serial(serial: int) -> str:
+    """A serial as `openssl x509 -serial` prints it: every byte, zero-padded upper-case hex,
+    so an audit line can be grepped for what operators copy from openssl ("0A1B")."""
+    return f"{serial:0{2 * max(1, (serial.bit_length() + 7) // 8)}X}"
+
+
 def revocation_record(
     serial: int, reason: str, revoked_at: datetime, changed: bool, actor: str
 ) -> dict[str, str]:
     """The audit entry for a revocation, from the CLI or the admin API alike."""
     return {
         "event": "revoke",
-        "serial": f"{serial:x}",
+        "serial": openssl_serial(serial),
         "reason": reason,
         "revoked_at": revoked_at.isoformat(timespec="seconds"),
         "outcome": "revoked" if changed else "already revoked",

@@ -45,6 +45,8 @@ class Profile:
     notify: WebhookConfig | None = None  # told about every issue and denial
     challenge_ttl: timedelta = timedelta(hours=1)  # one-time challenges issued without a TTL
     ca: str = DEFAULT_CA  # which CA issues (and which store keeps) this profile's certificates
+    # A renewal must bring a new key, even where [renewal] allow_key_reuse lets it keep one.
+    renewal_requires_new_key: bool = False
 
     @property
     def authorizes_later(self) -> bool:

@@ -38,7 +38,9 @@ class RenewalPolicy:
 
     enabled: bool = True
     window: timedelta = timedelta(0)
-    allow_key_reuse: bool = False
+    # Same-key renewal is what micromdm's scepclient, `getcert resubmit` and Cisco IOS
+    # without regenerate send; a profile may still require a new key.
+    allow_key_reuse: bool = True
     revoke_replaced: bool = False
 
 
@@ -120,11 +122,20 @@ def check_signer(
 
 
 def renewed_request(
-    old: x509.Certificate, request: CertRequest, policy: RenewalPolicy
+    old: x509.Certificate,
+    request: CertRequest,
+    policy: RenewalPolicy,
+    *,
+    requires_new_key: bool = False,
 ) -> CertRequest:
-    """The request for the new certificate: the CSR's key, the old subject, SANs and EKU."""
-    if not policy.allow_key_reuse and _spki(old.public_key()) == _spki(request.public_key):
-        raise Rejected(FailInfo.BAD_REQUEST, "renewal must use a new key")
+    """The request for the new certificate: the CSR's key, the old subject, SANs and EKU.
+
+    `requires_new_key`: the profile's renewal_requires_new_key, on top of the policy."""
+    reuse_allowed = policy.allow_key_reuse and not requires_new_key
+    if not reuse_allowed and _spki(old.public_key()) == _spki(request.public_key):
+        raise Rejected(
+            FailInfo.BAD_REQUEST, "renewal must use a new key: the CSR carries the old key"
+        )
     extensions = old.extensions
     sans = _extension(extensions, x509.SubjectAlternativeName)
     eku = _extension(extensions, x509.ExtendedKeyUsage)

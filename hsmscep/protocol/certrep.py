@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from datetime import datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -41,12 +42,14 @@ class ResponseSigner:
     cert_der: bytes
     signer_id: bytes  # IssuerAndSerialNumber DER
     key: ExternalRsaKey
+    not_after: datetime | None = None  # a previous RA signs only while its certificate is valid
 
     @classmethod
     def of(cls, cert: x509.Certificate, key: ExternalRsaKey) -> ResponseSigner:
         der = cert.public_bytes(Encoding.DER)
         cert_id = cms.CertId.of(der)
-        return cls(der, cms.issuer_and_serial(cert_id.issuer.dump(), cert_id.serial), key)
+        signer_id = cms.issuer_and_serial(cert_id.issuer.dump(), cert_id.serial)
+        return cls(der, signer_id, key, cert.not_valid_after_utc)
 
 
 def build_cert_rep(

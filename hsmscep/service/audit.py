@@ -11,12 +11,33 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
+from hsmscep.policy.crl import openssl_serial
 from hsmscep.policy.profiles import Profile, Profiles
 from hsmscep.protocol.message import PkiRequest
 from hsmscep.service.replies import Outcome
 from hsmscep.webhook.client import WebhookClient
 
 audit = logging.getLogger("hsmscep.audit")
+
+
+def record_http_refusal(profile: str, client: str, status: int, reason: str) -> None:
+    """A PKIOperation refused before its signature verified (an HTTP 4xx, no CertRep).
+
+    Nothing in such a request is authenticated, so the line names no transaction or subject
+    and no webhook is told; the operator still sees that, from where and why.
+    """
+    if audit.isEnabledFor(logging.INFO):
+        entry = {
+            "event": "pki_operation",
+            "profile": profile,
+            "message_type": None,
+            "transaction_id": None,
+            "client": client,
+            "subject": None,
+            "decision": "invalid",
+            "outcome": f"HTTP {status}: {reason}",
+        }
+        audit.info(json.dumps(entry, ensure_ascii=False))
 
 
 class Audit:
@@ -50,7 +71,7 @@ class Audit:
             "outcome": outcome.reason,
         }
         if record is not None:
-            entry["serial"] = f"{record.serial:x}"
+            entry["serial"] = openssl_serial(record.serial)
         if audit.isEnabledFor(logging.INFO):
             audit.info(json.dumps(entry, ensure_ascii=False))
         if profile.notify is not None and decision in ("issued", "denied"):

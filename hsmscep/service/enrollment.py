@@ -163,7 +163,12 @@ class Enrollment:
                 # and keeps the old subject and SANs: of the template, only the key rules apply.
                 checked_csr = check_csr(csr, self._policy)
                 check_key(checked_csr.public_key, profile.template)
-                cert_request = renewed_request(request.signer_cert, checked_csr, self._renewal)
+                cert_request = renewed_request(
+                    request.signer_cert,
+                    checked_csr,
+                    self._renewal,
+                    requires_new_key=profile.renewal_requires_new_key,
+                )
                 transaction_id = renewal_transaction_id(
                     request.transaction_id, request.signer_serial
                 )

@@ -101,9 +101,11 @@ class PendingApprovals:
         elif stored.expired(self._clock(), profile.pending_ttl):
             refusal = Refusal.REQUEST_EXPIRED(id=stored.id)
         if refusal is not None:
-            return await self.issuing.refuse(request, refusal)
+            outcome = await self.issuing.refuse(request, refusal)
+            return replace(outcome, profile=profile.name, subject=stored.subject)
         if stored.status == "pending":
-            return await self.pool.run(partial(self.replies.pending, request))
+            outcome = await self.pool.run(partial(self.replies.pending, request))
+            return replace(outcome, profile=profile.name, subject=stored.subject)
         issued = await self.store.get_by_transaction(stored.transaction_id)
         if issued is not None:
             return await self.pool.run(partial(self.replies.send_issued, request, issued))

@@ -42,6 +42,12 @@ class KeySet(Protocol):
         """The RA decryption keys, each with the certificate clients encrypt to."""
         ...
 
+    @property
+    def previous_signers(self) -> Sequence[tuple[CertId, ResponseSigner]]:
+        """The RA keys of earlier rollover generations, by their certificate: they sign the
+        answer to a request encrypted to them (a client that cached the old GetCACert)."""
+        ...
+
 
 class CertificateStore(Protocol):
     """Issued certificates. A serial or transactionID is stored at most once."""

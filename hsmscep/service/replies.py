@@ -20,7 +20,12 @@ from hsmscep.policy.request import CertRequest
 from hsmscep.policy.template import CertTemplate
 from hsmscep.protocol import cms
 from hsmscep.protocol.algorithms import CIPHERS_BY_NAME, ContentCipher
-from hsmscep.protocol.certrep import build_cert_rep, seal_certificates, seal_reply
+from hsmscep.protocol.certrep import (
+    ResponseSigner,
+    build_cert_rep,
+    seal_certificates,
+    seal_reply,
+)
 from hsmscep.protocol.codes import FailInfo, PkiStatus
 from hsmscep.protocol.message import PkiRequest
 from hsmscep.service.ports import KeySet
@@ -110,7 +115,7 @@ class Replies:
         sealed = seal_certificates(certs_der, request, reply_cipher(envelope), oaep)
         return build_cert_rep(
             request,
-            keys.response_signer,
+            self.signer(request, keys, envelope),
             status=PkiStatus.SUCCESS,
             envelope=sealed,
             sender_nonce=self._nonce(),
@@ -129,7 +134,7 @@ class Replies:
         sealed = seal_reply(content, request, reply_cipher(envelope), oaep)
         response = build_cert_rep(
             request,
-            keys.response_signer,
+            self.signer(request, keys, envelope),
             status=PkiStatus.SUCCESS,
             envelope=sealed,
             sender_nonce=self._nonce(),
@@ -139,7 +144,10 @@ class Replies:
     def pending(self, request: PkiRequest, keys: KeySet) -> Outcome:
         """The PENDING CertRep of a request held for approval."""
         response = build_cert_rep(
-            request, keys.response_signer, status=PkiStatus.PENDING, sender_nonce=self._nonce()
+            request,
+            self.signer(request, keys),
+            status=PkiStatus.PENDING,
+            sender_nonce=self._nonce(),
         )
         return Outcome(response, None, "pending approval", pending=True)
 
@@ -175,12 +183,37 @@ class Replies:
         fail_info = refusal.fail_info
         response = build_cert_rep(
             request,
-            keys.response_signer,
+            self.signer(request, keys),
             status=PkiStatus.FAILURE,
             fail_info=fail_info,
             sender_nonce=self._nonce(),
         )
         return Outcome(response, None, f"{fail_info.name}: {refusal.reason}", fail_info=fail_info)
+
+    def signer(
+        self, request: PkiRequest, keys: KeySet, envelope: cms.Envelope | None = None
+    ) -> ResponseSigner:
+        """The RA that signs the answer: the one the request was encrypted to while its
+        certificate is valid (a client that cached GetCACert before a rollover verifies the
+        reply with that RA), else the current one. No rollover: no work."""
+        previous = keys.previous_signers
+        if not previous:
+            return keys.response_signer
+        if envelope is None:
+            try:
+                envelope = cms.decode_envelope(request.content)
+            except MessageError:
+                return keys.response_signer
+        current = keys.decrypt_keys[0][0]
+        recipients = [transport.recipient for transport in envelope.recipients]
+        if any(r.matches(current) for r in recipients):
+            return keys.response_signer
+        now = self.clock()
+        for cert_id, signer in previous:
+            valid = signer.not_after is None or now <= signer.not_after
+            if valid and any(r.matches(cert_id) for r in recipients):
+                return signer
+        return keys.response_signer
 
 
 def decrypt_key(envelope: cms.Envelope, keys: KeySet) -> tuple[bytes, cms.OaepParams | None]:

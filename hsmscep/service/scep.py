@@ -14,6 +14,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from hsmscep.hsm.pool import SigningPool
 from hsmscep.policy import crl
@@ -64,6 +65,7 @@ class ScepService:
         renewal: RenewalPolicy = DEFAULT_RENEWAL,
         next_ca_certs: list[x509.Certificate] | None = None,
         webhooks: WebhookClient | None = None,
+        cross_cert: x509.Certificate | None = None,
     ) -> None:
         """`policy` holds what every profile shares (CRL DP, AIA); each profile adds its own
         challenge and template. `webhooks` is required when a profile uses one."""
@@ -94,6 +96,8 @@ class ScepService:
         self.ca_cert_body = publication.ca_cert_body
         self.ca_cert_type = publication.ca_cert_type
         self.ca_cert_der = publication.ca_cert_der
+        # The current CA certified by the previous one (NewWithOld), after a rollover.
+        self.cross_cert_der = cross_cert.public_bytes(Encoding.DER) if cross_cert else None
         self._pending = PendingApprovals(
             pool=pool,
             store=store,

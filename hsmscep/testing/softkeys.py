@@ -48,6 +48,9 @@ class CertSource(Protocol):
     @property
     def decrypt(self) -> Sequence[tuple[object, x509.Certificate]]: ...
 
+    @property
+    def previous_signers(self) -> Sequence[tuple[object, x509.Certificate]]: ...
+
 
 @dataclass(slots=True)
 class SoftKeyring:
@@ -56,6 +59,7 @@ class SoftKeyring:
     ca_key: SigningKey
     response_signer: ResponseSigner
     decrypt_keys: list[tuple[CertId, ExternalRsaKey]]
+    previous_signers: list[tuple[CertId, ResponseSigner]]
 
     def check_certificates(self) -> None:
         """Nothing to check: every key was looked up by its certificate's public key."""
@@ -92,6 +96,13 @@ class SoftKeys:
             decrypt_keys=[
                 (CertId.of(cert.public_bytes(Encoding.DER)), self._rsa(cert))
                 for _, cert in source.decrypt
+            ],
+            previous_signers=[
+                (
+                    CertId.of(cert.public_bytes(Encoding.DER)),
+                    ResponseSigner.of(cert, self._rsa(cert)),
+                )
+                for _, cert in source.previous_signers
             ],
         )
 

@@ -35,6 +35,7 @@ def create_app(settings: Settings, keys: KeyBackend | None = None) -> Starlette:
         Route("/healthz", health, methods=["GET"]),
         Route(crl.CRL_PATH, scep.crl_endpoint, methods=["GET", "HEAD"]),
         Route(crl.CA_CERT_PATH, scep.ca_cert_endpoint, methods=["GET", "HEAD"]),
+        Route("/ca-cross.crt", scep.cross_cert_endpoint, methods=["GET", "HEAD"]),
         Route("/crl/{ca}.crl", scep.crl_endpoint, methods=["GET", "HEAD"]),
         Route("/ca/{ca}.crt", scep.ca_cert_endpoint, methods=["GET", "HEAD"]),
         # Every method reaches the handler: without a token the admin API is 404 throughout.

@@ -128,10 +128,15 @@ async def _running_service(
         if settings.ca.chain is not None and settings.ca.chain.exists()
         else []
     )
-    if settings.ca.cross_cert is not None:
-        # NewWithOld after the CA and RA certificates: clients that trust only the previous
-        # root build new CA -> cross certificate -> previous root.
-        chain.append(_load_cert(settings.ca.cross_cert, "rollover current.cross_cert"))
+    # NewWithOld is not in GetCACert: it has the new root's subject and (the names being
+    # equal) its issuer name too, and clients that build chains by name take it for the root
+    # (certmonger: "certificate verify error"). It is served at /ca-cross.crt instead.
+    cross = (
+        _load_cert(settings.ca.cross_cert, "rollover current.cross_cert")
+        if settings.ca.cross_cert is not None
+        else None
+    )
+    previous_ra = [(key, _load_cert(path, "rollover previous_ra.cert")) for key, path in previous]
     source = KeySource(
         ca_key=settings.ca.key,
         ca_cert=ca_cert,
@@ -141,8 +146,9 @@ async def _running_service(
         # earlier rollover generations: clients may still encrypt to an old RA certificate.
         decrypt=[
             (settings.ra_decrypt.key, ra_decrypt),
-            *((key, _load_cert(path, "rollover previous_ra.cert")) for key, path in previous),
+            *previous_ra,
         ],
+        previous_signers=previous_ra,
     )
     # SoftHSM2 is CPU-bound: with one process per core, one session per process keeps every
     # core busy with the least GIL contention (measured in bench/PROFILE.md). Network HSMs
@@ -186,6 +192,7 @@ async def _running_service(
                     revoke_replaced=settings.renewal.revoke_replaced,
                 ),
                 next_ca_certs=next_certs,
+                cross_cert=cross,
             )
             async with service.crl_refresher():
                 yield service

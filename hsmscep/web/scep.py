@@ -16,6 +16,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from hsmscep.errors import MessageError, PayloadTooLarge
 from hsmscep.policy.profiles import DEFAULT_CA, Profiles
+from hsmscep.service.audit import record_http_refusal
 from hsmscep.service.scep import NEXT_CA_CERT, ScepService
 
 PKI_MESSAGE = "application/x-pki-message"
@@ -45,6 +46,15 @@ async def ca_cert_endpoint(request: Request) -> Response:
     return Response(service.ca_cert_der, media_type=PKIX_CERT)
 
 
+async def cross_cert_endpoint(request: Request) -> Response:
+    """The NewWithOld cross certificate (DER) after a rollover: the current CA certified by
+    the previous one, for clients that still trust only the previous root."""
+    service = service_of(request, None)
+    if service is None or service.cross_cert_der is None:
+        return PlainTextResponse("no cross certificate\n", status_code=404)
+    return Response(service.cross_cert_der, media_type=PKIX_CERT)
+
+
 async def scep_endpoint(request: Request) -> Response:
     """/scep, /scep/<profile path> and /cgi-bin/pkiclient.exe."""
     if request.method not in ("GET", "POST"):
@@ -72,18 +82,28 @@ async def scep_endpoint(request: Request) -> Response:
         return Response(body, media_type=NEXT_CA_CERT)
     if operation != "PKIOperation":
         raise MessageError(f"unknown operation {operation[:40]!r}")
-    if request.method == "POST":
-        der = await _read_body(request, request.state.max_body)
-    else:
-        messages = params.get(b"message", [])
-        if len(messages) != 1:
-            raise MessageError("PKIOperation over GET needs exactly one message parameter")
-        if len(messages[0]) > request.state.max_body * 2:
-            raise PayloadTooLarge("message parameter too large")
-        der = decode_message_param(messages[0])
     client = request.client.host if request.client else "-"
-    reply = await service.pki_operation(der, client, profile)
+    try:
+        der = await _pki_message(request, params)
+        reply = await service.pki_operation(der, client, profile)
+    except (MessageError, PayloadTooLarge) as exc:
+        # Refused before the signature verified (web/errors.py answers): still audited.
+        status = 413 if isinstance(exc, PayloadTooLarge) else 400
+        record_http_refusal(profile.name, client, status, str(exc))
+        raise
     return Response(reply, media_type=PKI_MESSAGE)
+
+
+async def _pki_message(request: Request, params: dict[bytes, list[bytes]]) -> bytes:
+    """The pkiMessage of a POST body or of a GET message= parameter."""
+    if request.method == "POST":
+        return await _read_body(request, request.state.max_body)
+    messages = params.get(b"message", [])
+    if len(messages) != 1:
+        raise MessageError("PKIOperation over GET needs exactly one message parameter")
+    if len(messages[0]) > request.state.max_body * 2:
+        raise PayloadTooLarge("message parameter too large")
+    return decode_message_param(messages[0])
 
 
 def _query_params(query: bytes) -> dict[bytes, list[bytes]]:
