@@ -31,6 +31,7 @@ from hsmscep.cli.dev import dev_config
 from hsmscep.config.settings import Settings, load_settings
 from hsmscep.hsm import devtoken
 from hsmscep.hsm.keyring import KeySource
+from tests import pgcluster
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REPO = Path(__file__).resolve().parents[1]
@@ -204,3 +205,13 @@ def software_root(key: rsa.RSAPrivateKey, name: x509.Name, now: datetime) -> x50
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .sign(key, hashes.SHA256())
     )
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[pgcluster.Cluster]:
+    """A throwaway PostgreSQL cluster shared by the session's PostgreSQL tests."""
+    reason = pgcluster.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    with pgcluster.cluster() as cluster:
+        yield cluster
