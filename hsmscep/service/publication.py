@@ -119,7 +119,7 @@ class Publication:
                     revoked = await self.store.revocations()
                     number = latest.number + 1 if latest is not None else 1
                     info = CrlInfo(number, status.revision, now, now + self._crl_lifetime)
-                    log.debug("signing CRL %d", number)
+                    log.info("signing CRL %d", number)
                     der = await self.pool.run(partial(self._sign_crl, info, revoked))
                     published = await self.store.put_crl(info, der)
                 if published:
