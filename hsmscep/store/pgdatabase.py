@@ -65,7 +65,9 @@ async def create_pool(url: str, password: str | None, size: int) -> Any:
     return await asyncpg.create_pool(
         url,
         password=password,
-        min_size=1,
+        # No floor: asyncpg would keep reconnecting (and logging tracebacks) in the background
+        # while the database is gone; connections are opened when a request needs one.
+        min_size=0,
         max_size=size,
         timeout=CONNECT_TIMEOUT,
         command_timeout=COMMAND_TIMEOUT,
