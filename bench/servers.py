@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -54,11 +55,14 @@ class ServerHandle:
     anchors: list[x509.Certificate]
     hsm: HsmInfo | None = None
     ca_certs: list[x509.Certificate] = field(default_factory=list)  # GetCACert, once up
+    store: str = "sqlite"  # hsmscep's store backend: "sqlite" or "postgresql"
 
     @property
     def label(self) -> str:
-        """Series name in results: server and CA key type, e.g. "hsmscep-p256"."""
-        return f"{self.name}-{self.scenario}"
+        """Series name in results: server, store (PostgreSQL only) and CA key type, e.g.
+        "hsmscep-p256" or "hsmscep-pg-p256"."""
+        store = "-pg" if self.store == "postgresql" else ""
+        return f"{self.name}{store}-{self.scenario}"
 
     @property
     def url(self) -> str:
@@ -185,7 +189,13 @@ def reset_scepserver(handle: ServerHandle, challenge: str) -> None:
 
 
 def start_hsmscep(
-    scenario: str, workdir: Path, port: int, challenge: str, workers: str = "auto"
+    scenario: str,
+    workdir: Path,
+    port: int,
+    challenge: str,
+    workers: str = "auto",
+    *,
+    store_env: dict[str, str] | None = None,
 ) -> ServerHandle:
     """hsmscep with its CA key per `scenario` (rsa2048 | p256), state in `workdir`.
 
@@ -193,6 +203,7 @@ def start_hsmscep(
     runs `hsmscep init` (CA key "hsmscep-ca", one RA key "hsmscep-ra" for signing and
     decryption, ca.pem/ra.pem) and serves with the given workers. Adapt here, and only here,
     when the init/config interface changes; keep the handle's anchors and hsm filled.
+    `store_env` (HSMSCEP_STORE_URL, HSMSCEP_STORE_PASSWORD) puts its store in PostgreSQL.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     challenge_file = workdir / "challenge"  # dev keeps an existing challenge file
@@ -205,9 +216,10 @@ def start_hsmscep(
         name="hsmscep",
         scenario=scenario,
         port=port,
-        proc=_spawn(cmd, workdir),
+        proc=_spawn(cmd, workdir, {**os.environ, **store_env} if store_env else None),
         workdir=workdir,
         anchors=[],
+        store="postgresql" if store_env else "sqlite",
     )
     wait_ready(handle)
     # Written by init before serving: the CA certificate, taken from disk, not from GetCACert.

@@ -57,6 +57,7 @@ class Cluster:
     directory: Path
     port: int
     bindir: Path
+    fsync: bool = False  # the tests check hsmscep's durability, not PostgreSQL's; bench: on
 
     def url(self, database: str = "postgres", user: str = "postgres") -> str:
         """Over the unix socket, trusted (no password)."""
@@ -78,8 +79,7 @@ class Cluster:
     def start(self) -> None:
         options = (
             f"-k {self.directory} -p {self.port} -c listen_addresses=127.0.0.1"
-            # Durability is PostgreSQL's own business; the tests check ours, on a loaded box.
-            " -c fsync=off -c max_connections=200"
+            f" -c fsync={'on' if self.fsync else 'off'} -c max_connections=200"
         )
         self.pg_ctl("-l", str(self.directory / "log"), "-o", options, "start")
 
@@ -104,7 +104,7 @@ class Cluster:
 
 
 @contextmanager
-def cluster() -> Iterator[Cluster]:
+def cluster(fsync: bool = False) -> Iterator[Cluster]:
     """A running cluster for the duration of the block; removed afterwards."""
     bindir = _bindir()
     assert bindir is not None
@@ -113,7 +113,7 @@ def cluster() -> Iterator[Cluster]:
     try:
         if os.geteuid() == 0:
             shutil.chown(directory, "postgres")
-        c = Cluster(directory, _free_port(), bindir)
+        c = Cluster(directory, _free_port(), bindir, fsync)
         (directory / "pw").write_text("postgres\n")
         if os.geteuid() == 0:
             shutil.chown(directory / "pw", "postgres")
