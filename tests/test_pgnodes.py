@@ -7,7 +7,10 @@ PostgreSQL cluster reached over 127.0.0.1 with a password from a file.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -213,3 +216,20 @@ def test_revocation_on_one_node_is_in_the_crl_the_other_serves_signed_once(
     signed = re.findall(r"signing CRL (\d+)", a.output() + b.output())
     assert sorted(signed) == sorted(set(signed)), signed  # no number signed twice
     assert {str(n) for n in numbers} <= set(signed)
+
+
+def test_cli_revoke_on_the_shared_store_reaches_every_node(
+    two_nodes: tuple[Server, Server], pg_ca: DevCa, pg_cluster: Cluster
+) -> None:
+    a, b = two_nodes
+    ca_certs = fetch_ca_certs(a.url)
+    request = new_request(ca_certs, pg_ca.challenge, cn="cli-revoked", key_index=6)
+    cert = issued_cert(post_pki(a.url, request.der), request, ca_certs)
+    command = [sys.executable, "-m", "hsmscep", "revoke", "--config", str(pg_ca.config)]
+    command += ["--serial", f"{cert.serial_number:x}", "--reason", "superseded"]
+    env = dict(os.environ) | node_env(pg_cluster, "nodes", pg_ca)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    crl = x509.load_der_x509_crl(httpx.get(f"{b.url}{CRL_PATH}", timeout=TIMEOUT).content)
+    entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+    assert entry is not None
