@@ -4,6 +4,7 @@ PgStore instances (two nodes) on one database, the schema history, and the passw
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -220,3 +221,23 @@ async def test_close_flushes_then_refuses(pg_url: str) -> None:
         assert await reopened.count() == 20
     finally:
         await reopened.close()
+
+
+async def test_clash_inside_one_batch_fails_only_that_caller(
+    nodes: tuple[PgStore, PgStore], caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = nodes
+    await b.put(cert(1))
+    caplog.set_level(logging.DEBUG, logger="hsmscep.store.pgcertificates")
+    results = await asyncio.gather(
+        a.put(cert(2)), a.put(cert(1, tid="another")), a.put(cert(3)), return_exceptions=True
+    )
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], DuplicateSerial)
+    sizes = [
+        int(r.getMessage().split(": ")[1].split()[0])
+        for r in caplog.records
+        if r.getMessage().startswith("certificate batch committed")
+    ]
+    assert sizes == [3]  # one batch: its statement failed, and the rows went in one by one
+    assert await b.serials() == [1, 2, 3]

@@ -30,6 +30,13 @@ log = logging.getLogger(__name__)
 _INSERT = (
     f"INSERT INTO certificates ({_COLUMNS}) VALUES ({', '.join(f'${i}' for i in range(1, 12))})"
 )
+# A batch as one statement: one array per column, unnested into rows.
+_TYPES = ("text",) * 8 + ("bytea", "text", "text")
+_INSERT_MANY = (
+    f"INSERT INTO certificates ({_COLUMNS}) SELECT * FROM unnest("
+    + ", ".join(f"${i}::{kind}[]" for i, kind in enumerate(_TYPES, 1))
+    + ")"
+)
 _SELECT = f"SELECT {_COLUMNS} FROM certificates"
 
 
@@ -56,29 +63,22 @@ def _batch_failed(exc: BaseException, size: int) -> StoreError:
 
 
 async def _insert_batch(conn: Any, certs: list[IssuedCert]) -> list[BaseException | None]:
-    """Insert and commit certs in one transaction; one outcome each."""
+    """Insert and commit certs in one statement (one round trip, its own transaction); on a
+    clash, row by row to tell each caller its outcome. One outcome each."""
     rows = [_to_row(cert) for cert in certs]
-    if len(certs) == 1:
+    if len(certs) > 1:
         try:
-            await conn.execute(_INSERT, *rows[0])  # its own implicit transaction
-            return [None]
-        except asyncpg.UniqueViolationError as exc:
-            return [_insert_error(certs[0], exc)]
-    try:
-        async with conn.transaction():
-            await conn.executemany(_INSERT, rows)
-        return [None] * len(certs)
-    except asyncpg.UniqueViolationError:
-        pass  # rolled back: row by row, each in a savepoint, to tell each caller its outcome
+            await conn.execute(_INSERT_MANY, *(list(column) for column in zip(*rows, strict=True)))
+            return [None] * len(certs)
+        except asyncpg.UniqueViolationError:
+            pass  # nothing of the statement is stored
     outcomes: list[BaseException | None] = []
-    async with conn.transaction():
-        for cert, row in zip(certs, rows, strict=True):
-            try:
-                async with conn.transaction():
-                    await conn.execute(_INSERT, *row)
-                outcomes.append(None)
-            except asyncpg.UniqueViolationError as exc:
-                outcomes.append(_insert_error(cert, exc))
+    for cert, row in zip(certs, rows, strict=True):
+        try:
+            await conn.execute(_INSERT, *row)  # each row its own implicit transaction
+            outcomes.append(None)
+        except asyncpg.UniqueViolationError as exc:
+            outcomes.append(_insert_error(cert, exc))
     return outcomes
 
 
