@@ -4,9 +4,10 @@ being one asyncpg connection driven by a private event loop on the commit thread
 The commit thread owns its loop and connection, so a signing worker's submit() goes straight
 to the committer's queue and the server's event loop sees the request once, as with SQLite.
 A dead connection (the database restarted) is replaced at the next batch; a batch that failed
-on a dead connection before its COMMIT was acknowledged is retried once on a fresh one: rows
-that did commit then come back as DuplicateTransaction, which the service answers with the
-stored certificate, so nothing is issued twice and nothing unstored is answered.
+on a dead connection is retried once on a fresh one. If it had in fact committed before the
+connection died, its rows clash with themselves: DuplicateSerial (the service signs again with
+a fresh serial) and then DuplicateTransaction, which the service answers with the stored
+certificate. Nothing is issued twice and nothing unstored is answered.
 """
 
 from __future__ import annotations
