@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 
 from hsmscep.errors import DuplicateSerial, DuplicateTransaction, StoreError
-from hsmscep.store.certificates import _COLUMNS, _from_row, _to_row
+from hsmscep.store.certificates import _COLUMNS, _from_row, _settle, _store_error, _to_row
 from hsmscep.store.groupcommit import GroupCommitter
 from hsmscep.store.pgdatabase import CONNECTION_ERRORS, PgDatabase, connect, store_error
 from hsmscep.store.records import MAX_SERIAL, IssuedCert
@@ -44,18 +44,11 @@ _SELECT = f"SELECT {_COLUMNS} FROM certificates"
 def _insert_error(cert: IssuedCert, exc: asyncpg.UniqueViolationError) -> StoreError:
     constraint = getattr(exc, "constraint_name", "") or ""
     if constraint == "certificates_pkey":
-        return store_error_of(DuplicateSerial, f"serial {cert.serial:x} is already stored", exc)
+        return _store_error(DuplicateSerial, f"serial {cert.serial:x} is already stored", exc)
     if constraint == "certificates_transaction_id_key":
         message = f"transaction {cert.transaction_id!r} already has a certificate"
-        return store_error_of(DuplicateTransaction, message, exc)
-    return store_error_of(StoreError, f"certificate {cert.serial:x} rejected: {exc}", exc)
-
-
-def store_error_of(cls: type[StoreError], message: str, cause: BaseException) -> StoreError:
-    # A fresh exception per caller: one instance raised in many tasks would mix tracebacks.
-    error = cls(message)
-    error.__cause__ = cause
-    return error
+        return _store_error(DuplicateTransaction, message, exc)
+    return _store_error(StoreError, f"certificate {cert.serial:x} rejected: {exc}", exc)
 
 
 def _batch_failed(exc: BaseException, size: int) -> StoreError:
@@ -108,16 +101,8 @@ class PgCertificates:
         loop = asyncio.get_running_loop()
         stored: asyncio.Future[None] = loop.create_future()
 
-        def settle(error: BaseException | None) -> None:
-            if stored.cancelled():
-                return
-            if error is None:
-                stored.set_result(None)
-            else:
-                stored.set_exception(error)
-
         def done(error: BaseException | None) -> None:
-            loop.call_soon_threadsafe(settle, error)
+            loop.call_soon_threadsafe(_settle, stored, error)
 
         self._committer.submit(cert, done)
         await stored
