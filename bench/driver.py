@@ -26,6 +26,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any
 if not __package__:  # `python bench/driver.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import ceiling, report, variant_report, variants  # noqa: E402
+from bench import ceiling, pgstore, report, variant_report, variants  # noqa: E402
 from bench.servers import (  # noqa: E402
     RssSampler,
     ServerHandle,
@@ -492,16 +493,26 @@ def run_compare(args: argparse.Namespace, bench: Bench, stamp: str) -> dict[str,
             + (f" + {spec.patch}" * bool(spec.patch))
         )
         built.append(variants.build(spec, bench.workdir))
-    try:
+    stores = args.stores.split(",")
+    with ExitStack() as stack:
+        pg = stack.enter_context(pgstore.postgres()) if "postgresql" in stores else None
+        stack.callback(lambda: [s.handle.stop() for s in series])
         for scenario in scenarios if "hsmscep" in servers else []:
-            handle = start_hsmscep(
-                scenario,
-                bench.workdir / f"hsmscep-{scenario}",
-                free_port(),
-                CHALLENGE,
-                args.workers,
-            )
-            series.append(Series(handle, f"{stamp}-h{scenario}"))
+            for store in stores:
+                tag = "pg" if store == "postgresql" else ""
+                workdir = bench.workdir / f"hsmscep-{tag}{scenario}"
+                env = None
+                if store == "postgresql":
+                    if pg is None:
+                        continue
+                    env = pg.database(f"bench_{scenario}", args.prefill)
+                elif args.prefill:
+                    pgstore.prefill_sqlite(workdir, args.prefill)
+                handle = start_hsmscep(
+                    scenario, workdir, free_port(), CHALLENGE, args.workers, store_env=env
+                )
+                series.append(Series(handle, f"{stamp}-h{tag}{scenario}"))
+        # Variants run on SQLite: they compare code, not stores.
         for v, scenario in ((v, sc) for v in built for sc in scenarios):
             handle = start_hsmscep(
                 scenario,
@@ -531,11 +542,9 @@ def run_compare(args: argparse.Namespace, bench: Bench, stamp: str) -> dict[str,
                 r.update(round=rnd, loadavg_before=load_before, loadavg_after=load_average())
                 print(report.phase_line(s.label, r) + f" round={rnd} load={load_before[0]:.2f}")
         measure_ceilings(series, ceilings, args.ceiling_seconds)
-    finally:
-        for s in series:
-            s.handle.stop()
     return {
         "mode": "compare",
+        "prefilled_certificates": args.prefill,
         "levels": levels,
         "duration_s": duration,
         "warmup_s": warmup,
@@ -645,6 +654,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=None, help="s not measured (3)")
     parser.add_argument("--ceiling-seconds", type=float, default=3.0)
     parser.add_argument("--servers", default="hsmscep,scepserver", help="which to compare")
+    parser.add_argument(
+        "--stores", default="sqlite,postgresql", help="hsmscep's store backends: sqlite,postgresql"
+    )
+    parser.add_argument(
+        "--prefill", type=int, default=0, help="certificates already in every store (1000000)"
+    )
     parser.add_argument("--workers", default="auto", help="hsmscep serve --workers")
     parser.add_argument("--keys", type=int, default=256, help="cached client keys to use")
     parser.add_argument("--peak", type=float, default=None, help="soak/overload: peak /s")

@@ -86,6 +86,15 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
                 entry["fraction_of_hsm_ceiling"] = round(
                     best["enrollments_per_s"] / ceiling["enrollments_per_s"], 3
                 )
+        sqlite = data["series"].get(f"hsmscep-{s['scenario']}")
+        if label.startswith("hsmscep-pg-") and sqlite is not None:
+            # The same run, the same CA key: PostgreSQL's rate over SQLite's, per concurrency.
+            base = {p["users"]: p["enrollments_per_s"] for p in sqlite["levels"]}
+            entry["ratio_vs_sqlite"] = {
+                str(p["users"]): round(p["enrollments_per_s"] / base[p["users"]], 2)
+                for p in levels
+                if base.get(p["users"])
+            }
         out["series"][label] = entry
     out["passed"] = all(
         e["errors"] == 0 for label, e in out["series"].items() if label.startswith("hsmscep")

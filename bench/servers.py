@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -55,12 +56,15 @@ class ServerHandle:
     hsm: HsmInfo | None = None
     ca_certs: list[x509.Certificate] = field(default_factory=list)  # GetCACert, once up
     variant: str | None = None  # hsmscep built from another tree (bench/variants.py)
+    store: str = "sqlite"  # hsmscep's store backend: "sqlite" or "postgresql"
 
     @property
     def label(self) -> str:
-        """Series name: server, variant, CA key type, e.g. "hsmscep-p256", "hsmscep@before-p256"."""
+        """Series name: server, variant, store (PostgreSQL only), CA key type, e.g.
+        "hsmscep-p256", "hsmscep@before-p256", "hsmscep-pg-p256"."""
         name = f"{self.name}@{self.variant}" if self.variant else self.name
-        return f"{name}-{self.scenario}"
+        store = "-pg" if self.store == "postgresql" else ""
+        return f"{name}{store}-{self.scenario}"
 
     @property
     def url(self) -> str:
@@ -195,6 +199,7 @@ def start_hsmscep(
     *,
     binary: Path | None = None,
     variant: str | None = None,
+    store_env: dict[str, str] | None = None,
 ) -> ServerHandle:
     """hsmscep with its CA key per `scenario` (rsa2048 | p256), state in `workdir`.
 
@@ -204,6 +209,7 @@ def start_hsmscep(
     runs `hsmscep init` (CA key "hsmscep-ca", one RA key "hsmscep-ra" for signing and
     decryption, ca.pem/ra.pem) and serves with the given workers. Adapt here, and only here,
     when the init/config interface changes; keep the handle's anchors and hsm filled.
+    `store_env` (HSMSCEP_STORE_URL, HSMSCEP_STORE_PASSWORD) puts its store in PostgreSQL.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     challenge_file = workdir / "challenge"  # dev keeps an existing challenge file
@@ -216,10 +222,11 @@ def start_hsmscep(
         name="hsmscep",
         scenario=scenario,
         port=port,
-        proc=_spawn(cmd, workdir),
+        proc=_spawn(cmd, workdir, {**os.environ, **store_env} if store_env else None),
         workdir=workdir,
         anchors=[],
         variant=variant,
+        store="postgresql" if store_env else "sqlite",
     )
     wait_ready(handle)
     # Written by init before serving: the CA certificate, taken from disk, not from GetCACert.

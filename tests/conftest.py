@@ -32,6 +32,7 @@ from hsmscep.cli.dev import dev_config
 from hsmscep.config.settings import Settings, load_settings
 from hsmscep.hsm import devtoken
 from hsmscep.hsm.keyring import KeySource
+from tests import pgcluster
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REPO = Path(__file__).resolve().parents[1]
@@ -227,3 +228,13 @@ def openssl_serial(cert: x509.Certificate) -> str:
         timeout=30,
     ).stdout.decode()
     return printed.strip().removeprefix("serial=")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[pgcluster.Cluster]:
+    """A throwaway PostgreSQL cluster shared by the session's PostgreSQL tests."""
+    reason = pgcluster.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    with pgcluster.cluster() as cluster:
+        yield cluster

@@ -31,7 +31,7 @@ ALLOWED: dict[str, set[str]] = {
 }
 # Libraries that do I/O or run the process: never in the pure core.
 IO_LIBRARIES = {
-    "aiosqlite", "anyio", "asyncio", "httpx", "pkcs11", "socket", "sqlite3", "ssl",
+    "aiosqlite", "anyio", "asyncio", "asyncpg", "httpx", "pkcs11", "socket", "sqlite3", "ssl",
     "starlette", "subprocess", "threading", "uvicorn", "uvloop",
 }  # fmt: skip
 PURE = (
@@ -39,6 +39,7 @@ PURE = (
     "policy",
     "store.records",
     "store.schema",
+    "store.pgschema",
     "service.ports",
     "service.refusal",
     "hsm.refs",

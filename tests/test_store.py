@@ -337,3 +337,17 @@ async def test_data_survives_reopen(db_path: Path) -> None:
         assert await store.get_by_transaction(cert.transaction_id) == got
     finally:
         await store.close()
+
+
+async def test_probe_writes_nothing_and_fails_without_the_table(
+    store: CertStore, db_path: Path
+) -> None:
+    await store.probe()
+    assert await store.count() == 0 and (await store.crl_status()).revision == 0
+    with sqlite3.connect(db_path) as db:
+        db.execute("ALTER TABLE certificates RENAME TO certificates_away")
+    with pytest.raises(StoreError):
+        await store.probe()
+    with sqlite3.connect(db_path) as db:
+        db.execute("ALTER TABLE certificates_away RENAME TO certificates")
+    await store.probe()

@@ -44,12 +44,16 @@ async def _issue_challenge(
     settings: Settings, args: argparse.Namespace
 ) -> tuple[str, OneTimeChallenge]:
     from hsmscep.service.onetime import issue_challenge
-    from hsmscep.store.sqlite import CertStore
+    from hsmscep.store.backends import open_store
 
     profile = settings.profiles.get(args.profile)
     # The challenge lives in the store of the CA that issues for the profile.
     ca_settings = settings.for_ca(profile.ca) if profile is not None else settings
-    store = await CertStore.open(ca_settings.store.path, synchronous=settings.store.synchronous)
+    store = await open_store(
+        ca_settings.store.location,
+        password=ca_settings.store.password,
+        synchronous=settings.store.synchronous,
+    )
     try:
         return await issue_challenge(
             store,

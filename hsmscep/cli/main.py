@@ -1,6 +1,6 @@
 """The `hsmscep` command: its parser, and dispatch to the command modules of hsmscep.cli.
 
-Commands: init, import-ca (bootstrap), serve, dev, revoke, pending, challenge, rollover.
+Commands: init, import-ca (bootstrap), serve, dev, revoke, pending, challenge, rollover, store.
 A command's module is imported only when it runs. Secrets never come from argv.
 """
 
@@ -177,6 +177,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     with_config(activate)
     activate.set_defaults(command="rollover:activate_command")
+
+    store = sub.add_parser("store", help="the certificate store: move it to PostgreSQL")
+    store_sub = store.add_subparsers(required=True, metavar="ACTION")
+    move = store_sub.add_parser("migrate", help="copy an SQLite store into PostgreSQL, verified")
+    move.add_argument("--from", dest="source", required=True, help="the SQLite store file")
+    move.add_argument("--to", required=True, help="postgresql://user@host:port/database")
+    move.add_argument("--password-file", help="the database password (else HSMSCEP_STORE_PASSWORD)")
+    move.set_defaults(command="store:migrate")
 
     dev = sub.add_parser("dev", help="SoftHSM2 dev CA in a local directory, then serve")
     dev.add_argument("--dir", type=Path, default=Path(".dev"), help="state directory (.dev)")

@@ -60,9 +60,13 @@ def list_requests(args: argparse.Namespace) -> int:
 
 
 async def _read_pending(settings: Settings) -> list[PendingRequest]:
-    from hsmscep.store.sqlite import CertStore
+    from hsmscep.store.backends import open_store
 
-    store = await CertStore.open(settings.store.path, synchronous=settings.store.synchronous)
+    store = await open_store(
+        settings.store.location,
+        password=settings.store.password,
+        synchronous=settings.store.synchronous,
+    )
     try:
         return await store.pending_requests()
     finally:
@@ -95,9 +99,13 @@ async def _record_decision(
 ) -> tuple[PendingRequest, bool]:
     from datetime import UTC, datetime
 
-    from hsmscep.store.sqlite import CertStore
+    from hsmscep.store.backends import open_store
 
-    store = await CertStore.open(settings.store.path, synchronous=settings.store.synchronous)
+    store = await open_store(
+        settings.store.location,
+        password=settings.store.password,
+        synchronous=settings.store.synchronous,
+    )
     try:
         return await store.decide_pending(
             request_id,

@@ -60,9 +60,13 @@ async def _record_revocation(
 ) -> tuple[Revocation, bool]:
     from datetime import UTC, datetime
 
-    from hsmscep.store.sqlite import CertStore
+    from hsmscep.store.backends import open_store
 
-    store = await CertStore.open(settings.store.path, synchronous=settings.store.synchronous)
+    store = await open_store(
+        settings.store.location,
+        password=settings.store.password,
+        synchronous=settings.store.synchronous,
+    )
     try:
         return await store.revoke(serial, reason, datetime.now(UTC))
     finally:

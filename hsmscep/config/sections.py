@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
+from urllib.parse import urlsplit
 
 from hsmscep.config.reader import TOKEN_KEYS, Reader
 from hsmscep.errors import ConfigError
@@ -146,23 +147,45 @@ class AdminSettings:
 
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
-    """[store]: the SQLite database of one CA."""
+    """[store]: the SQLite database of one CA, or a PostgreSQL database shared by several nodes
+    (`url`, its password from `password_file` / `password_env`, never inline)."""
 
-    KEYS: ClassVar[frozenset[str]] = frozenset({"path", "synchronous", "commit_linger_ms"})
+    KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"path", "synchronous", "commit_linger_ms", "url", "password_file", "password_env"}
+    )
 
     path: Path
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     commit_linger_ms: int = 20  # how long a certificate batch may wait for rows being signed
+    url: str | None = None  # postgresql://user@host:port/db: the shared store instead of `path`
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def location(self) -> str | Path:
+        """What the store backends open: the PostgreSQL URL, else the SQLite path."""
+        return self.url if self.url is not None else self.path
 
     @classmethod
     def read(cls, r: Reader) -> StoreSettings:
         synchronous = str(r.get("store", "synchronous", "FULL")).upper()
         if synchronous not in ("FULL", "NORMAL"):
             raise ConfigError("store.synchronous must be FULL or NORMAL")
+        url = r.text("store", "url")
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("postgresql", "postgres"):
+                raise ConfigError("store.url must be a postgresql:// URL")
+            if parts.password is not None:
+                raise ConfigError(
+                    "store.url must not carry the password; use store.password_file or"
+                    " store.password_env"
+                )
         return cls(
             path=r.file("store", "path", "hsmscep.db") or r.base / "hsmscep.db",
             synchronous="FULL" if synchronous == "FULL" else "NORMAL",
             commit_linger_ms=r.integer("store", "commit_linger_ms", 20, 0),
+            url=url,
+            password=r.secret("store", "password", "HSMSCEP_STORE_PASSWORD"),
         )
 
 

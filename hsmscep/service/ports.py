@@ -1,6 +1,6 @@
 """The ports: what the service needs from the store and from the keys, as Protocols.
 
-The service is typed against these only; `hsmscep.store` (SQLite, later PostgreSQL) and
+The service is typed against these only; `hsmscep.store` (SQLite or PostgreSQL) and
 `hsmscep.hsm` (PKCS#11 workers, or software keys in tests) implement them structurally and
 are wired in by the web layer's lifespan. No I/O here.
 """
@@ -8,6 +8,7 @@ are wired in by the web layer's lifespan. No I/O here.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 from typing import Literal, Protocol
 
@@ -88,6 +89,10 @@ class RevocationStore(Protocol):
 
     async def put_crl(self, info: CrlInfo, der: bytes) -> bool:
         """Publish; False if another process published this number first."""
+        ...
+
+    def crl_signing(self) -> AbstractAsyncContextManager[None]:
+        """Held while a CRL is signed: on a shared store, one node at a time."""
         ...
 
 

@@ -105,12 +105,24 @@ class Publication:
                     if der is not None:
                         return der
                     continue
-                # Read after the revision: the list holds at least what that revision counts.
-                revoked = await self.store.revocations()
-                number = latest.number + 1 if latest is not None else 1
-                info = CrlInfo(number, status.revision, now, now + self._crl_lifetime)
-                der = await self.pool.run(partial(self._sign_crl, info, revoked))
-                if await self.store.put_crl(info, der):
+                async with self.store.crl_signing():
+                    # On a shared store another node may have published while we waited.
+                    status = await self.store.crl_status()
+                    latest, now = status.latest, self._clock()
+                    if (
+                        latest is not None
+                        and latest.revision >= status.revision
+                        and not crl.refresh_due(latest.this_update, latest.next_update, now)
+                    ):
+                        continue
+                    # Read after the revision: the list holds at least what that revision counts.
+                    revoked = await self.store.revocations()
+                    number = latest.number + 1 if latest is not None else 1
+                    info = CrlInfo(number, status.revision, now, now + self._crl_lifetime)
+                    log.info("signing CRL %d", number)
+                    der = await self.pool.run(partial(self._sign_crl, info, revoked))
+                    published = await self.store.put_crl(info, der)
+                if published:
                     self._crl_cache = (number, der)
                     log.info("published CRL %d with %d revoked certificates", number, len(revoked))
                     return der

@@ -2,7 +2,10 @@
 challenges. `records` holds the values and `schema` the schema history and column spellings
 (both pure, shared by every backend). `sqlite` is the embedded backend: its CertStore composes
 one module per table (`certificates` with its group-commit thread `groupcommit`,
-`revocations`, `pending`, `challenges`) over the connections of `database`.
+`revocations`, `pending`, `challenges`) over the connections of `database`. `postgres` is
+the shared backend for several nodes (asyncpg): PgStore over `pgcertificates` (the same group
+commit), `pgtables`, `pgdatabase` and the PostgreSQL spelling of the history, `pgschema`.
+`backends.open_store` picks one by the location: a postgresql:// URL or an SQLite path.
 
 Backends implement hsmscep.service.ports.Store; they may import only hsmscep.errors, the
 store's own modules, and service.ports for a type-only proof that they conform.

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -162,6 +163,11 @@ class CertStore:
     async def put_crl(self, info: CrlInfo, der: bytes) -> bool:
         """Publish a CRL; False if another process already published this number."""
         return await self._revocations.put_crl(info, der)
+
+    @asynccontextmanager
+    async def crl_signing(self) -> AsyncIterator[None]:
+        """Nothing to hold: the processes on one file settle a race by the CRL number."""
+        yield
 
     # ---- pending requests, manual approval (pending.py) -------------------------------------
 

@@ -27,7 +27,7 @@ from hsmscep.policy.profiles import DEFAULT_CA, Profiles
 from hsmscep.policy.renewal import RenewalPolicy
 from hsmscep.service.ports import KeySet, Store
 from hsmscep.service.scep import ScepService, default_policy
-from hsmscep.store.sqlite import CertStore
+from hsmscep.store.backends import open_store
 from hsmscep.web import affinity
 from hsmscep.webhook.client import WebhookClient
 
@@ -169,11 +169,7 @@ async def _running_service(
         try:
             await pool.start()
             await pool.run(lambda worker_keys: worker_keys.check_certificates())
-            store = await CertStore.open(
-                settings.store.path,
-                synchronous=settings.store.synchronous,
-                linger=settings.store.commit_linger_ms / 1000,
-            )
+            store = await _open_store(settings)
             ra_certs = [ra_sign] if ra_decrypt == ra_sign else [ra_sign, ra_decrypt]
             service = ScepService(
                 pool=pool,
@@ -200,6 +196,22 @@ async def _running_service(
             await pool.aclose()
             if store is not None:
                 await store.close()
+
+
+async def _open_store(settings: Settings) -> Store:
+    """The CA's store: PostgreSQL when [store] url is set, else its SQLite file."""
+    if settings.store.url is not None and settings.ca.name != DEFAULT_CA:
+        # One database holds one CA's serials and CRLs; extra CAs would mix theirs in.
+        raise ConfigError(
+            f"cas.{settings.ca.name}: store.url (PostgreSQL) serves the default CA only;"
+            " run the other CA's nodes with their own store.url"
+        )
+    return await open_store(
+        settings.store.location,
+        password=settings.store.password,
+        synchronous=settings.store.synchronous,
+        linger=settings.store.commit_linger_ms / 1000,
+    )
 
 
 def _load_cert(path: Path, key: str, init: str = "hsmscep init") -> x509.Certificate:
