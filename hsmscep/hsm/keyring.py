@@ -1,14 +1,19 @@
 """One signing worker's keys: its own PKCS#11 sessions and key handles, opened once.
 
 Each worker thread calls `Keyring.open` on itself; the CA key, the RA signing key and the RA
-decryption key(s) may sit on different tokens or modules (FIPS splits, architecture.md).
+decryption key(s) may sit on different tokens or modules (FIPS splits, architecture.md). A
+token may have replicas holding the same keys (HA partitions): each keyring uses one healthy
+member, worker `n` preferring member `n mod size`, so the load spreads over the healthy ones.
+Every HSM call runs under its module's gate; a lost session or device is reported to
+TokenLogin, which takes the token out until it answers again.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography import x509
@@ -17,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from hsmscep.errors import ConfigError, HsmError, MessageError
-from hsmscep.hsm.keyops import decryption_key, signing_key
-from hsmscep.hsm.login import TokenLogin
+from hsmscep.errors import ConfigError, HsmError, HsmUnavailable, MessageError
+from hsmscep.hsm.keyops import Guard, decryption_key, signing_key
+from hsmscep.hsm.login import Guarded, TokenLogin
 from hsmscep.hsm.refs import KeyRef, TokenRef
 from hsmscep.protocol.certrep import ResponseSigner
 from hsmscep.protocol.cms import CertId
@@ -35,6 +40,14 @@ class KeySource:
     ra_sign_key: KeyRef
     ra_sign_cert: x509.Certificate
     decrypt: Sequence[tuple[KeyRef, x509.Certificate]]
+    # Tokens holding the same keys as a configured token (same labels/ids), tried in turn.
+    replicas: Mapping[TokenRef, Sequence[TokenRef]] = field(default_factory=dict)
+
+    def members(self, token: TokenRef) -> list[TokenRef]:
+        return [token, *self.replicas.get(token, ())]
+
+
+_worker_numbers = itertools.count()
 
 
 @dataclass(slots=True)
@@ -42,40 +55,49 @@ class Keyring:
     ca_key: SigningKey
     response_signer: ResponseSigner
     decrypt_keys: list[tuple[CertId, ExternalRsaKey]]
-    sessions: list[Any] = field(default_factory=list)
+    sessions: list[Guarded] = field(default_factory=list)
+    logins: TokenLogin | None = None
+    epoch: int = 0
 
     @classmethod
-    def open(cls, source: KeySource, logins: TokenLogin) -> Keyring:
-        sessions: dict[TokenRef, Any] = {}
+    def open(cls, source: KeySource, logins: TokenLogin, worker: int | None = None) -> Keyring:
+        number = next(_worker_numbers) if worker is None else worker
+        epoch = logins.epoch
+        sessions: dict[TokenRef, tuple[TokenRef, Guarded]] = {}
 
-        def session_for(ref: KeyRef) -> Any:
+        def session_for(ref: KeyRef) -> tuple[KeyRef, Any, Guard]:
             if ref.token not in sessions:
-                sessions[ref.token] = logins.open_session(ref.token)
-            return sessions[ref.token]
+                sessions[ref.token] = _open_member(source.members(ref.token), logins, number)
+            member, guarded = sessions[ref.token]
+            return replace(ref, token=member), guarded.session, _guard(logins, member, guarded)
 
         try:
-            ca_key = signing_key(
-                session_for(source.ca_key), source.ca_key, source.ca_cert.public_key()
-            )
+            ca_ref, session, guard = session_for(source.ca_key)
+            ca_key = signing_key(session, ca_ref, source.ca_cert.public_key(), guard)
             ra_public = _rsa_public(source.ra_sign_cert, "RA signing")
-            ra_sign = signing_key(session_for(source.ra_sign_key), source.ra_sign_key, ra_public)
+            ra_ref, session, guard = session_for(source.ra_sign_key)
+            ra_sign = signing_key(session, ra_ref, ra_public, guard)
             assert isinstance(ra_sign, ExternalRsaKey)
-            decrypt_keys = [
-                (
-                    CertId.of(cert.public_bytes(Encoding.DER)),
-                    decryption_key(session_for(ref), ref, _rsa_public(cert, "RA decryption")),
-                )
-                for ref, cert in source.decrypt
-            ]
+            decrypt_keys = []
+            for ref, cert in source.decrypt:
+                member_ref, session, guard = session_for(ref)
+                key = decryption_key(session, member_ref, _rsa_public(cert, "RA decryption"), guard)
+                decrypt_keys.append((CertId.of(cert.public_bytes(Encoding.DER)), key))
         except BaseException:
-            close_sessions(list(sessions.values()))
+            close_sessions([g for _, g in sessions.values()])
             raise
         return cls(
             ca_key,
             ResponseSigner.of(source.ra_sign_cert, ra_sign),
             decrypt_keys,
-            list(sessions.values()),
+            [g for _, g in sessions.values()],
+            logins,
+            epoch,
         )
+
+    def stale(self) -> bool:
+        """A token went away or came back since this keyring opened: reopen to rebalance."""
+        return self.logins is not None and self.logins.epoch != self.epoch
 
     def check_certificates(self) -> None:
         """Refuse to start when a certificate does not belong to its HSM key."""
@@ -111,9 +133,43 @@ def _check_rsa_signature(key: ExternalRsaKey, probe: bytes) -> None:
     key.public_key().verify(signature, probe, padding.PKCS1v15(), SHA256())
 
 
-def close_sessions(sessions: list[Any]) -> None:
-    for session in sessions:
+def _open_member(
+    members: list[TokenRef], logins: TokenLogin, number: int
+) -> tuple[TokenRef, Guarded]:
+    """A session on the first healthy member, starting at `number mod len(members)`."""
+    start = number % len(members)
+    order = members[start:] + members[:start]
+    # Members known to be down go last: their probe is left to TokenLogin's own timing.
+    order.sort(key=logins.is_down)
+    error: HsmError | None = None
+    for member in order:
         try:
-            session.close()
+            return member, logins.open_guarded(member)
+        except HsmUnavailable as exc:
+            error = exc
+    assert error is not None
+    raise error
+
+
+def _guard(logins: TokenLogin, token: TokenRef, guarded: Guarded) -> Guard:
+    def guard(call: Callable[[], bytes]) -> bytes:
+        try:
+            with guarded.in_use():
+                return call()
+        except HsmUnavailable as exc:
+            # Outside the gate: recovery may re-initialise the module, which waits for it.
+            logins.lost(token, guarded.generation, exc)
+            raise
+
+    return guard
+
+
+def close_sessions(sessions: list[Guarded]) -> None:
+    for guarded in sessions:
+        try:
+            # Only sessions of the current generation: after a re-initialisation the old
+            # handle may name another thread's new session.
+            with guarded.in_use():
+                guarded.session.close()
         except Exception:  # a dead session has nothing left to close
             pass

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Generic, TypeVar, cast
 
-from hsmscep.errors import HsmBusy, HsmError
+from hsmscep.errors import HsmBusy, HsmError, HsmUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,13 @@ class SigningPool(Generic[C]):
         size: int,
         max_pending: int,
         close_context: Callable[[C], None] | None = None,
+        stale: Callable[[C], bool] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("pool size must be at least 1")
         self._open_context = open_context
         self._close_context = close_context
+        self._stale = stale  # a context to reopen before its next job (tokens changed)
         self._size = size
         self._max_pending = max_pending
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -160,23 +162,7 @@ class SigningPool(Generic[C]):
             if item is _STOP:
                 break
             fut, job = cast(tuple[asyncio.Future[object], Callable[[C], object]], item)
-            error: BaseException | None
-            result: object
-            if context is None:
-                context = self._reopen()
-            if context is None:
-                result, error = None, HsmError("HSM session unavailable")
-            else:
-                try:
-                    result, error = job(context), None
-                except HsmError as exc:
-                    # The session may be dead (device removed, token logged out): drop it and
-                    # reopen before the next job instead of failing every request after this.
-                    result, error = None, exc
-                    self._discard(context)
-                    context = None
-                except BaseException as exc:
-                    result, error = None, exc
+            context, result, error = self._run_job(context, job)
             with self._count_lock:
                 self._returned += 1
             if isinstance(result, Deferred):
@@ -190,6 +176,34 @@ class SigningPool(Generic[C]):
                 hook()
         if context is not None:
             self._discard(context)
+
+    def _run_job(
+        self, context: C | None, job: Callable[[C], object]
+    ) -> tuple[C | None, object, BaseException | None]:
+        """Run `job`, reopening a missing or stale context first; the new context back."""
+        if context is not None and self._stale is not None and self._stale(context):
+            self._discard(context)
+            context = None
+        for attempt in range(2):
+            if context is None:
+                context, reason = self._reopen()
+                if context is None:
+                    return None, None, reason
+            try:
+                return context, job(context), None
+            except HsmError as exc:
+                # The session may be dead (device removed, token logged out): drop it and
+                # reopen instead of failing every request after this one.
+                self._discard(context)
+                context = None
+                if attempt or not isinstance(exc, HsmUnavailable):
+                    return None, None, exc
+                # The token went away mid-job: one more try on a fresh context (another
+                # replica, or the token logged in again). A job has no effect outside the HSM
+                # until it returns, so running it again issues nothing twice.
+            except BaseException as exc:
+                return context, None, exc
+        raise AssertionError("unreachable")
 
     def _complete(
         self,
@@ -211,12 +225,16 @@ class SigningPool(Generic[C]):
         while self._done:
             _settle(*self._done.popleft())
 
-    def _reopen(self) -> C | None:
+    def _reopen(self) -> tuple[C | None, HsmError]:
         try:
-            return self._open_context()
+            return self._open_context(), HsmUnavailable("HSM session unavailable")
+        except HsmError as exc:
+            # Once per job while the HSM is gone: TokenLogin logs the transitions.
+            log.debug("reopening HSM context failed: %s", exc)
+            return None, exc
         except Exception as exc:
             log.warning("reopening HSM context failed: %s", exc)
-            return None
+            return None, HsmUnavailable(f"HSM session unavailable: {exc}")
 
     def _discard(self, context: object) -> None:
         if self._close_context is not None:

@@ -59,6 +59,9 @@ class SoftKeyring:
     def check_certificates(self) -> None:
         """Nothing to check: every key was looked up by its certificate's public key."""
 
+    def stale(self) -> bool:
+        return False
+
     def close(self) -> None:
         """Nothing to close: no sessions."""
 

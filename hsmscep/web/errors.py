@@ -17,6 +17,7 @@ from starlette.types import ExceptionHandler
 from hsmscep.errors import (
     HsmBusy,
     HsmError,
+    HsmUnavailable,
     MessageError,
     PayloadTooLarge,
     RequestConflict,
@@ -40,7 +41,10 @@ async def _busy(request: Request, exc: Exception) -> Response:
 
 
 async def _unavailable(request: Request, exc: Exception) -> Response:
-    log.error("%s %s failed: %s", request.method, request.url.path, exc)
+    # A token that went away is logged once, when it goes and when it is back (hsm/login.py),
+    # not once per request answered meanwhile.
+    level = logging.DEBUG if isinstance(exc, HsmUnavailable) else logging.ERROR
+    log.log(level, "%s %s failed: %s", request.method, request.url.path, exc)
     return PlainTextResponse("temporarily unavailable\n", status_code=503, headers=RETRY_AFTER)
 
 

@@ -23,6 +23,7 @@ from hsmscep.errors import ConfigError
 from hsmscep.hsm.keyring import Keyring, KeySource
 from hsmscep.hsm.login import TokenLogin
 from hsmscep.hsm.pool import SigningPool
+from hsmscep.hsm.refs import TokenRef
 from hsmscep.policy.profiles import DEFAULT_CA, Profiles
 from hsmscep.policy.renewal import RenewalPolicy
 from hsmscep.service.ports import KeySet, Store
@@ -44,6 +45,10 @@ class WorkerKeys(KeySet, Protocol):
         ...
 
     def close(self) -> None: ...
+
+    def stale(self) -> bool:
+        """True when the keys should be reopened before the next job (a token changed)."""
+        ...
 
 
 class KeyBackend(Protocol):
@@ -143,6 +148,7 @@ async def _running_service(
             (settings.ra_decrypt.key, ra_decrypt),
             *((key, _load_cert(path, "rollover previous_ra.cert")) for key, path in previous),
         ],
+        replicas={settings.pkcs11.token: settings.pkcs11.replicas},
     )
     # SoftHSM2 is CPU-bound: with one process per core, one session per process keeps every
     # core busy with the least GIL contention (measured in bench/PROFILE.md). Network HSMs
@@ -157,6 +163,7 @@ async def _running_service(
             size=size,
             max_pending=settings.server.max_pending,
             close_context=lambda worker_keys: worker_keys.close(),
+            stale=lambda worker_keys: worker_keys.stale(),
         )
         # Typed as the port: mypy proves here that the SQLite backend implements it.
         store: Store | None = None
@@ -193,6 +200,16 @@ async def _running_service(
             await pool.aclose()
             if store is not None:
                 await store.close()
+
+
+def settings_tokens(settings: Settings) -> list[TokenRef]:
+    """Every token a server of `settings` logs in to, each once."""
+    refs: list[TokenRef] = []
+    for name in settings.ca_names:
+        ca = settings.for_ca(name)
+        keys = [ca.ca.key, ca.ra.key, ca.ra_decrypt.key, *(k for k, _ in ca.rollover.previous_ra)]
+        refs += [key.token for key in keys]
+    return list(dict.fromkeys(refs))
 
 
 def _load_cert(path: Path, key: str, init: str = "hsmscep init") -> x509.Certificate:
