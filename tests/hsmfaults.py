@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from bench import p11shim
 from hsmscep.config.settings import load_settings
 from hsmscep.testing import client
 from tests.conftest import DevCa
@@ -184,3 +186,20 @@ class Load:
 def stored_serials(db: Path) -> set[int]:
     with closing(sqlite3.connect(db)) as conn:
         return {int(row[0], 16) for row in conn.execute("SELECT serial FROM certificates")}
+
+
+def build_shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bench/p11shim.c built once per test session (skip when no compiler or header)."""
+    try:
+        return p11shim.build(tmp_path_factory.getbasetemp() / "p11shim")
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot build the pass-through module: {exc}")
+
+
+def private_module(so: Path | str, directory: Path, name: str) -> str:
+    """A copy of a module under another name: its own instance in a process (dlopen by path),
+    so re-initialising it leaves every other user of the original alone."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / name
+    shutil.copy(so, target)
+    return str(target)

@@ -17,7 +17,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.hashes import SHA256
 
-from bench import p11shim
 from hsmscep.errors import HsmError, PinRefused
 from hsmscep.hsm.keyring import Keyring
 from hsmscep.hsm.login import TokenLogin
@@ -28,8 +27,10 @@ from tests.hsmfaults import (
     P11KIT_CLIENT,
     Load,
     RemoteToken,
+    build_shim,
     copy_ca,
     login_lines,
+    private_module,
     stored_serials,
 )
 
@@ -38,19 +39,7 @@ pytestmark = pytest.mark.hsm
 
 @pytest.fixture(scope="session")
 def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        return p11shim.build(tmp_path_factory.mktemp("shim"))
-    except (RuntimeError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot build the pass-through module: {exc}")
-
-
-def private_module(so: Path | str, directory: Path, name: str) -> str:
-    """A copy of a module under another name: its own instance in a process (dlopen by path),
-    so re-initialising it leaves every other user of the original alone."""
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / name
-    shutil.copy(so, target)
-    return str(target)
+    return build_shim(tmp_path_factory)
 
 
 def test_a_wrong_pin_is_presented_once_by_serve(dev_ca: DevCa, shim: Path, tmp_path: Path) -> None:
