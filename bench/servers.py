@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -185,7 +186,12 @@ def reset_scepserver(handle: ServerHandle, challenge: str) -> None:
 
 
 def start_hsmscep(
-    scenario: str, workdir: Path, port: int, challenge: str, workers: str = "auto"
+    scenario: str,
+    workdir: Path,
+    port: int,
+    challenge: str,
+    workers: str = "auto",
+    env: dict[str, str] | None = None,
 ) -> ServerHandle:
     """hsmscep with its CA key per `scenario` (rsa2048 | p256), state in `workdir`.
 
@@ -205,7 +211,7 @@ def start_hsmscep(
         name="hsmscep",
         scenario=scenario,
         port=port,
-        proc=_spawn(cmd, workdir),
+        proc=_spawn(cmd, workdir, {**os.environ, **env} if env else None),
         workdir=workdir,
         anchors=[],
     )
