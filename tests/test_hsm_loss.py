@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.hashes import SHA256
@@ -104,13 +105,20 @@ def test_server_survives_the_remote_token_going_away_and_coming_back(
         load.start()
         assert load.wait_for(lambda: load.successes_since(0) >= 5, 60), server.output()
         before_loss = len(login_lines(logins))
+        assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
         remote.kill()
         lost_at = time.monotonic()
-        time.sleep(3)
+        assert load.wait_for(lambda: readyz(server.url).status_code == 503, 10)
+        not_ready = readyz(server.url)
+        assert not_ready.headers["retry-after"]
+        token = not_ready.json()["tokens"][0]
+        assert token["ready"] is False and "hsmscep-test" in token["token"], token
+        time.sleep(2)
         remote.start()
         back_at = time.monotonic()
         assert load.wait_for(lambda: load.successes_since(back_at) >= 5, 20), server.output()
         recovered = min(o.at for o in load.outcomes if o.at >= back_at and o.pki_status == "0")
+        assert readyz(server.url).json()["ready"] is True
     finally:
         load.stop()
         server.stop()
@@ -128,6 +136,10 @@ def test_server_survives_the_remote_token_going_away_and_coming_back(
     output = server.output()
     assert output.count("is unavailable") == 1 and output.count("is back after") == 1, output
     assert "Traceback" not in output
+
+
+def readyz(url: str) -> httpx.Response:
+    return httpx.get(f"{url}/readyz", timeout=10)
 
 
 TRANSIENT = {

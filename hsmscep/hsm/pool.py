@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import queue
 import threading
 from collections.abc import Callable
@@ -99,9 +100,26 @@ class SigningPool(Generic[C]):
 
     async def start(self) -> None:
         """Start the threads and wait until every one has opened its context."""
+        errors = await self._spawn(range(self._size))
+        if errors:
+            await self.aclose()
+            raise errors[0]
+
+    async def grow(self, size: int) -> None:
+        """Add threads up to `size` (the default size, once the HSM's latency is known); a
+        thread that cannot open its context is logged and left out."""
+        added = range(len(self._threads), size)
+        errors = await self._spawn(added)
+        self._size = len(self._threads) - len(errors)
+        if errors:
+            log.warning(
+                "%d of %d added signing threads failed: %s", len(errors), len(added), errors[0]
+            )
+
+    async def _spawn(self, indices: range) -> list[BaseException]:
         loop = asyncio.get_running_loop()
         ready: list[asyncio.Future[None]] = []
-        for index in range(self._size):
+        for index in indices:
             fut: asyncio.Future[None] = loop.create_future()
             thread = threading.Thread(
                 target=self._work, args=(loop, fut), name=f"hsm-worker-{index}", daemon=True
@@ -110,10 +128,7 @@ class SigningPool(Generic[C]):
             self._threads.append(thread)
             ready.append(fut)
         results = await asyncio.gather(*ready, return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            await self.aclose()
-            raise errors[0]
+        return [r for r in results if isinstance(r, BaseException)]
 
     async def run(self, job: Callable[[C], T]) -> T:
         """Run `job(context)` on a worker thread; raise HsmBusy when the pool is saturated."""
@@ -251,3 +266,19 @@ def _settle(fut: asyncio.Future[T], result: T | None, error: BaseException | Non
         fut.set_exception(error)
     else:
         fut.set_result(result)  # type: ignore[arg-type]
+
+
+def latency_hiding_size(
+    base: int, cpu_op: float, wait_op: float, *, cap: int, outside: float = 0.001
+) -> int:
+    """Signing threads per process that keep the CPU busy while operations wait on the HSM.
+
+    `base` threads keep the cores busy when an operation is all CPU (SoftHSM2). A job costs
+    about three operations' CPU plus `outside` (HTTP, CMS, the store hand-off) and waits three
+    round trips, so by Little's law base * (cpu + wait) / cpu threads keep the same CPU busy;
+    twice that absorbs the spread of round trips. Capped at `cap` (sessions are finite).
+    """
+    if wait_op < 0.25 * cpu_op:
+        return base  # a local token: more threads only contend for the GIL
+    job_cpu = 3 * cpu_op + outside
+    return min(max(cap, base), max(base, math.ceil(2 * base * (job_cpu + 3 * wait_op) / job_cpu)))
