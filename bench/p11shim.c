@@ -5,7 +5,8 @@
  *   - appends one line "C_Login 0x<rv>" per C_Login to P11SHIM_LOG (O_APPEND: one write per
  *     line, so several processes can count into one file),
  *   - while the file P11SHIM_FAULT exists, answers C_Sign, C_Decrypt, C_OpenSession and
- *     C_Login with the CK_RV written in it (hex), as a failing or vanished HSM would.
+ *     C_Login with the CK_RV written in it (hex), as a failing or vanished HSM would;
+ *     P11SHIM_LOGIN_FAULT the same for C_Login alone (a PIN changed on the HSM).
  * Built by bench/p11shim.py with the system compiler against p11-kit's pkcs11.h.
  */
 #define CRYPTOKI_GNU 1
@@ -30,8 +31,8 @@ static void pause_for_latency(void) {
     }
 }
 
-static ck_rv_t injected_fault(void) {
-    const char *path = getenv("P11SHIM_FAULT");
+static ck_rv_t fault_from(const char *variable) {
+    const char *path = getenv(variable);
     if (path == NULL) return CKR_OK;
     FILE *f = fopen(path, "r");
     if (f == NULL) return CKR_OK;
@@ -40,6 +41,8 @@ static ck_rv_t injected_fault(void) {
     fclose(f);
     return rv;
 }
+
+static ck_rv_t injected_fault(void) { return fault_from("P11SHIM_FAULT"); }
 
 static void log_login(ck_rv_t rv) {
     const char *path = getenv("P11SHIM_LOG");
@@ -55,6 +58,7 @@ static void log_login(ck_rv_t rv) {
 static ck_rv_t shim_login(ck_session_handle_t s, ck_user_type_t user, unsigned char *pin,
                           unsigned long pin_len) {
     ck_rv_t rv = injected_fault();
+    if (rv == CKR_OK) rv = fault_from("P11SHIM_LOGIN_FAULT");
     if (rv == CKR_OK) rv = real->C_Login(s, user, pin, pin_len);
     log_login(rv);
     return rv;

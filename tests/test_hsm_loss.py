@@ -56,7 +56,8 @@ def test_a_wrong_pin_is_presented_once_by_serve(dev_ca: DevCa, shim: Path, tmp_p
         timeout=120,
     )
     assert result.returncode != 0
-    assert "CKR_PIN_INCORRECT" in result.stderr and "hsmscep-test" in result.stderr
+    lines = [line for line in result.stderr.splitlines() if "CKR_PIN_INCORRECT" in line]
+    assert len(lines) == 1 and "hsmscep-test" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert login_lines(logins) == ["C_Login 0xa0"]
 
@@ -224,3 +225,39 @@ def test_each_transient_return_code_fails_fast_and_recovers(
     assert max(recovery.values()) < 10
     # Every login attempt was either refused by the injected fault or the one that worked.
     assert all(line.startswith("C_Login 0x") for line in login_lines(log))
+
+
+def test_a_pin_refused_after_a_loss_is_not_presented_again(
+    dev_ca: DevCa, shim: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fault, login_fault, log = tmp_path / "fault", tmp_path / "login-fault", tmp_path / "logins"
+    monkeypatch.setenv("P11SHIM_MODULE", private_module(dev_ca.token.module, tmp_path, "s.so"))
+    monkeypatch.setenv("P11SHIM_FAULT", str(fault))
+    monkeypatch.setenv("P11SHIM_LOGIN_FAULT", str(login_fault))
+    monkeypatch.setenv("P11SHIM_LOG", str(log))
+    ref = dev_ca.settings.ca.key.token
+    token = type(ref)(private_module(shim, tmp_path, "shim-relogin.so"), ref.label, pin=ref.pin)
+    source = key_source(dev_ca)
+    moved = [KeyRef(token, k.label, k.id) for k in (source.ca_key, source.ra_sign_key)]
+    source = type(source)(
+        moved[0], source.ca_cert, moved[1], source.ra_sign_cert, [(moved[1], source.ra_sign_cert)]
+    )
+    logins = TokenLogin()
+    try:
+        keys = Keyring.open(source, logins)
+        keys.ca_key.sign(b"probe", padding.PKCS1v15(), SHA256())  # type: ignore[call-arg, arg-type]
+        fault.write_text("e0\n")  # CKR_TOKEN_NOT_PRESENT: the HSM goes away ...
+        login_fault.write_text("a0\n")  # ... and comes back with another PIN
+        with pytest.raises(HsmError):
+            keys.ca_key.sign(b"probe", padding.PKCS1v15(), SHA256())  # type: ignore[call-arg, arg-type]
+        fault.unlink()
+        deadline = time.monotonic() + 3  # several probe rounds and reopen attempts
+        while time.monotonic() < deadline:
+            with pytest.raises(HsmError):
+                Keyring.open(source, logins)
+            time.sleep(0.1)
+        assert logins.state(token)[0] is False
+        assert "CKR_PIN_INCORRECT" in logins.state(token)[1]
+    finally:
+        logins.close()
+    assert login_lines(log).count("C_Login 0xa0") == 1, login_lines(log)

@@ -93,13 +93,15 @@ class TokenLogin:
     def open_guarded(self, ref: TokenRef, *, rw: bool = False) -> Guarded:
         with self._lock:
             module, state = self._logged_in(ref)
-            if rw:
-                return Guarded(state.login, module, state.generation)
+            # Taken under the lock: lost() may drop the login once we let go.
+            login, generation = state.login, state.generation
+        if rw:
+            return Guarded(login, module, generation)
         try:
-            with module.in_use(state.generation), hsm_errors("opening a session"):
-                return Guarded(state.login.token.open(), module, state.generation)
+            with module.in_use(generation), hsm_errors("opening a session"):
+                return Guarded(login.token.open(), module, generation)
         except HsmUnavailable as exc:
-            self.lost(ref, state.generation, exc)
+            self.lost(ref, generation, exc)
             raise
 
     def is_down(self, ref: TokenRef) -> bool:
@@ -131,8 +133,8 @@ class TokenLogin:
                 # A fresh session first: the login usually survives a lost session.
                 self._log_in(ref, module, st)
                 _close(old)
-            except PinRefused:
-                raise
+            except PinRefused as refused:
+                self._went_down(ref, st, refused)  # logged once; never presented again
             except HsmError:
                 if not self._others_healthy(ref):
                     _restart_quietly(module)
@@ -167,8 +169,6 @@ class TokenLogin:
             ):
                 module.restart()
             self._log_in(ref, module, st)
-        except PinRefused:
-            raise
         except HsmError as exc:
             self._went_down(ref, st, exc)
             raise
@@ -185,11 +185,13 @@ class TokenLogin:
                 st.started = True
                 return module, st
             except PinRefused as exc:
-                st.refused = exc
-                log.error("%s: %s; not trying that PIN again", describe(ref), exc)
+                st.refused = exc  # the caller reports it: one line, not one per layer
                 raise
-            except HsmUnavailable as exc:
-                if attempt == START_ATTEMPTS - 1:
+            except HsmError as exc:
+                if attempt == START_ATTEMPTS - 1 or not isinstance(exc, HsmUnavailable):
+                    # From now on it is a token that is away: fail fast, probe on a backoff.
+                    st.started = True
+                    self._went_down(ref, st, exc, quiet=True)  # the caller reports it
                     raise
                 if attempt == 0:
                     log.warning("%s not ready (%s); retrying", describe(ref), exc)
@@ -221,7 +223,9 @@ class TokenLogin:
             self.epoch += 1
         st.down_since, st.reason, st.backoff = None, "", 0.25
 
-    def _went_down(self, ref: TokenRef, st: _TokenState, exc: BaseException) -> None:
+    def _went_down(
+        self, ref: TokenRef, st: _TokenState, exc: BaseException, *, quiet: bool = False
+    ) -> None:
         if isinstance(exc, PinRefused):
             st.refused = exc
             log.error("%s: %s; not trying that PIN again", describe(ref), exc)
@@ -230,7 +234,12 @@ class TokenLogin:
         if st.down_since is None:
             st.down_since, st.backoff = now, 0.25
             self.epoch += 1
-            log.error("%s is unavailable: %s", describe(ref), exc)
+            log.log(
+                logging.DEBUG if quiet else logging.ERROR,
+                "%s is unavailable: %s",
+                describe(ref),
+                exc,
+            )
         else:
             st.backoff = min(MAX_BACKOFF, st.backoff * 2)
         st.reason = str(exc)
