@@ -6,6 +6,7 @@ and started again under load, and each transient CK_RV injected into a live sign
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.hashes import SHA256
 
 from hsmscep.errors import HsmError, PinRefused
+from hsmscep.hsm import library
 from hsmscep.hsm.keyring import Keyring
 from hsmscep.hsm.login import TokenLogin
 from hsmscep.hsm.pool import SigningPool
@@ -261,3 +263,17 @@ def test_a_pin_refused_after_a_loss_is_not_presented_again(
     finally:
         logins.close()
     assert login_lines(log).count("C_Login 0xa0") == 1, login_lines(log)
+
+
+def test_locking_initialises_the_function_list_python_pkcs11_calls(dev_ca: DevCa) -> None:
+    """SoftHSM2 returns one list on every C_GetFunctionList: the pointer read from
+    python-pkcs11's lib object must be that list (p11-kit-client, which returns a new list per
+    call, is covered by the server test above)."""
+    so = dev_ca.token.module
+    lib = library.open_library(so)
+    get_list = ctypes.CDLL(so).C_GetFunctionList
+    get_list.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+    address = ctypes.c_void_p()
+    assert get_list(ctypes.byref(address)) == 0
+    own = library._own_function_list(lib)
+    assert ctypes.addressof(own) == address.value
