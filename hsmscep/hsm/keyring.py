@@ -15,7 +15,6 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -66,23 +65,28 @@ class Keyring:
         epoch = logins.epoch
         sessions: dict[TokenRef, tuple[TokenRef, Guarded]] = {}
 
-        def session_for(ref: KeyRef) -> tuple[KeyRef, Any, Guard]:
+        def session_for(ref: KeyRef) -> tuple[KeyRef, Guarded, Guard]:
             if ref.token not in sessions:
                 sessions[ref.token] = _open_member(source.members(ref.token), logins, number)
             member, guarded = sessions[ref.token]
-            return replace(ref, token=member), guarded.session, _guard(logins, member, guarded)
+            return replace(ref, token=member), guarded, _guard(logins, member, guarded)
 
+        # Key lookups run under the module's gate too: never inside a re-initialisation.
         try:
-            ca_ref, session, guard = session_for(source.ca_key)
-            ca_key = signing_key(session, ca_ref, source.ca_cert.public_key(), guard)
+            ca_ref, g, guard = session_for(source.ca_key)
+            with g.in_use():
+                ca_key = signing_key(g.session, ca_ref, source.ca_cert.public_key(), guard)
             ra_public = _rsa_public(source.ra_sign_cert, "RA signing")
-            ra_ref, session, guard = session_for(source.ra_sign_key)
-            ra_sign = signing_key(session, ra_ref, ra_public, guard)
+            ra_ref, g, guard = session_for(source.ra_sign_key)
+            with g.in_use():
+                ra_sign = signing_key(g.session, ra_ref, ra_public, guard)
             assert isinstance(ra_sign, ExternalRsaKey)
             decrypt_keys = []
             for ref, cert in source.decrypt:
-                member_ref, session, guard = session_for(ref)
-                key = decryption_key(session, member_ref, _rsa_public(cert, "RA decryption"), guard)
+                member_ref, g, guard = session_for(ref)
+                with g.in_use():
+                    public = _rsa_public(cert, "RA decryption")
+                    key = decryption_key(g.session, member_ref, public, guard)
                 decrypt_keys.append((CertId.of(cert.public_bytes(Encoding.DER)), key))
         except BaseException:
             close_sessions([g for _, g in sessions.values()])

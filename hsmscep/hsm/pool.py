@@ -29,6 +29,7 @@ C = TypeVar("C", covariant=True)  # a pool of Keyrings serves jobs that want any
 T = TypeVar("T")
 
 _STOP = object()
+JOB_TIMEOUT = 30.0  # seconds a caller waits for its job before answering 503
 
 # How a deferred job reports its result: finish(result, None) or finish(None, error), once.
 Finish = Callable[[Any, BaseException | None], None]
@@ -58,6 +59,7 @@ class SigningPool(Generic[C]):
             raise ValueError("pool size must be at least 1")
         self._open_context = open_context
         self._close_context = close_context
+        self.job_timeout = JOB_TIMEOUT
         self._stale = stale  # a context to reopen before its next job (tokens changed)
         self._size = size
         self._max_pending = max_pending
@@ -134,17 +136,21 @@ class SigningPool(Generic[C]):
         """Run `job(context)` on a worker thread; raise HsmBusy when the pool is saturated."""
         if self._closed:
             raise HsmError("signing pool is shut down")
-        if self._pending >= self._max_pending:
+        # working(): jobs a caller gave up on (timed out) still hold a thread or a queue slot.
+        if self._pending >= self._max_pending or self.working() >= self._max_pending:
             raise HsmBusy("signing queue full")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         self._pending += 1
         self._idle.clear()
+        # A hung HSM call (a link that drops packets) must not hold the request forever.
+        expiry = loop.call_later(self.job_timeout, _expire, fut, self.job_timeout)
         try:
             self._handed_out += 1
             self._queue.put((fut, job))
             return await fut
         finally:
+            expiry.cancel()
             self._pending -= 1
             if not self._pending:
                 self._idle.set()
@@ -259,8 +265,14 @@ class SigningPool(Generic[C]):
                 log.debug("closing HSM context failed: %s", exc)
 
 
+def _expire(fut: asyncio.Future[Any], seconds: float) -> None:
+    if not fut.done():
+        # The job may still finish on its thread: _settle then finds the future done.
+        fut.set_exception(HsmUnavailable(f"the HSM did not answer within {seconds:g} s"))
+
+
 def _settle(fut: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
-    if fut.cancelled():
+    if fut.done():  # cancelled, or expired
         return
     if error is not None:
         fut.set_exception(error)
