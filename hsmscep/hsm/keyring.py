@@ -171,10 +171,15 @@ def _open_member(
 
 
 def _guard(logins: TokenLogin, token: TokenRef, guarded: Guarded) -> Guard:
+    module, generation = guarded.module, guarded.generation
+
     def guard(call: Callable[[], bytes]) -> bytes:
         try:
-            with guarded.in_use():
+            module.enter(generation)  # not a context manager: three of these per enrollment
+            try:
                 return call()
+            finally:
+                module.leave()
         except HsmUnavailable as exc:
             # Outside the gate: recovery may re-initialise the module, which waits for it.
             logins.lost(token, guarded.generation, exc)

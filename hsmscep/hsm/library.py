@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -101,35 +100,46 @@ class Module:
             raise HsmError(f"cannot load the PKCS#11 module {so}: {exc}") from exc
         self.generation = 0
         self.initialised = True
-        self._gate = threading.Condition()
+        self._lock = threading.Lock()  # held for a counter update only: the hot path
         self._users = 0
         self._closed = False
+        self._drained = threading.Event()
+        self._restarting = threading.Lock()
+
+    def enter(self, generation: int) -> None:
+        """Count one call on a session opened in `generation` (leave() when it returns)."""
+        with self._lock:
+            if self._closed or generation != self.generation or not self.initialised:
+                raise HsmUnavailable(f"{self.so} was re-initialised: the session is gone")
+            self._users += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._closed and not self._users:
+                self._drained.set()
 
     @contextmanager
     def in_use(self, generation: int) -> Iterator[None]:
         """Hold the module for one call on a session opened in `generation`."""
-        with self._gate:
-            if self._closed or generation != self.generation or not self.initialised:
-                raise HsmUnavailable(f"{self.so} was re-initialised: the session is gone")
-            self._users += 1
+        self.enter(generation)
         try:
             yield
         finally:
-            with self._gate:
-                self._users -= 1
-                if not self._users:
-                    self._gate.notify_all()
+            self.leave()
 
     def restart(self) -> None:
         """C_Finalize (every session dies) and C_Initialize again, once no call is inside."""
-        with self._gate:
-            self._closed = True  # new calls fail fast instead of queueing behind us
-            deadline = time.monotonic() + QUIESCE_SECONDS
-            while self._users:
-                if not self._gate.wait(max(0.0, deadline - time.monotonic())) and self._users:
-                    self._closed = False
-                    raise HsmUnavailable(f"{self.so}: calls still in flight, not re-initialised")
+        with self._restarting:
+            with self._lock:
+                self._closed = True  # new calls fail fast instead of queueing behind us
+                if self._users:
+                    self._drained.clear()
+                else:
+                    self._drained.set()
             try:
+                if not self._drained.wait(QUIESCE_SECONDS):
+                    raise HsmUnavailable(f"{self.so}: calls still in flight, not re-initialised")
                 if self.initialised:
                     self.lib.finalize_locked()
                 self.generation += 1
@@ -137,7 +147,8 @@ class Module:
                 self.lib.initialize()
                 self.initialised = True
             finally:
-                self._closed = False
+                with self._lock:
+                    self._closed = False
 
 
 _modules: dict[str, Module] = {}
