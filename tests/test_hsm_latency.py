@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from hsmscep.hsm.pool import latency_hiding_size
-from tests.conftest import DevCa, start_server
+from hsmscep.web import affinity
+from tests.conftest import DevCa, Server, start_server
 from tests.hsmfaults import build_shim, copy_ca
 
 pytestmark = pytest.mark.hsm
@@ -47,4 +48,12 @@ def test_a_server_on_a_slow_hsm_starts_more_signing_threads(
         server.stop()
     found = re.search(r"ms waiting; (\d+) signing threads", server.output())
     assert found, server.output()
-    assert int(found.group(1)) >= 6
+    base = len(affinity.usable_cpus())  # the core-sized pool of one process
+    assert int(found.group(1)) >= 2 * base, server.output()
+
+
+def test_softhsm_keeps_the_core_sized_pool(server: Server) -> None:
+    """Nothing changes for SoftHSM2 users: all CPU, no round trip, no extra threads."""
+    found = re.search(r"ms waiting; (\d+) signing threads", server.output())
+    assert found, server.output()
+    assert int(found.group(1)) == len(affinity.usable_cpus())  # one process: cores threads

@@ -121,7 +121,7 @@ class Keyring:
         except (InvalidSignature, ValueError, MessageError) as exc:
             raise ConfigError(f"a certificate does not match its HSM key: {exc}") from None
 
-    def latency(self, samples: int = 8) -> tuple[float, float]:
+    def latency(self, samples: int = 16) -> tuple[float, float]:
         """(CPU seconds, seconds waited) of one private-key operation in this thread: the
         median CPU, and the least wait (the one least disturbed by other threads)."""
         probe = os.urandom(32)

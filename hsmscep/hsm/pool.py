@@ -290,7 +290,7 @@ def latency_hiding_size(
     round trips, so by Little's law base * (cpu + wait) / cpu threads keep the same CPU busy;
     twice that absorbs the spread of round trips. Capped at `cap` (sessions are finite).
     """
-    if wait_op < 0.25 * cpu_op:
+    if wait_op < 0.5 * cpu_op:
         return base  # a local token: more threads only contend for the GIL
     job_cpu = 3 * cpu_op + outside
     return min(max(cap, base), max(base, math.ceil(2 * base * (job_cpu + 3 * wait_op) / job_cpu)))
