@@ -64,6 +64,21 @@ def test_a_wrong_pin_is_presented_once_by_serve(dev_ca: DevCa, shim: Path, tmp_p
     assert login_lines(logins) == ["C_Login 0xa0"]
 
 
+def test_a_wrong_pin_is_presented_once_by_init(dev_ca: DevCa, shim: Path, tmp_path: Path) -> None:
+    logins = tmp_path / "logins"
+    ca = copy_ca(dev_ca, tmp_path / "ca", str(shim), pin="0000wrong")
+    env = dict(os.environ, P11SHIM_MODULE=dev_ca.token.module, P11SHIM_LOG=str(logins))
+    result = subprocess.run(
+        [sys.executable, "-m", "hsmscep", "init", "--config", str(ca.config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "CKR_PIN_INCORRECT" in result.stderr, result.stderr
+    assert login_lines(logins) == ["C_Login 0xa0"]
+
+
 def test_a_refused_pin_is_never_presented_again_in_a_process(
     dev_ca: DevCa, shim: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
