@@ -200,6 +200,7 @@ def start_hsmscep(
     binary: Path | None = None,
     variant: str | None = None,
     store_env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> ServerHandle:
     """hsmscep with its CA key per `scenario` (rsa2048 | p256), state in `workdir`.
 
@@ -216,13 +217,14 @@ def start_hsmscep(
     if not challenge_file.exists():
         challenge_file.write_text(challenge + "\n")
         challenge_file.chmod(0o600)
+    extra_env = {**(store_env or {}), **(env or {})}
     cmd = [str(binary or _hsmscep_bin()), "dev", "--dir", str(workdir), "--ca-key", scenario]
     cmd += ["--host", HOST, "--port", str(port), "--workers", workers]
     handle = ServerHandle(
         name="hsmscep",
         scenario=scenario,
         port=port,
-        proc=_spawn(cmd, workdir, {**os.environ, **store_env} if store_env else None),
+        proc=_spawn(cmd, workdir, {**os.environ, **extra_env} if extra_env else None),
         workdir=workdir,
         anchors=[],
         variant=variant,

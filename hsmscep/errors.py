@@ -11,7 +11,9 @@
   + UnknownProfile        no enrollment profile of that name: CLI exit 2, admin API 404
   + RequestConflict       the pending request was already decided or expired: exit 2, 409
   + HsmError              the PKCS#11 module failed: HTTP 503 (we may not be able to sign)
-  |  - HsmBusy            signing queue full: HTTP 503 with Retry-After
+  |  + HsmBusy            signing queue full: HTTP 503 with Retry-After
+  |  + HsmUnavailable     the token is gone for now (device, link or session lost): 503
+  |  - PinRefused         the token refused the PIN: final, never retried (lockout)
   + StoreError            the database failed: HTTP 503
   |  - DuplicateSerial    serial already taken (retry with a new one)
   |  - DuplicateTransaction  transactionID already has a certificate
@@ -72,6 +74,14 @@ class HsmError(ScepError):
 
 class HsmBusy(HsmError):
     """The signing queue is full; the client should retry later."""
+
+
+class HsmUnavailable(HsmError):
+    """The token is unreachable for now (device, link or session lost); retried later."""
+
+
+class PinRefused(HsmError):
+    """The token refused the PIN (incorrect, expired, locked): never tried again."""
 
 
 class StoreError(ScepError):

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from hsmscep.errors import HsmBusy, HsmUnavailable
 from hsmscep.hsm.pool import Deferred, Finish, SigningPool
 
 pytestmark = pytest.mark.anyio
@@ -74,4 +75,26 @@ async def test_an_error_in_start_fails_the_job_and_the_count_recovers() -> None:
         assert pool.working() == 0
         assert await pool.run(lambda _: 7) == 7
     finally:
+        await pool.aclose()
+
+
+async def test_a_hung_job_answers_unavailable_and_holds_its_slot() -> None:
+    pool: SigningPool[object] = SigningPool(object, size=1, max_pending=1)
+    pool.job_timeout = 0.2
+    await pool.start()
+    gate = threading.Event()
+    try:
+        with pytest.raises(HsmUnavailable, match="did not answer"):
+            await pool.run(lambda _: gate.wait(10))
+        # The hung job still holds the only slot: the next caller is refused at once.
+        with pytest.raises(HsmBusy):
+            await pool.run(lambda _: "next")
+        gate.set()
+        for _ in range(100):  # bounded: the slot frees once the job ends
+            if pool.working() == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert await pool.run(lambda _: "next") == "next"
+    finally:
+        gate.set()
         await pool.aclose()

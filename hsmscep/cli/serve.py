@@ -45,17 +45,23 @@ def run_server(config: str, settings: Settings) -> int:
     """Run uvicorn with `settings.server.workers` processes, each opening its own HSM pool."""
     import uvicorn
 
+    from hsmscep.hsm.login import check_logins
     from hsmscep.web import affinity, balance
     from hsmscep.web.httpproto import (
         BoundedHttpToolsProtocol,
         connection_cap,
         raise_open_files_limit,
     )
+    from hsmscep.web.lifespan import settings_tokens
 
     for path, key in ((settings.ca.cert, "ca.cert"), (settings.ra.cert, "ra.cert")):
         if not path.exists():
             raise ConfigError(f"{key}: {path} does not exist (run `hsmscep init` first)")
     os.environ["HSMSCEP_CONFIG"] = config
+    logs.configure(settings.log.level)
+    # One login per token before any worker process exists: a refused PIN stops here, after
+    # one C_Login, instead of once per worker and restart (network HSMs lock the role).
+    check_logins(settings_tokens(settings), settings.pkcs11.replicas)
     cpus = affinity.usable_cpus()
     workers = affinity.worker_processes(settings.server.workers)
     logs.configure(settings.log.level)

@@ -67,13 +67,20 @@ class ServerSettings:
 class Pkcs11Settings:
     """[pkcs11]: the token every key lives on unless its section names another module."""
 
-    KEYS: ClassVar[frozenset[str]] = TOKEN_KEYS
+    KEYS: ClassVar[frozenset[str]] = TOKEN_KEYS | {"replicas"}
 
     token: TokenRef
+    # [pkcs11.replicas.<name>]: tokens holding the same keys (HA partitions), used alongside.
+    replicas: tuple[TokenRef, ...] = ()
 
     @classmethod
     def read(cls, r: Reader) -> Pkcs11Settings:
-        return cls(r.token("pkcs11", None))
+        token = r.token("pkcs11", None)
+        names = r.table("pkcs11.replicas")
+        if not all(isinstance(t, dict) for t in names.values()):
+            raise ConfigError("pkcs11.replicas must hold [pkcs11.replicas.<name>] tables")
+        # A replica's unset keys come from [pkcs11]; its PIN too only if it is the same token.
+        return cls(token, tuple(r.token(f"pkcs11.replicas.{n}", token) for n in names))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,14 +1,20 @@
 """One signing worker's keys: its own PKCS#11 sessions and key handles, opened once.
 
 Each worker thread calls `Keyring.open` on itself; the CA key, the RA signing key and the RA
-decryption key(s) may sit on different tokens or modules (FIPS splits, architecture.md).
+decryption key(s) may sit on different tokens or modules (FIPS splits, architecture.md). A
+token may have replicas holding the same keys (HA partitions): each keyring uses one healthy
+member, worker `n` preferring member `n mod size`, so the load spreads over the healthy ones.
+Every HSM call runs under its module's gate; a lost session or device is reported to
+TokenLogin, which takes the token out until it answers again.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography import x509
@@ -17,9 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from hsmscep.errors import ConfigError, HsmError, MessageError
-from hsmscep.hsm.keyops import decryption_key, signing_key
-from hsmscep.hsm.login import TokenLogin
+from hsmscep.errors import ConfigError, HsmError, HsmUnavailable, MessageError
+from hsmscep.hsm.keyops import Guard, decryption_key, signing_key
+from hsmscep.hsm.login import Guarded, TokenLogin
 from hsmscep.hsm.refs import KeyRef, TokenRef
 from hsmscep.protocol.certrep import ResponseSigner
 from hsmscep.protocol.cms import CertId
@@ -38,6 +44,14 @@ class KeySource:
     # Earlier generations' RA keys (also in `decrypt`): they sign answers to requests
     # encrypted to their certificate, which the client expects to verify the reply with.
     previous_signers: Sequence[tuple[KeyRef, x509.Certificate]] = ()
+    # Tokens holding the same keys as a configured token (same labels/ids), tried in turn.
+    replicas: Mapping[TokenRef, Sequence[TokenRef]] = field(default_factory=dict)
+
+    def members(self, token: TokenRef) -> list[TokenRef]:
+        return [token, *self.replicas.get(token, ())]
+
+
+_worker_numbers = itertools.count()
 
 
 @dataclass(slots=True)
@@ -45,49 +59,62 @@ class Keyring:
     ca_key: SigningKey
     response_signer: ResponseSigner
     decrypt_keys: list[tuple[CertId, ExternalRsaKey]]
-    sessions: list[Any] = field(default_factory=list)
+    sessions: list[Guarded] = field(default_factory=list)
+    logins: TokenLogin | None = None
+    epoch: int = 0
     previous_signers: list[tuple[CertId, ResponseSigner]] = field(default_factory=list)
 
     @classmethod
-    def open(cls, source: KeySource, logins: TokenLogin) -> Keyring:
-        sessions: dict[TokenRef, Any] = {}
+    def open(cls, source: KeySource, logins: TokenLogin, worker: int | None = None) -> Keyring:
+        number = next(_worker_numbers) if worker is None else worker
+        epoch = logins.epoch
+        sessions: dict[TokenRef, tuple[TokenRef, Guarded]] = {}
 
-        def session_for(ref: KeyRef) -> Any:
+        def session_for(ref: KeyRef) -> tuple[KeyRef, Guarded, Guard]:
             if ref.token not in sessions:
-                sessions[ref.token] = logins.open_session(ref.token)
-            return sessions[ref.token]
+                sessions[ref.token] = _open_member(source.members(ref.token), logins, number)
+            member, guarded = sessions[ref.token]
+            return replace(ref, token=member), guarded, _guard(logins, member, guarded)
 
+        # Key lookups run under the module's gate too: never inside a re-initialisation.
         try:
-            ca_key = signing_key(
-                session_for(source.ca_key), source.ca_key, source.ca_cert.public_key()
-            )
+            ca_ref, g, guard = session_for(source.ca_key)
+            with g.in_use():
+                ca_key = signing_key(g.session, ca_ref, source.ca_cert.public_key(), guard)
             ra_public = _rsa_public(source.ra_sign_cert, "RA signing")
-            ra_sign = signing_key(session_for(source.ra_sign_key), source.ra_sign_key, ra_public)
+            ra_ref, g, guard = session_for(source.ra_sign_key)
+            with g.in_use():
+                ra_sign = signing_key(g.session, ra_ref, ra_public, guard)
             assert isinstance(ra_sign, ExternalRsaKey)
-            decrypt_keys = [
-                (
-                    CertId.of(cert.public_bytes(Encoding.DER)),
-                    decryption_key(session_for(ref), ref, _rsa_public(cert, "RA decryption")),
-                )
-                for ref, cert in source.decrypt
-            ]
-            previous_signers = [
-                (
-                    CertId.of(cert.public_bytes(Encoding.DER)),
-                    _ra_signer(session_for(ref), ref, cert),
-                )
-                for ref, cert in source.previous_signers
-            ]
+            decrypt_keys = []
+            for ref, cert in source.decrypt:
+                member_ref, g, guard = session_for(ref)
+                with g.in_use():
+                    public = _rsa_public(cert, "RA decryption")
+                    key = decryption_key(g.session, member_ref, public, guard)
+                decrypt_keys.append((CertId.of(cert.public_bytes(Encoding.DER)), key))
+            previous_signers = []
+            for ref, cert in source.previous_signers:
+                member_ref, g, guard = session_for(ref)
+                with g.in_use():
+                    signer = _ra_signer(g.session, member_ref, cert, guard)
+                previous_signers.append((CertId.of(cert.public_bytes(Encoding.DER)), signer))
         except BaseException:
-            close_sessions(list(sessions.values()))
+            close_sessions([g for _, g in sessions.values()])
             raise
         return cls(
             ca_key,
             ResponseSigner.of(source.ra_sign_cert, ra_sign),
             decrypt_keys,
-            list(sessions.values()),
+            [g for _, g in sessions.values()],
+            logins,
+            epoch,
             previous_signers,
         )
+
+    def stale(self) -> bool:
+        """A token went away or came back since this keyring opened: reopen to rebalance."""
+        return self.logins is not None and self.logins.epoch != self.epoch
 
     def check_certificates(self) -> None:
         """Refuse to start when a certificate does not belong to its HSM key."""
@@ -108,6 +135,20 @@ class Keyring:
         except (InvalidSignature, ValueError, MessageError) as exc:
             raise ConfigError(f"a certificate does not match its HSM key: {exc}") from None
 
+    def latency(self, samples: int = 16) -> tuple[float, float]:
+        """(CPU seconds, seconds waited) of one private-key operation in this thread: the
+        median CPU, and the least wait (the one least disturbed by other threads)."""
+        probe = os.urandom(32)
+        cpu: list[float] = []
+        wait: list[float] = []
+        for _ in range(samples):
+            wall0, cpu0 = time.perf_counter(), time.thread_time()
+            self.response_signer.key.sign(probe, padding.PKCS1v15(), SHA256())
+            spent = time.thread_time() - cpu0
+            cpu.append(spent)
+            wait.append(max(0.0, time.perf_counter() - wall0 - spent))
+        return sorted(cpu)[len(cpu) // 2], min(wait)
+
     def close(self) -> None:
         close_sessions(self.sessions)
         self.sessions.clear()
@@ -125,15 +166,54 @@ def _check_rsa_signature(key: ExternalRsaKey, probe: bytes) -> None:
     key.public_key().verify(signature, probe, padding.PKCS1v15(), SHA256())
 
 
-def close_sessions(sessions: list[Any]) -> None:
-    for session in sessions:
+def _open_member(
+    members: list[TokenRef], logins: TokenLogin, number: int
+) -> tuple[TokenRef, Guarded]:
+    """A session on the first healthy member, starting at `number mod len(members)`."""
+    start = number % len(members)
+    order = members[start:] + members[:start]
+    # Members known to be down go last: their probe is left to TokenLogin's own timing.
+    order.sort(key=logins.is_down)
+    error: HsmError | None = None
+    for member in order:
         try:
-            session.close()
+            return member, logins.open_guarded(member)
+        except HsmUnavailable as exc:
+            error = exc
+    assert error is not None
+    raise error
+
+
+def _guard(logins: TokenLogin, token: TokenRef, guarded: Guarded) -> Guard:
+    module, generation = guarded.module, guarded.generation
+
+    def guard(call: Callable[[], bytes]) -> bytes:
+        try:
+            module.enter(generation)  # not a context manager: three of these per enrollment
+            try:
+                return call()
+            finally:
+                module.leave()
+        except HsmUnavailable as exc:
+            # Outside the gate: recovery may re-initialise the module, which waits for it.
+            logins.lost(token, guarded.generation, exc)
+            raise
+
+    return guard
+
+
+def close_sessions(sessions: list[Guarded]) -> None:
+    for guarded in sessions:
+        try:
+            # Only sessions of the current generation: after a re-initialisation the old
+            # handle may name another thread's new session.
+            with guarded.in_use():
+                guarded.session.close()
         except Exception:  # a dead session has nothing left to close
             pass
 
 
-def _ra_signer(session: Any, ref: KeyRef, cert: x509.Certificate) -> ResponseSigner:
-    key = signing_key(session, ref, _rsa_public(cert, "previous RA"))
+def _ra_signer(session: Any, ref: KeyRef, cert: x509.Certificate, guard: Guard) -> ResponseSigner:
+    key = signing_key(session, ref, _rsa_public(cert, "previous RA"), guard)
     assert isinstance(key, ExternalRsaKey)
     return ResponseSigner.of(cert, key)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import queue
 import threading
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Generic, TypeVar, cast
 
-from hsmscep.errors import HsmBusy, HsmError
+from hsmscep.errors import HsmBusy, HsmError, HsmUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ C = TypeVar("C", covariant=True)  # a pool of Keyrings serves jobs that want any
 T = TypeVar("T")
 
 _STOP = object()
+JOB_TIMEOUT = 30.0  # seconds a caller waits for its job before answering 503
 
 # How a deferred job reports its result: finish(result, None) or finish(None, error), once.
 Finish = Callable[[Any, BaseException | None], None]
@@ -51,11 +53,14 @@ class SigningPool(Generic[C]):
         size: int,
         max_pending: int,
         close_context: Callable[[C], None] | None = None,
+        stale: Callable[[C], bool] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("pool size must be at least 1")
         self._open_context = open_context
         self._close_context = close_context
+        self.job_timeout = JOB_TIMEOUT
+        self._stale = stale  # a context to reopen before its next job (tokens changed)
         self._size = size
         self._max_pending = max_pending
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -97,9 +102,26 @@ class SigningPool(Generic[C]):
 
     async def start(self) -> None:
         """Start the threads and wait until every one has opened its context."""
+        errors = await self._spawn(range(self._size))
+        if errors:
+            await self.aclose()
+            raise errors[0]
+
+    async def grow(self, size: int) -> None:
+        """Add threads up to `size` (the default size, once the HSM's latency is known); a
+        thread that cannot open its context is logged and left out."""
+        added = range(len(self._threads), size)
+        errors = await self._spawn(added)
+        self._size = len(self._threads) - len(errors)
+        if errors:
+            log.warning(
+                "%d of %d added signing threads failed: %s", len(errors), len(added), errors[0]
+            )
+
+    async def _spawn(self, indices: range) -> list[BaseException]:
         loop = asyncio.get_running_loop()
         ready: list[asyncio.Future[None]] = []
-        for index in range(self._size):
+        for index in indices:
             fut: asyncio.Future[None] = loop.create_future()
             thread = threading.Thread(
                 target=self._work, args=(loop, fut), name=f"hsm-worker-{index}", daemon=True
@@ -108,26 +130,27 @@ class SigningPool(Generic[C]):
             self._threads.append(thread)
             ready.append(fut)
         results = await asyncio.gather(*ready, return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            await self.aclose()
-            raise errors[0]
+        return [r for r in results if isinstance(r, BaseException)]
 
     async def run(self, job: Callable[[C], T]) -> T:
         """Run `job(context)` on a worker thread; raise HsmBusy when the pool is saturated."""
         if self._closed:
             raise HsmError("signing pool is shut down")
-        if self._pending >= self._max_pending:
+        # working(): jobs a caller gave up on (timed out) still hold a thread or a queue slot.
+        if self._pending >= self._max_pending or self.working() >= self._max_pending:
             raise HsmBusy("signing queue full")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         self._pending += 1
         self._idle.clear()
+        # A hung HSM call (a link that drops packets) must not hold the request forever.
+        expiry = loop.call_later(self.job_timeout, _expire, fut, self.job_timeout)
         try:
             self._handed_out += 1
             self._queue.put((fut, job))
             return await fut
         finally:
+            expiry.cancel()
             self._pending -= 1
             if not self._pending:
                 self._idle.set()
@@ -160,23 +183,7 @@ class SigningPool(Generic[C]):
             if item is _STOP:
                 break
             fut, job = cast(tuple[asyncio.Future[object], Callable[[C], object]], item)
-            error: BaseException | None
-            result: object
-            if context is None:
-                context = self._reopen()
-            if context is None:
-                result, error = None, HsmError("HSM session unavailable")
-            else:
-                try:
-                    result, error = job(context), None
-                except HsmError as exc:
-                    # The session may be dead (device removed, token logged out): drop it and
-                    # reopen before the next job instead of failing every request after this.
-                    result, error = None, exc
-                    self._discard(context)
-                    context = None
-                except BaseException as exc:
-                    result, error = None, exc
+            context, result, error = self._run_job(context, job)
             with self._count_lock:
                 self._returned += 1
             if isinstance(result, Deferred):
@@ -190,6 +197,34 @@ class SigningPool(Generic[C]):
                 hook()
         if context is not None:
             self._discard(context)
+
+    def _run_job(
+        self, context: C | None, job: Callable[[C], object]
+    ) -> tuple[C | None, object, BaseException | None]:
+        """Run `job`, reopening a missing or stale context first; the new context back."""
+        if context is not None and self._stale is not None and self._stale(context):
+            self._discard(context)
+            context = None
+        for attempt in range(2):
+            if context is None:
+                context, reason = self._reopen()
+                if context is None:
+                    return None, None, reason
+            try:
+                return context, job(context), None
+            except HsmError as exc:
+                # The session may be dead (device removed, token logged out): drop it and
+                # reopen instead of failing every request after this one.
+                self._discard(context)
+                context = None
+                if attempt or not isinstance(exc, HsmUnavailable):
+                    return None, None, exc
+                # The token went away mid-job: one more try on a fresh context (another
+                # replica, or the token logged in again). A job has no effect outside the HSM
+                # until it returns, so running it again issues nothing twice.
+            except BaseException as exc:
+                return context, None, exc
+        raise AssertionError("unreachable")
 
     def _complete(
         self,
@@ -211,12 +246,16 @@ class SigningPool(Generic[C]):
         while self._done:
             _settle(*self._done.popleft())
 
-    def _reopen(self) -> C | None:
+    def _reopen(self) -> tuple[C | None, HsmError]:
         try:
-            return self._open_context()
+            return self._open_context(), HsmUnavailable("HSM session unavailable")
+        except HsmError as exc:
+            # Once per job while the HSM is gone: TokenLogin logs the transitions.
+            log.debug("reopening HSM context failed: %s", exc)
+            return None, exc
         except Exception as exc:
             log.warning("reopening HSM context failed: %s", exc)
-            return None
+            return None, HsmUnavailable(f"HSM session unavailable: {exc}")
 
     def _discard(self, context: object) -> None:
         if self._close_context is not None:
@@ -226,10 +265,32 @@ class SigningPool(Generic[C]):
                 log.debug("closing HSM context failed: %s", exc)
 
 
+def _expire(fut: asyncio.Future[Any], seconds: float) -> None:
+    if not fut.done():
+        # The job may still finish on its thread: _settle then finds the future done.
+        fut.set_exception(HsmUnavailable(f"the HSM did not answer within {seconds:g} s"))
+
+
 def _settle(fut: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
-    if fut.cancelled():
+    if fut.done():  # cancelled, or expired
         return
     if error is not None:
         fut.set_exception(error)
     else:
         fut.set_result(result)  # type: ignore[arg-type]
+
+
+def latency_hiding_size(
+    base: int, cpu_op: float, wait_op: float, *, cap: int, outside: float = 0.001
+) -> int:
+    """Signing threads per process that keep the CPU busy while operations wait on the HSM.
+
+    `base` threads keep the cores busy when an operation is all CPU (SoftHSM2). A job costs
+    about three operations' CPU plus `outside` (HTTP, CMS, the store hand-off) and waits three
+    round trips, so by Little's law base * (cpu + wait) / cpu threads keep the same CPU busy;
+    twice that absorbs the spread of round trips. Capped at `cap` (sessions are finite).
+    """
+    if wait_op < 0.5 * cpu_op:
+        return base  # a local token: more threads only contend for the GIL
+    job_cpu = 3 * cpu_op + outside
+    return min(max(cap, base), max(base, math.ceil(2 * base * (job_cpu + 3 * wait_op) / job_cpu)))

@@ -64,6 +64,12 @@ class SoftKeyring:
     def check_certificates(self) -> None:
         """Nothing to check: every key was looked up by its certificate's public key."""
 
+    def stale(self) -> bool:
+        return False
+
+    def latency(self) -> tuple[float, float]:
+        return 0.001, 0.0  # software keys: all CPU, no round trip
+
     def close(self) -> None:
         """Nothing to close: no sessions."""
 
@@ -86,6 +92,10 @@ class SoftKeys:
     async def open(self, source: CertSource) -> AsyncIterator[Callable[[], SoftKeyring]]:
         """The KeyBackend method: while open, each worker calls the factory on its thread."""
         yield lambda: self.keyring(source)
+
+    def readiness(self) -> list[dict[str, object]]:
+        """The KeyBackend method: software keys have no token that could go away."""
+        return []
 
     def keyring(self, source: CertSource) -> SoftKeyring:
         """The keys for `source`; KeyError names a certificate we hold no key for."""

@@ -10,14 +10,14 @@ import os
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from hsmscep import logs
 from hsmscep.config.settings import Settings, load_settings
 from hsmscep.policy import crl
 from hsmscep.web import admin, scep
-from hsmscep.web.errors import EXCEPTION_HANDLERS
+from hsmscep.web.errors import EXCEPTION_HANDLERS, RETRY_AFTER
 from hsmscep.web.lifespan import KeyBackend, Pkcs11Keys, lifespan
 
 _ALL_METHODS = ["GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"]
@@ -33,6 +33,7 @@ def create_app(settings: Settings, keys: KeyBackend | None = None) -> Starlette:
         Route("/scep/{suffix:path}", scep.scep_endpoint, methods=_ALL_METHODS),
         Route("/cgi-bin/pkiclient.exe", scep.scep_endpoint, methods=_ALL_METHODS),
         Route("/healthz", health, methods=["GET"]),
+        Route("/readyz", ready, methods=["GET"]),
         Route(crl.CRL_PATH, scep.crl_endpoint, methods=["GET", "HEAD"]),
         Route(crl.CA_CERT_PATH, scep.ca_cert_endpoint, methods=["GET", "HEAD"]),
         Route("/ca-cross.crt", scep.cross_cert_endpoint, methods=["GET", "HEAD"]),
@@ -61,3 +62,12 @@ def app_from_env() -> Starlette:
 
 async def health(request: Request) -> Response:
     return PlainTextResponse("ok\n")
+
+
+async def ready(request: Request) -> Response:
+    """200 while this process can sign: each key's token (or one of its replicas) is logged
+    in and answering; else 503. Lists every token this process uses and its state."""
+    tokens = request.state.readiness()
+    ok = all(t["group_ready"] for t in tokens)
+    body = {"ready": ok, "tokens": tokens}
+    return JSONResponse(body, status_code=200 if ok else 503, headers=None if ok else RETRY_AFTER)

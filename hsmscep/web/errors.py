@@ -17,6 +17,7 @@ from starlette.types import ExceptionHandler
 from hsmscep.errors import (
     HsmBusy,
     HsmError,
+    HsmUnavailable,
     MessageError,
     PayloadTooLarge,
     RequestConflict,
@@ -42,10 +43,20 @@ async def _busy(request: Request, exc: Exception) -> Response:
 
 
 async def _unavailable(request: Request, exc: Exception) -> Response:
-    # An outage fails every request alike: one line per interval, with the count.
-    _outages.log(
-        logging.ERROR, type(exc).__name__, "%s %s failed: %s", request.method, request.url.path, exc
-    )
+    # An outage fails every request alike: one line per interval, with the count. A token
+    # that went away is logged once, when it goes and when it is back (hsm/login.py), not
+    # once per request answered meanwhile.
+    if isinstance(exc, HsmUnavailable):
+        log.debug("%s %s failed: %s", request.method, request.url.path, exc)
+    else:
+        _outages.log(
+            logging.ERROR,
+            type(exc).__name__,
+            "%s %s failed: %s",
+            request.method,
+            request.url.path,
+            exc,
+        )
     return PlainTextResponse("temporarily unavailable\n", status_code=503, headers=RETRY_AFTER)
 
 

@@ -21,8 +21,9 @@ from starlette.applications import Starlette
 from hsmscep.config.settings import Settings
 from hsmscep.errors import ConfigError
 from hsmscep.hsm.keyring import Keyring, KeySource
-from hsmscep.hsm.login import TokenLogin
-from hsmscep.hsm.pool import SigningPool
+from hsmscep.hsm.login import TokenLogin, describe
+from hsmscep.hsm.pool import SigningPool, latency_hiding_size
+from hsmscep.hsm.refs import TokenRef
 from hsmscep.policy.profiles import DEFAULT_CA, Profiles
 from hsmscep.policy.renewal import RenewalPolicy
 from hsmscep.service.ports import KeySet, Store
@@ -33,6 +34,7 @@ from hsmscep.webhook.client import WebhookClient
 
 log = logging.getLogger(__name__)
 
+MAX_SESSIONS = 128  # signing sessions per HSM from all processes of a default-sized server
 Lifespan = Callable[[Starlette], AbstractAsyncContextManager[dict[str, Any]]]
 
 
@@ -45,6 +47,14 @@ class WorkerKeys(KeySet, Protocol):
 
     def close(self) -> None: ...
 
+    def stale(self) -> bool:
+        """True when the keys should be reopened before the next job (a token changed)."""
+        ...
+
+    def latency(self) -> tuple[float, float]:
+        """(CPU seconds, seconds waiting) of one private-key operation."""
+        ...
+
 
 class KeyBackend(Protocol):
     """Where a CA's signing workers get their keys."""
@@ -53,18 +63,43 @@ class KeyBackend(Protocol):
         """While open: a function each worker thread calls to open its own WorkerKeys."""
         ...
 
+    def readiness(self) -> list[dict[str, object]]:
+        """Per token: {"token", "ready", "reason", "group_ready"} (a group: a token and its
+        replicas; the server can sign while every group has a ready member)."""
+        ...
+
 
 class Pkcs11Keys:
     """The production backend: each worker opens its own sessions on the PKCS#11 tokens."""
+
+    def __init__(self) -> None:
+        self._watched: list[tuple[TokenLogin, list[list[TokenRef]]]] = []
 
     @asynccontextmanager
     async def open(self, source: KeySource) -> AsyncIterator[Callable[[], WorkerKeys]]:
         # One login per token and process, kept open while the workers run (architecture.md).
         logins = TokenLogin()
+        keys = [source.ca_key, source.ra_sign_key, *(ref for ref, _ in source.decrypt)]
+        groups = [source.members(t) for t in dict.fromkeys(k.token for k in keys)]
+        watched = (logins, groups)
+        self._watched.append(watched)
         try:
             yield lambda: Keyring.open(source, logins)
         finally:
+            self._watched.remove(watched)
             await asyncio.to_thread(logins.close)
+
+    def readiness(self) -> list[dict[str, object]]:
+        rows: list[dict[str, object]] = []
+        for logins, groups in self._watched:
+            for group in groups:
+                states = [(ref, *logins.state(ref)) for ref in group]
+                usable = any(ok for _, ok, _ in states)
+                rows += [
+                    {"token": describe(ref), "ready": ok, "reason": why, "group_ready": usable}
+                    for ref, ok, why in states
+                ]
+        return rows
 
 
 def lifespan(settings: Settings, keys: KeyBackend) -> Lifespan:
@@ -93,6 +128,7 @@ def lifespan(settings: Settings, keys: KeyBackend) -> Lifespan:
                 "profiles": profiles,
                 "max_body": settings.server.max_body,
                 "admin_token": settings.admin.token,
+                "readiness": keys.readiness,
             }
 
     return run
@@ -149,26 +185,29 @@ async def _running_service(
             *previous_ra,
         ],
         previous_signers=previous_ra,
+        replicas={settings.pkcs11.token: settings.pkcs11.replicas},
     )
     # SoftHSM2 is CPU-bound: with one process per core, one session per process keeps every
     # core busy with the least GIL contention (measured in bench/PROFILE.md). Network HSMs
-    # are latency-bound and want pool_size set to ~30.
+    # are latency-bound: the default pool grows once the round trip is measured (below).
     cores = len(affinity.usable_cpus())
-    size = settings.server.pool_size or max(
-        1, cores // affinity.worker_processes(settings.server.workers)
-    )
+    processes = affinity.worker_processes(settings.server.workers)
+    size = settings.server.pool_size or max(1, cores // processes)
     async with keys.open(source) as open_keys:
         pool: SigningPool[WorkerKeys] = SigningPool(
             open_keys,
             size=size,
             max_pending=settings.server.max_pending,
             close_context=lambda worker_keys: worker_keys.close(),
+            stale=lambda worker_keys: worker_keys.stale(),
         )
         # Typed as the port: mypy proves here that the SQLite backend implements it.
         store: Store | None = None
         try:
             await pool.start()
             await pool.run(lambda worker_keys: worker_keys.check_certificates())
+            if not settings.server.pool_size:
+                await _hide_latency(pool, size, processes, settings.server.max_pending)
             store = await _open_store(settings)
             ra_certs = [ra_sign] if ra_decrypt == ra_sign else [ra_sign, ra_decrypt]
             service = ScepService(
@@ -212,6 +251,35 @@ async def _open_store(settings: Settings) -> Store:
         synchronous=settings.store.synchronous,
         linger=settings.store.commit_linger_ms / 1000,
     )
+
+
+async def _hide_latency(
+    pool: SigningPool[WorkerKeys], base: int, processes: int, max_pending: int
+) -> None:
+    """Grow the default pool so that HSM round trips do not leave the CPU idle."""
+    cpu_op, wait_op = await pool.run(lambda worker_keys: worker_keys.latency())
+    # At most 128 sessions per HSM from all processes together, and never more threads
+    # than jobs admitted.
+    cap = min(max_pending, max(base, MAX_SESSIONS // processes))
+    wanted = latency_hiding_size(base, cpu_op, wait_op, cap=cap)
+    log.info(
+        "HSM operation: %.2f ms CPU, %.2f ms waiting; %d signing threads",
+        cpu_op * 1000,
+        wait_op * 1000,
+        wanted,
+    )
+    if wanted > base:
+        await pool.grow(wanted)
+
+
+def settings_tokens(settings: Settings) -> list[TokenRef]:
+    """Every token a server of `settings` logs in to, each once."""
+    refs: list[TokenRef] = []
+    for name in settings.ca_names:
+        ca = settings.for_ca(name)
+        keys = [ca.ca.key, ca.ra.key, ca.ra_decrypt.key, *(k for k, _ in ca.rollover.previous_ra)]
+        refs += [key.token for key in keys]
+    return list(dict.fromkeys(refs))
 
 
 def _load_cert(path: Path, key: str, init: str = "hsmscep init") -> x509.Certificate:

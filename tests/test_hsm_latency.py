@@ -1,0 +1,59 @@
+"""The default signing pool hides HSM round trips: its size follows the measured latency of
+a private-key operation (Little's law); pool_size overrides it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hsmscep.hsm.pool import latency_hiding_size
+from hsmscep.web import affinity
+from tests.conftest import DevCa, Server, start_server
+from tests.hsmfaults import build_shim, copy_ca
+
+pytestmark = pytest.mark.hsm
+
+
+@pytest.fixture(scope="session")
+def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_shim(tmp_path_factory)
+
+
+def test_a_local_token_keeps_the_core_sized_pool() -> None:
+    assert latency_hiding_size(1, cpu_op=0.0004, wait_op=0.00002, cap=64) == 1
+    assert latency_hiding_size(2, cpu_op=0.0004, wait_op=0.00009, cap=64) == 2
+
+
+def test_round_trips_grow_the_pool_by_littles_law_up_to_the_cap() -> None:
+    two_ms = latency_hiding_size(1, cpu_op=0.0004, wait_op=0.002, cap=64)
+    five_ms = latency_hiding_size(1, cpu_op=0.0004, wait_op=0.005, cap=64)
+    assert 6 <= two_ms < five_ms <= 64
+    # A network HSM: almost no CPU per operation, the cap bounds sessions and memory.
+    assert latency_hiding_size(1, cpu_op=0.00002, wait_op=0.05, cap=40) == 40
+    assert latency_hiding_size(8, cpu_op=0.0004, wait_op=0.002, cap=4) == 8  # never below base
+
+
+def test_a_server_on_a_slow_hsm_starts_more_signing_threads(
+    dev_ca: DevCa, shim: Path, tmp_path: Path
+) -> None:
+    ca = copy_ca(dev_ca, tmp_path / "ca", str(shim))
+    env = {"P11SHIM_MODULE": dev_ca.token.module, "P11SHIM_DELAY_US": "3000"}
+    server = start_server(ca, env, args=("--workers", "1"))
+    try:
+        assert httpx.get(f"{server.url}/readyz", timeout=10).json()["ready"] is True
+    finally:
+        server.stop()
+    found = re.search(r"ms waiting; (\d+) signing threads", server.output())
+    assert found, server.output()
+    base = len(affinity.usable_cpus())  # the core-sized pool of one process
+    assert int(found.group(1)) >= 2 * base, server.output()
+
+
+def test_softhsm_keeps_the_core_sized_pool(server: Server) -> None:
+    """Nothing changes for SoftHSM2 users: all CPU, no round trip, no extra threads."""
+    found = re.search(r"ms waiting; (\d+) signing threads", server.output())
+    assert found, server.output()
+    assert int(found.group(1)) == len(affinity.usable_cpus())  # one process: cores threads
