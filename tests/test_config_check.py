@@ -1,7 +1,10 @@
-"""Unknown keys and HSMSCEP_* variables are refused with the closest known name."""
+"""Unknown keys and HSMSCEP_* variables are refused with the closest known name, and
+`hsmscep config check` validates everything and prints the configuration without secrets."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ import pytest
 from hsmscep.config.settings import RUNTIME_VARIABLES, SECTION_KEYS, load_settings
 from hsmscep.errors import ConfigError
 from hsmscep.web import affinity, balance
+from tests.conftest import DevCa
 
 BASE = {
     "server": 'port = 8080\nhost = "127.0.0.1"',
@@ -135,3 +139,38 @@ def test_a_bad_log_level_is_a_config_error(tmp_path: Path) -> None:
     config.write_text(config.read_text().replace('level = "INFO"', 'level = "INFOO"'))
     with pytest.raises(ConfigError, match=r"log.level has value 'INFOO'.*did you mean INFO\?"):
         load_settings(config, ENV)
+
+
+def check(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hsmscep", "config", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_config_check_prints_the_effective_configuration_without_secrets(dev_ca: DevCa) -> None:
+    result = check(dev_ca.config)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "ca.key.label = 'hsmscep-ca'" in out
+    assert f"store.path = {dev_ca.directory / 'hsmscep.db'}" in out
+    assert "# ok: token label 'hsmscep-test'" in out and "CA key label='hsmscep-ca': found" in out
+    assert "pkcs11.token.pin = (set)" in out and "enroll.challenge = (set)" in out
+    pin = (dev_ca.directory / "pin").read_text().strip()
+    assert pin not in out and dev_ca.challenge not in out
+
+
+def test_config_check_fails_on_a_missing_key(dev_ca: DevCa, tmp_path: Path) -> None:
+    config = tmp_path / "hsmscep.toml"
+    for name in ("pin", "challenge", "ca.pem", "ra.pem"):
+        (tmp_path / name).write_bytes((dev_ca.directory / name).read_bytes())
+    config.write_text(dev_ca.config.read_text().replace('"hsmscep-ra"', '"no-such-ra"', 1))
+    result = check(config)
+    assert result.returncode == 3
+    assert (
+        result.stderr.strip().splitlines() == [result.stderr.strip()]
+        and "RA key label='no-such-ra'" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
