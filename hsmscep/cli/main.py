@@ -114,7 +114,15 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument(
         "--csr", type=Path, help="write a CA CSR for an external root instead of self-signing"
     )
-    init.add_argument("--force", action="store_true", help="destroy and replace existing keys")
+    init.add_argument(
+        "--force", action="store_true", help="destroy and replace existing keys (asks first)"
+    )
+    init.add_argument("--yes", action="store_true", help="confirm --force without asking")
+    init.add_argument(
+        "--resume",
+        action="store_true",
+        help="after a failed init: keep the keys and certificates made, finish the rest",
+    )
     init.set_defaults(command="bootstrap:init_command")
 
     imp = sub.add_parser("import-ca", help="install an externally signed CA certificate")
@@ -188,7 +196,11 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--validity-days", type=int, default=3650, help="next CA validity")
     prepare.add_argument("--ra-validity-days", type=int, default=730)
     prepare.add_argument(
-        "--force", action="store_true", help="replace leftover keys with the next labels"
+        "--force", action="store_true", help="replace leftover keys with the next labels (asks)"
+    )
+    prepare.add_argument("--yes", action="store_true", help="confirm --force without asking")
+    prepare.add_argument(
+        "--resume", action="store_true", help="after a failed prepare: keep the next keys made"
     )
     prepare.add_argument(
         "--csr", type=Path, help="external root: write the next CA's CSR instead of self-signing"

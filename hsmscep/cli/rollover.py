@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,7 @@ from hsmscep.cli.certificates import (
     write_ca_csr,
     write_file,
 )
+from hsmscep.cli.steps import Confirm, Steps, confirm_destroy, flag, not_confirmed, refuse
 from hsmscep.config.rollover import Generation, record_activated, record_awaiting, record_next
 from hsmscep.config.settings import Settings, load_settings
 from hsmscep.errors import ConfigError
@@ -47,18 +49,30 @@ class RolloverOptions:
     ra_validity_days: int = 730
     force: bool = False  # replace leftover keys with the next generation's labels
     csr_out: Path | None = None  # external root: write the next CA's CSR instead of self-signing
+    confirm: Confirm = refuse  # asked before --force destroys leftover keys, with their labels
+    resume: bool = False  # keep leftover next keys (a failed prepare made them)
 
 
-def rollover_prepare(settings: Settings, options: RolloverOptions) -> list[str]:
+def rollover_prepare(
+    settings: Settings, options: RolloverOptions, progress: Callable[[str], None] | None = None
+) -> list[str]:
     """Generate the next CA and RA keys in the token, a new self-signed root, its RA
     certificate and the NewWithOld cross certificate (the new root certified by the current
-    one, signed by the current CA key), and record them as `next` in the rollover state file."""
+    one, signed by the current CA key), and record them as `next` in the rollover state file.
+    Each step also goes to `progress` as soon as it is done."""
+    done: list[str] = []
+
+    def step(line: str) -> None:
+        done.append(line)
+        if progress is not None:
+            progress(line)
+
     state_path = settings.rollover.path
     if settings.rollover.next is not None:
         raise ConfigError(
             f"a next CA is already prepared in {state_path}; run `hsmscep rollover activate`"
         )
-    if settings.rollover.awaiting_cert is not None and not options.force:
+    if settings.rollover.awaiting_cert is not None and not (options.force or options.resume):
         raise ConfigError(
             f"a next CA key awaits its certificate ({state_path}); run `hsmscep rollover "
             "import-ca`, or prepare again with --force"
@@ -88,31 +102,43 @@ def rollover_prepare(settings: Settings, options: RolloverOptions) -> list[str]:
         )
     except ValueError as exc:
         raise ConfigError(f"--subject {options.subject!r}: {exc}") from None
-    done: list[str] = []
     logins = TokenLogin()
     try:
         existing = [
             ref for ref in (next_ca, next_ra) if private_key_exists(open_rw(logins, ref), ref)
         ]
-        if existing and not options.force:
-            names = ", ".join(ref.describe() for ref in existing)
-            raise ConfigError(f"keys already exist in the token ({names}); pass --force")
-        for ref in existing:
-            destroy_key(open_rw(logins, ref), ref)
-            done.append(f"destroyed leftover key {ref.describe()}")
-        generate_key(open_rw(logins, next_ca), next_ca, ca_spec, usage="sign")
-        done.append(f"generated next CA key {next_ca.describe()} ({ca_spec})")
+        labels = [ref.describe() for ref in existing]
+        if existing and options.resume:
+            step(f"kept leftover next keys {', '.join(labels)}")
+        elif existing and not options.force:
+            raise ConfigError(
+                f"keys already exist in the token ({', '.join(labels)}); pass --resume to keep"
+                " them, or --force to destroy and replace them"
+            )
+        elif existing:
+            if not options.confirm(labels):
+                raise not_confirmed(labels)
+            for ref in existing:
+                destroy_key(open_rw(logins, ref), ref)
+                step(f"destroyed leftover key {ref.describe()}")
+            existing = []
+        if next_ca not in existing:
+            generate_key(open_rw(logins, next_ca), next_ca, ca_spec, usage="sign")
+            step(f"generated next CA key {next_ca.describe()} ({ca_spec})")
         ra_spec: KeySpec = f"rsa{ra_bits}"  # type: ignore[assignment]
-        generate_key(open_rw(logins, next_ra), next_ra, ra_spec, usage="both")
-        done.append(f"generated next RA key {next_ra.describe()} ({ra_spec})")
+        if next_ra not in existing:
+            generate_key(open_rw(logins, next_ra), next_ra, ra_spec, usage="both")
+            step(f"generated next RA key {next_ra.describe()} ({ra_spec})")
         ca_key = signing_key(logins, next_ca)
         entry = Generation(next_ca, ca_path, next_ra, ra_path)
         if options.csr_out is not None:
             write_ca_csr(subject, ca_key, options.csr_out)
+            step(f"wrote the next CA's CSR to {options.csr_out}")
             record_awaiting(settings.rollover, entry)
-            done.append(
-                f"wrote the next CA's CSR to {options.csr_out}; have the root sign it, then run "
-                "`hsmscep rollover import-ca --cert FILE [--chain FILE]`"
+            step(
+                f"recorded generation {generation} as awaiting its certificate in {state_path};"
+                " have the root sign the CSR, then run"
+                " `hsmscep rollover import-ca --cert FILE [--chain FILE]`"
             )
             return done
         ca_cert = ca_certificate(subject, ca_key, datetime.now(UTC), options.validity_days)
@@ -131,11 +157,11 @@ def rollover_prepare(settings: Settings, options: RolloverOptions) -> list[str]:
     cross_path = base / f"cross-g{generation}.pem"
     write_file(ca_path, ca_cert.public_bytes(Encoding.PEM))
     write_file(ra_path, ra_cert.public_bytes(Encoding.PEM))
+    step(f"wrote next CA certificate to {ca_path} and next RA certificate to {ra_path}")
     write_file(cross_path, cross.public_bytes(Encoding.PEM))
-    done.append(f"wrote next CA certificate to {ca_path} and next RA certificate to {ra_path}")
-    done.append(f"wrote the next CA certified by the current CA (NewWithOld) to {cross_path}")
+    step(f"wrote the next CA certified by the current CA (NewWithOld) to {cross_path}")
     record_next(settings.rollover, replace(entry, cross_cert=cross_path))
-    done.append(_prepared(state_path, generation))
+    step(_prepared(state_path, generation))
     return done
 
 
@@ -225,17 +251,38 @@ def prepare_command(args: argparse.Namespace) -> int:
         ra_validity_days=args.ra_validity_days,
         force=args.force,
         csr_out=args.csr,
+        confirm=confirm_destroy(args.yes),
+        resume=args.resume,
     )
-    for line in rollover_prepare(load_settings(args.config), options):
-        print(line)
+    resume = [
+        *("hsmscep", "rollover", "prepare", "--config", args.config),
+        *flag("--ca-key", args.ca_key),
+        *flag("--ra-key-size", args.ra_key_size),
+        *flag("--subject", args.subject),
+        *flag("--validity-days", args.validity_days),
+        *flag("--ra-validity-days", args.ra_validity_days),
+        *flag("--csr", args.csr),
+        "--resume",
+    ]
+    steps = Steps()
+    with steps.resumable(resume):
+        rollover_prepare(load_settings(args.config), options, steps)
     return 0
 
 
 def import_ca_command(args: argparse.Namespace) -> int:
     """`hsmscep rollover import-ca`."""
     settings = load_settings(args.config)
-    for line in rollover_import_ca(settings, args.cert, args.chain, args.ra_validity_days):
-        print(line)
+    command = [
+        *("hsmscep", "rollover", "import-ca", "--config", args.config),
+        *flag("--cert", args.cert),
+        *flag("--chain", args.chain),
+        *flag("--ra-validity-days", args.ra_validity_days),
+    ]
+    steps = Steps()
+    with steps.resumable(command):  # the same command resumes: the state is written last
+        for line in rollover_import_ca(settings, args.cert, args.chain, args.ra_validity_days):
+            steps(line)
     return 0
 
 
