@@ -174,3 +174,10 @@ def test_config_check_fails_on_a_missing_key(dev_ca: DevCa, tmp_path: Path) -> N
         and "RA key label='no-such-ra'" in result.stderr
     )
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("section", "key"), [("pkcs11", "pin"), ("admin", "token")])
+def test_an_inline_secret_says_where_it_goes(tmp_path: Path, section: str, key: str) -> None:
+    config = write_config(tmp_path, {section: f'{key} = "12345678901234567890"'})
+    with pytest.raises(ConfigError, match=rf"{section}.{key} must not be written.*{key}_env"):
+        load_settings(config, ENV)

@@ -155,6 +155,8 @@ class Reader:
     def check_keys(self, section: str, known: Collection[str], what: str = "") -> None:
         """Refuse a key of [section] that is not in `known` (`what`: a note for the message)."""
         for key in self.table(section):
+            if key not in known and {f"{key}_env", f"{key}_file"} <= set(known):
+                self.secret(section, key, "")  # an inline secret: says where it goes instead
             if key not in known:
                 hint = did_you_mean(key, known, f"{section}.{{}}")
                 raise ConfigError(f"{section}.{key}: unknown key{what} in {self.path}{hint}")
