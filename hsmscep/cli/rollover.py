@@ -166,11 +166,21 @@ def rollover_prepare(
 
 
 def rollover_import_ca(
-    settings: Settings, cert_path: Path, chain_path: Path | None, ra_days: int
+    settings: Settings,
+    cert_path: Path,
+    chain_path: Path | None,
+    ra_days: int,
+    progress: Callable[[str], None] = lambda line: None,
 ) -> list[str]:
     """Install the externally signed next CA certificate (checked against the next CA key in
     the token) and its chain, issue the next RA certificate, and record the generation as
     `next`: like `import-ca`, for the generation `rollover prepare --csr` made."""
+    done: list[str] = []
+
+    def step(line: str) -> None:
+        done.append(line)
+        progress(line)
+
     state_path = settings.rollover.path
     awaiting = settings.rollover.awaiting_cert
     if awaiting is None:
@@ -181,22 +191,23 @@ def rollover_import_ca(
     logins = TokenLogin()
     try:
         check_certifies(logins, awaiting.ca_key, cert, cert_path, chain, chain_path)
+        step(f"checked: {cert_path} certifies the next CA key {awaiting.ca_key.describe()}")
         ca_key = signing_key(logins, awaiting.ca_key)
         ra_public = public_key_of(open_rw(logins, awaiting.ra_key), awaiting.ra_key)
         ra_cert = ra_certificate(ca_key, cert, ra_public, "both", ra_days)
     finally:
         logins.close()
     write_file(awaiting.ca_cert, cert.public_bytes(Encoding.PEM))
+    step(f"installed next CA certificate {cert.subject.rfc4514_string()} to {awaiting.ca_cert}")
     write_file(awaiting.ra_cert, ra_cert.public_bytes(Encoding.PEM))
-    done = [f"installed next CA certificate {cert.subject.rfc4514_string()} to {awaiting.ca_cert}"]
+    step(f"wrote next RA certificate to {awaiting.ra_cert}")
     if chain:
         chain_file = base / f"chain-g{generation}.pem"
         write_file(chain_file, b"".join(c.public_bytes(Encoding.PEM) for c in chain))
         awaiting = replace(awaiting, ca_chain=chain_file)
-        done.append(f"installed a chain of {len(chain)} certificate(s) to {chain_file}")
-    done.append(f"wrote next RA certificate to {awaiting.ra_cert}")
+        step(f"installed a chain of {len(chain)} certificate(s) to {chain_file}")
     record_next(settings.rollover, awaiting)
-    done.append(_prepared(state_path, generation))
+    step(_prepared(state_path, generation))
     return done
 
 
@@ -281,8 +292,7 @@ def import_ca_command(args: argparse.Namespace) -> int:
     ]
     steps = Steps()
     with steps.resumable(command):  # the same command resumes: the state is written last
-        for line in rollover_import_ca(settings, args.cert, args.chain, args.ra_validity_days):
-            steps(line)
+        rollover_import_ca(settings, args.cert, args.chain, args.ra_validity_days, steps)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,9 @@ def run_server(config: str, settings: Settings) -> int:
     from hsmscep.web.httpproto import BoundedHttpToolsProtocol
 
     logs.configure(settings.log.level)
+    # Until the supervisor takes SIGHUP over, it must not kill the server (nor, inherited as
+    # "ignored", the workers: they leave SIGHUP to the supervisor).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     preflight(settings)
     log.info("pre-flight passed: configuration, files, store, tokens and keys, port")
     os.environ["HSMSCEP_CONFIG"] = config
