@@ -191,3 +191,28 @@ def test_a_worker_failing_after_pre_flight_stops_the_server(
         "hsmscep: a worker process failed to start; its log is above"
     )
     assert "schema version 999 is newer" in result.stderr
+
+
+SPY = Path("/usr/lib/x86_64-linux-gnu/pkcs11-spy.so")  # OpenSC's logging pass-through module
+
+
+@pytest.mark.parametrize(
+    "command", [("serve", "--workers", "1"), ("serve", "--workers", "2"), ("config", "check")]
+)
+def test_a_wrong_pin_is_tried_exactly_once(
+    startup_ca: DevCa, tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    if not SPY.is_file():
+        pytest.skip(f"{SPY} is absent (apt-get install opensc)")
+    module = startup_ca.token.module
+    config = variant(startup_ca, tmp_path, {f'"{module}"': f'"{SPY}"'})
+    (tmp_path / "pin").write_text("not-the-pin\n")
+    calls = tmp_path / "spy.log"
+    args = [sys.executable, "-m", "hsmscep", *command, "--config", str(config)]
+    if command[0] == "serve":
+        args += ["--port", str(free_port())]
+    env = dict(os.environ, PKCS11SPY=module, PKCS11SPY_OUTPUT=str(calls))
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert_one_line(result, 3, "CKR_PIN_INCORRECT")
+    logins = [line for line in calls.read_text().splitlines() if line.endswith(" C_Login")]
+    assert len(logins) == 1, logins
