@@ -181,3 +181,14 @@ def test_an_inline_secret_says_where_it_goes(tmp_path: Path, section: str, key: 
     config = write_config(tmp_path, {section: f'{key} = "12345678901234567890"'})
     with pytest.raises(ConfigError, match=rf"{section}.{key} must not be written.*{key}_env"):
         load_settings(config, ENV)
+
+
+def test_config_check_covers_every_ca(dev_ca: DevCa, tmp_path: Path) -> None:
+    for name in ("pin", "challenge", "ca.pem", "ra.pem"):
+        (tmp_path / name).write_bytes((dev_ca.directory / name).read_bytes())
+    config = tmp_path / "hsmscep.toml"
+    extra = '\n[cas.second]\nkey_label = "second-ca"\nra_key_label = "second-ra"\n'
+    config.write_text(dev_ca.config.read_text() + extra)
+    result = check(config)
+    assert result.returncode == 2
+    assert "cas.second.cert" in result.stderr and "second-ca.pem does not exist" in result.stderr
