@@ -28,7 +28,15 @@ from hsmscep.cli.certificates import (
     write_ca_csr,
     write_file,
 )
-from hsmscep.cli.steps import Confirm, Steps, confirm_destroy, flag, not_confirmed, refuse
+from hsmscep.cli.steps import (
+    Confirm,
+    Steps,
+    confirm_destroy,
+    flag,
+    key_flags,
+    refuse,
+    settle_existing,
+)
 from hsmscep.config.settings import Settings, load_settings
 from hsmscep.errors import ConfigError
 from hsmscep.hsm.login import TokenLogin
@@ -72,21 +80,15 @@ def init(
         existing = [
             ref for ref in _all_keys(settings) if private_key_exists(open_rw(logins, ref), ref)
         ]
-        labels = [ref.describe() for ref in existing]
-        if existing and options.resume:
-            step(f"kept existing keys {', '.join(labels)}")
-        elif existing and not options.force:
-            raise ConfigError(
-                f"keys already exist in the token ({', '.join(labels)}); pass --resume to keep"
-                " them and finish an interrupted init, or --force to destroy and replace them"
-            )
-        elif existing:
-            if not options.confirm(labels):
-                raise not_confirmed(labels)
-            for ref in existing:
-                destroy_key(open_rw(logins, ref), ref)
-                step(f"destroyed old key {ref.describe()}")
-            existing = []
+        existing = settle_existing(
+            existing,
+            resume=options.resume,
+            force=options.force,
+            confirm=options.confirm,
+            destroy=lambda ref: destroy_key(open_rw(logins, ref), ref),
+            step=step,
+            adjective="old",
+        )
         if settings.ca.key not in existing:
             generate_key(
                 open_rw(logins, settings.ca.key), settings.ca.key, options.ca_key, usage="sign"
@@ -197,12 +199,7 @@ def init_command(args: argparse.Namespace) -> int:
     resume = [
         *("hsmscep", "init", "--config", args.config),
         *flag("--ca", args.ca, "default"),
-        *flag("--ca-key", args.ca_key),
-        *flag("--ra-key-size", args.ra_key_size),
-        *flag("--subject", args.subject),
-        *flag("--validity-days", args.validity_days),
-        *flag("--ra-validity-days", args.ra_validity_days),
-        *flag("--csr", args.csr),
+        *key_flags(args),
         "--resume",
     ]
     steps = Steps()

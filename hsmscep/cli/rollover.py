@@ -31,7 +31,15 @@ from hsmscep.cli.certificates import (
     write_ca_csr,
     write_file,
 )
-from hsmscep.cli.steps import Confirm, Steps, confirm_destroy, flag, not_confirmed, refuse
+from hsmscep.cli.steps import (
+    Confirm,
+    Steps,
+    confirm_destroy,
+    flag,
+    key_flags,
+    refuse,
+    settle_existing,
+)
 from hsmscep.config.rollover import Generation, record_activated, record_awaiting, record_next
 from hsmscep.config.settings import Settings, load_settings
 from hsmscep.errors import ConfigError
@@ -107,21 +115,15 @@ def rollover_prepare(
         existing = [
             ref for ref in (next_ca, next_ra) if private_key_exists(open_rw(logins, ref), ref)
         ]
-        labels = [ref.describe() for ref in existing]
-        if existing and options.resume:
-            step(f"kept leftover next keys {', '.join(labels)}")
-        elif existing and not options.force:
-            raise ConfigError(
-                f"keys already exist in the token ({', '.join(labels)}); pass --resume to keep"
-                " them, or --force to destroy and replace them"
-            )
-        elif existing:
-            if not options.confirm(labels):
-                raise not_confirmed(labels)
-            for ref in existing:
-                destroy_key(open_rw(logins, ref), ref)
-                step(f"destroyed leftover key {ref.describe()}")
-            existing = []
+        existing = settle_existing(
+            existing,
+            resume=options.resume,
+            force=options.force,
+            confirm=options.confirm,
+            destroy=lambda ref: destroy_key(open_rw(logins, ref), ref),
+            step=step,
+            adjective="leftover",
+        )
         if next_ca not in existing:
             generate_key(open_rw(logins, next_ca), next_ca, ca_spec, usage="sign")
             step(f"generated next CA key {next_ca.describe()} ({ca_spec})")
@@ -267,12 +269,7 @@ def prepare_command(args: argparse.Namespace) -> int:
     )
     resume = [
         *("hsmscep", "rollover", "prepare", "--config", args.config),
-        *flag("--ca-key", args.ca_key),
-        *flag("--ra-key-size", args.ra_key_size),
-        *flag("--subject", args.subject),
-        *flag("--validity-days", args.validity_days),
-        *flag("--ra-validity-days", args.ra_validity_days),
-        *flag("--csr", args.csr),
+        *key_flags(args),
         "--resume",
     ]
     steps = Steps()

@@ -4,12 +4,14 @@ confirmation before HSM keys are destroyed, and after a failure the command that
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from hsmscep.errors import ConfigError
+from hsmscep.hsm.refs import KeyRef
 
 Confirm = Callable[[list[str]], bool]
 
@@ -41,8 +43,47 @@ def confirm_destroy(yes: bool) -> Confirm:
     return confirm
 
 
-def not_confirmed(labels: list[str]) -> ConfigError:
-    return ConfigError(f"not confirmed: the keys {', '.join(labels)} were left as they are")
+def settle_existing(
+    existing: list[KeyRef],
+    *,
+    resume: bool,
+    force: bool,
+    confirm: Confirm,
+    destroy: Callable[[KeyRef], None],
+    step: Callable[[str], None],
+    adjective: str,
+) -> list[KeyRef]:
+    """Keys already under the labels about to be generated: kept (resume; returned), destroyed
+    (force, once confirmed), or a refusal that changes nothing."""
+    if not existing:
+        return []
+    labels = [ref.describe() for ref in existing]
+    if resume:
+        step(f"kept existing keys {', '.join(labels)}")
+        return existing
+    if not force:
+        raise ConfigError(
+            f"keys already exist in the token ({', '.join(labels)}); pass --resume to keep"
+            " them and finish an interrupted run, or --force to destroy and replace them"
+        )
+    if not confirm(labels):
+        raise ConfigError(f"not confirmed: the keys {', '.join(labels)} were left as they are")
+    for ref in existing:
+        destroy(ref)
+        step(f"destroyed {adjective} key {ref.describe()}")
+    return []
+
+
+def key_flags(args: argparse.Namespace) -> list[str]:
+    """The key and certificate flags init and rollover prepare share, for a resume command."""
+    return [
+        *flag("--ca-key", args.ca_key),
+        *flag("--ra-key-size", args.ra_key_size),
+        *flag("--subject", args.subject),
+        *flag("--validity-days", args.validity_days),
+        *flag("--ra-validity-days", args.ra_validity_days),
+        *flag("--csr", args.csr),
+    ]
 
 
 class Steps:
