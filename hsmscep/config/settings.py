@@ -53,8 +53,9 @@ SECTION_KEYS: dict[str, frozenset[str]] = {
     "rollover": frozenset({"state"}),
 }
 # HSMSCEP_* variables that are no key's override: set by the command for its own processes
-# (web.balance.TABLE_ENV, web.affinity.ENV), the config path, the Docker dev opt-in, and the
-# default names of the PIN and challenge variables.
+# (web.balance.TABLE_ENV, web.affinity.ENV), the config path, the Docker dev opt-in, the
+# default names of the PIN and challenge variables, and the HTTP tuning variables of
+# web/httpproto.py. A new variable of this kind must be added here, or start-up refuses it.
 RUNTIME_VARIABLES = frozenset(
     {
         "HSMSCEP_CONFIG",
@@ -63,6 +64,8 @@ RUNTIME_VARIABLES = frozenset(
         "HSMSCEP_PIN_CPUS",
         "HSMSCEP_PKCS11_PIN",
         "HSMSCEP_CHALLENGE",
+        "HSMSCEP_HTTP_MAX_CONNECTIONS",
+        "HSMSCEP_HTTP_REQUEST_TIMEOUT",
     }
 )
 
