@@ -18,7 +18,9 @@
   |  - DuplicateSerial    serial already taken (retry with a new one)
   |  - DuplicateTransaction  transactionID already has a certificate
   + WebhookError          the authorization webhook failed or answered nonsense: its
-                          on_error setting decides (deny by default)
+  |                       on_error setting decides (deny by default)
+  + ListenError           the server cannot listen: address not resolvable, port in use
+  + WorkerStartFailed     a server worker process failed to start after pre-flight
 * ConfigError(ValueError) bad settings; the message names the key
 """
 
@@ -98,6 +100,14 @@ class DuplicateTransaction(StoreError):
 
 class WebhookError(ScepError):
     """The authorization webhook was unreachable, too slow, or gave an invalid answer."""
+
+
+class ListenError(ScepError):
+    """The server cannot listen where configured (CLI exit code: network)."""
+
+
+class WorkerStartFailed(ScepError):
+    """A server worker process exited before it started serving (its log says why)."""
 
 
 class ConfigError(ValueError):

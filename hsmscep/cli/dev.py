@@ -26,8 +26,9 @@ def run(args: argparse.Namespace) -> int:
     apply_overrides(args)
     settings = load_settings(config)
     if not settings.ca.cert.exists():
-        for line in init(settings, InitOptions(ca_key=args.ca_key, subject="CN=hsmscep dev CA")):
-            print(line)
+        # resume: keys an interrupted earlier run made are kept, never destroyed.
+        options = InitOptions(ca_key=args.ca_key, subject="CN=hsmscep dev CA", resume=True)
+        init(settings, options, lambda line: print(line, flush=True))
     host = "[::1]" if ":" in settings.server.host else settings.server.host
     print(f"SCEP URL:  http://{host}:{settings.server.port}/scep")
     print(f"challenge: {challenge_file.read_text().strip()}")

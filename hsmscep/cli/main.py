@@ -1,7 +1,9 @@
 """The `hsmscep` command: its parser, and dispatch to the command modules of hsmscep.cli.
 
-Commands: init, import-ca (bootstrap), serve, dev, revoke, pending, challenge, rollover, store.
-A command's module is imported only when it runs. Secrets never come from argv.
+Commands: init, import-ca (bootstrap), serve, dev, revoke, pending, challenge, rollover, store,
+config check. A command's module is imported only when it runs. Secrets never come from argv.
+A user's mistake is one line `hsmscep: ...` and the exit code of its class (EXIT_CODES,
+docs/operations.md); `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -16,16 +18,38 @@ from hsmscep import __version__, logs
 from hsmscep.errors import (
     ConfigError,
     HsmError,
+    ListenError,
     RequestConflict,
     StoreError,
     UnknownCertificate,
     UnknownProfile,
     UnknownRequest,
+    WorkerStartFailed,
 )
 from hsmscep.hsm.refs import KEY_SPECS
 from hsmscep.policy.profiles import DEFAULT_CA
 
 DEFAULT_CONFIG = "hsmscep.toml"
+
+# Exit codes by class of mistake; the first matching class wins. 1 is a file the command
+# could not read or write (OSError); anything else unexpected is a traceback (a bug).
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ConfigError, 2),  # the config file, a file it names, a flag, a command's argument
+    (UnknownCertificate, 2),
+    (UnknownRequest, 2),
+    (UnknownProfile, 2),
+    (RequestConflict, 2),
+    (HsmError, 3),  # PKCS#11 module, token, PIN, key
+    (StoreError, 4),  # the database or its directory
+    (ListenError, 5),  # network: address not resolvable, port in use
+    (WorkerStartFailed, 6),  # a worker failed after pre-flight passed
+    (OSError, 1),
+)
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code of a user's mistake; None for a bug (shown with its traceback)."""
+    return next((code for kind, code in EXIT_CODES if isinstance(exc, kind)), None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,17 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure()
     try:
         return _dispatch(args)
-    except (
-        ConfigError,
-        HsmError,
-        StoreError,
-        UnknownCertificate,
-        UnknownRequest,
-        UnknownProfile,
-        RequestConflict,
-    ) as exc:
+    except Exception as exc:
+        code = exit_code(exc)
+        if code is None or args.debug:
+            raise
         print(f"hsmscep: {exc}", file=sys.stderr)
-        return 2
+        for note in getattr(exc, "__notes__", ()):
+            print(f"hsmscep: {note}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print("hsmscep: interrupted", file=sys.stderr)
+        return 130
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -57,6 +81,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hsmscep", description="HSM-backed SCEP server")
     parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--debug", action="store_true", help="tracebacks instead of one line")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def with_ca(p: argparse.ArgumentParser) -> None:
@@ -72,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
             default=os.environ.get("HSMSCEP_CONFIG", DEFAULT_CONFIG),
             help="TOML config file (default: $HSMSCEP_CONFIG or ./hsmscep.toml)",
         )
+        debug_flag(p)
+
+    def debug_flag(p: argparse.ArgumentParser) -> None:
+        # SUPPRESS: a subcommand's default must not overwrite `hsmscep --debug CMD`.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks")
 
     init = sub.add_parser("init", help="generate CA and RA keys in the HSM and their certificates")
     with_config(init)
@@ -84,7 +114,15 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument(
         "--csr", type=Path, help="write a CA CSR for an external root instead of self-signing"
     )
-    init.add_argument("--force", action="store_true", help="destroy and replace existing keys")
+    init.add_argument(
+        "--force", action="store_true", help="destroy and replace existing keys (asks first)"
+    )
+    init.add_argument("--yes", action="store_true", help="confirm --force without asking")
+    init.add_argument(
+        "--resume",
+        action="store_true",
+        help="after a failed init: keep the keys and certificates made, finish the rest",
+    )
     init.set_defaults(command="bootstrap:init_command")
 
     imp = sub.add_parser("import-ca", help="install an externally signed CA certificate")
@@ -158,7 +196,11 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--validity-days", type=int, default=3650, help="next CA validity")
     prepare.add_argument("--ra-validity-days", type=int, default=730)
     prepare.add_argument(
-        "--force", action="store_true", help="replace leftover keys with the next labels"
+        "--force", action="store_true", help="replace leftover keys with the next labels (asks)"
+    )
+    prepare.add_argument("--yes", action="store_true", help="confirm --force without asking")
+    prepare.add_argument(
+        "--resume", action="store_true", help="after a failed prepare: keep the next keys made"
     )
     prepare.add_argument(
         "--csr", type=Path, help="external root: write the next CA's CSR instead of self-signing"
@@ -186,7 +228,18 @@ def _parser() -> argparse.ArgumentParser:
     move.add_argument("--password-file", help="the database password (else HSMSCEP_STORE_PASSWORD)")
     move.set_defaults(command="store:migrate")
 
+    config = sub.add_parser("config", help="check the configuration")
+    config_sub = config.add_subparsers(required=True, metavar="ACTION")
+    check = config_sub.add_parser(
+        "check",
+        help="validate everything serve needs (files, store, token, keys) and print the"
+        " effective configuration without secrets",
+    )
+    with_config(check)
+    check.set_defaults(command="configcheck:run")
+
     dev = sub.add_parser("dev", help="SoftHSM2 dev CA in a local directory, then serve")
+    debug_flag(dev)
     dev.add_argument("--dir", type=Path, default=Path(".dev"), help="state directory (.dev)")
     dev.add_argument("--ca-key", choices=KEY_SPECS, default="rsa2048")
     _server_flags(dev)

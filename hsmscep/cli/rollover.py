@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,15 @@ from hsmscep.cli.certificates import (
     write_ca_csr,
     write_file,
 )
+from hsmscep.cli.steps import (
+    Confirm,
+    Steps,
+    confirm_destroy,
+    flag,
+    key_flags,
+    refuse,
+    settle_existing,
+)
 from hsmscep.config.rollover import Generation, record_activated, record_awaiting, record_next
 from hsmscep.config.settings import Settings, load_settings
 from hsmscep.errors import ConfigError
@@ -47,18 +57,30 @@ class RolloverOptions:
     ra_validity_days: int = 730
     force: bool = False  # replace leftover keys with the next generation's labels
     csr_out: Path | None = None  # external root: write the next CA's CSR instead of self-signing
+    confirm: Confirm = refuse  # asked before --force destroys leftover keys, with their labels
+    resume: bool = False  # keep leftover next keys (a failed prepare made them)
 
 
-def rollover_prepare(settings: Settings, options: RolloverOptions) -> list[str]:
+def rollover_prepare(
+    settings: Settings, options: RolloverOptions, progress: Callable[[str], None] | None = None
+) -> list[str]:
     """Generate the next CA and RA keys in the token, a new self-signed root, its RA
     certificate and the NewWithOld cross certificate (the new root certified by the current
-    one, signed by the current CA key), and record them as `next` in the rollover state file."""
+    one, signed by the current CA key), and record them as `next` in the rollover state file.
+    Each step also goes to `progress` as soon as it is done."""
+    done: list[str] = []
+
+    def step(line: str) -> None:
+        done.append(line)
+        if progress is not None:
+            progress(line)
+
     state_path = settings.rollover.path
     if settings.rollover.next is not None:
         raise ConfigError(
             f"a next CA is already prepared in {state_path}; run `hsmscep rollover activate`"
         )
-    if settings.rollover.awaiting_cert is not None and not options.force:
+    if settings.rollover.awaiting_cert is not None and not (options.force or options.resume):
         raise ConfigError(
             f"a next CA key awaits its certificate ({state_path}); run `hsmscep rollover "
             "import-ca`, or prepare again with --force"
@@ -88,31 +110,37 @@ def rollover_prepare(settings: Settings, options: RolloverOptions) -> list[str]:
         )
     except ValueError as exc:
         raise ConfigError(f"--subject {options.subject!r}: {exc}") from None
-    done: list[str] = []
     logins = TokenLogin()
     try:
         existing = [
             ref for ref in (next_ca, next_ra) if private_key_exists(open_rw(logins, ref), ref)
         ]
-        if existing and not options.force:
-            names = ", ".join(ref.describe() for ref in existing)
-            raise ConfigError(f"keys already exist in the token ({names}); pass --force")
-        for ref in existing:
-            destroy_key(open_rw(logins, ref), ref)
-            done.append(f"destroyed leftover key {ref.describe()}")
-        generate_key(open_rw(logins, next_ca), next_ca, ca_spec, usage="sign")
-        done.append(f"generated next CA key {next_ca.describe()} ({ca_spec})")
+        existing = settle_existing(
+            existing,
+            resume=options.resume,
+            force=options.force,
+            confirm=options.confirm,
+            destroy=lambda ref: destroy_key(open_rw(logins, ref), ref),
+            step=step,
+            adjective="leftover",
+        )
+        if next_ca not in existing:
+            generate_key(open_rw(logins, next_ca), next_ca, ca_spec, usage="sign")
+            step(f"generated next CA key {next_ca.describe()} ({ca_spec})")
         ra_spec: KeySpec = f"rsa{ra_bits}"  # type: ignore[assignment]
-        generate_key(open_rw(logins, next_ra), next_ra, ra_spec, usage="both")
-        done.append(f"generated next RA key {next_ra.describe()} ({ra_spec})")
+        if next_ra not in existing:
+            generate_key(open_rw(logins, next_ra), next_ra, ra_spec, usage="both")
+            step(f"generated next RA key {next_ra.describe()} ({ra_spec})")
         ca_key = signing_key(logins, next_ca)
         entry = Generation(next_ca, ca_path, next_ra, ra_path)
         if options.csr_out is not None:
             write_ca_csr(subject, ca_key, options.csr_out)
+            step(f"wrote the next CA's CSR to {options.csr_out}")
             record_awaiting(settings.rollover, entry)
-            done.append(
-                f"wrote the next CA's CSR to {options.csr_out}; have the root sign it, then run "
-                "`hsmscep rollover import-ca --cert FILE [--chain FILE]`"
+            step(
+                f"recorded generation {generation} as awaiting its certificate in {state_path};"
+                " have the root sign the CSR, then run"
+                " `hsmscep rollover import-ca --cert FILE [--chain FILE]`"
             )
             return done
         ca_cert = ca_certificate(subject, ca_key, datetime.now(UTC), options.validity_days)
@@ -131,20 +159,30 @@ def rollover_prepare(settings: Settings, options: RolloverOptions) -> list[str]:
     cross_path = base / f"cross-g{generation}.pem"
     write_file(ca_path, ca_cert.public_bytes(Encoding.PEM))
     write_file(ra_path, ra_cert.public_bytes(Encoding.PEM))
+    step(f"wrote next CA certificate to {ca_path} and next RA certificate to {ra_path}")
     write_file(cross_path, cross.public_bytes(Encoding.PEM))
-    done.append(f"wrote next CA certificate to {ca_path} and next RA certificate to {ra_path}")
-    done.append(f"wrote the next CA certified by the current CA (NewWithOld) to {cross_path}")
+    step(f"wrote the next CA certified by the current CA (NewWithOld) to {cross_path}")
     record_next(settings.rollover, replace(entry, cross_cert=cross_path))
-    done.append(_prepared(state_path, generation))
+    step(_prepared(state_path, generation))
     return done
 
 
 def rollover_import_ca(
-    settings: Settings, cert_path: Path, chain_path: Path | None, ra_days: int
+    settings: Settings,
+    cert_path: Path,
+    chain_path: Path | None,
+    ra_days: int,
+    progress: Callable[[str], None] = lambda line: None,
 ) -> list[str]:
     """Install the externally signed next CA certificate (checked against the next CA key in
     the token) and its chain, issue the next RA certificate, and record the generation as
     `next`: like `import-ca`, for the generation `rollover prepare --csr` made."""
+    done: list[str] = []
+
+    def step(line: str) -> None:
+        done.append(line)
+        progress(line)
+
     state_path = settings.rollover.path
     awaiting = settings.rollover.awaiting_cert
     if awaiting is None:
@@ -155,22 +193,23 @@ def rollover_import_ca(
     logins = TokenLogin()
     try:
         check_certifies(logins, awaiting.ca_key, cert, cert_path, chain, chain_path)
+        step(f"checked: {cert_path} certifies the next CA key {awaiting.ca_key.describe()}")
         ca_key = signing_key(logins, awaiting.ca_key)
         ra_public = public_key_of(open_rw(logins, awaiting.ra_key), awaiting.ra_key)
         ra_cert = ra_certificate(ca_key, cert, ra_public, "both", ra_days)
     finally:
         logins.close()
     write_file(awaiting.ca_cert, cert.public_bytes(Encoding.PEM))
+    step(f"installed next CA certificate {cert.subject.rfc4514_string()} to {awaiting.ca_cert}")
     write_file(awaiting.ra_cert, ra_cert.public_bytes(Encoding.PEM))
-    done = [f"installed next CA certificate {cert.subject.rfc4514_string()} to {awaiting.ca_cert}"]
+    step(f"wrote next RA certificate to {awaiting.ra_cert}")
     if chain:
         chain_file = base / f"chain-g{generation}.pem"
         write_file(chain_file, b"".join(c.public_bytes(Encoding.PEM) for c in chain))
         awaiting = replace(awaiting, ca_chain=chain_file)
-        done.append(f"installed a chain of {len(chain)} certificate(s) to {chain_file}")
-    done.append(f"wrote next RA certificate to {awaiting.ra_cert}")
+        step(f"installed a chain of {len(chain)} certificate(s) to {chain_file}")
     record_next(settings.rollover, awaiting)
-    done.append(_prepared(state_path, generation))
+    step(_prepared(state_path, generation))
     return done
 
 
@@ -225,17 +264,32 @@ def prepare_command(args: argparse.Namespace) -> int:
         ra_validity_days=args.ra_validity_days,
         force=args.force,
         csr_out=args.csr,
+        confirm=confirm_destroy(args.yes),
+        resume=args.resume,
     )
-    for line in rollover_prepare(load_settings(args.config), options):
-        print(line)
+    resume = [
+        *("hsmscep", "rollover", "prepare", "--config", args.config),
+        *key_flags(args),
+        "--resume",
+    ]
+    steps = Steps()
+    with steps.resumable(resume):
+        rollover_prepare(load_settings(args.config), options, steps)
     return 0
 
 
 def import_ca_command(args: argparse.Namespace) -> int:
     """`hsmscep rollover import-ca`."""
     settings = load_settings(args.config)
-    for line in rollover_import_ca(settings, args.cert, args.chain, args.ra_validity_days):
-        print(line)
+    command = [
+        *("hsmscep", "rollover", "import-ca", "--config", args.config),
+        *flag("--cert", args.cert),
+        *flag("--chain", args.chain),
+        *flag("--ra-validity-days", args.ra_validity_days),
+    ]
+    steps = Steps()
+    with steps.resumable(command):  # the same command resumes: the state is written last
+        rollover_import_ca(settings, args.cert, args.chain, args.ra_validity_days, steps)
     return 0
 
 

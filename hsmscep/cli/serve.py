@@ -1,7 +1,8 @@
-"""`hsmscep serve`: uvicorn with one HSM pool per worker process.
+"""`hsmscep serve`: pre-flight, then uvicorn with one HSM pool per worker process.
 
 Flags override the config file by setting the matching HSMSCEP_SERVER_* variables, so
-uvicorn's spawned worker processes see the same settings.
+uvicorn's spawned worker processes see the same settings. Any worker count runs under the
+same supervisor, so that failures and SIGHUP behave alike with 1 and with N workers.
 """
 
 from __future__ import annotations
@@ -9,12 +10,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hsmscep import logs
+from hsmscep.cli.preflight import preflight
 from hsmscep.config.settings import Settings, load_settings
-from hsmscep.errors import ConfigError
+from hsmscep.errors import ConfigError, HsmError, StoreError, WorkerStartFailed
+
+log = logging.getLogger(__name__)
 
 
 def apply_overrides(args: argparse.Namespace) -> None:
@@ -42,7 +48,7 @@ _APP = "hsmscep.web.app:app_from_env"
 
 
 def run_server(config: str, settings: Settings) -> int:
-    """Run uvicorn with `settings.server.workers` processes, each opening its own HSM pool."""
+    """Pre-flight, then `settings.server.workers` processes, each opening its own HSM pool."""
     import uvicorn
 
     from hsmscep.hsm.login import check_logins
@@ -54,9 +60,12 @@ def run_server(config: str, settings: Settings) -> int:
     )
     from hsmscep.web.lifespan import settings_tokens
 
-    for path, key in ((settings.ca.cert, "ca.cert"), (settings.ra.cert, "ra.cert")):
-        if not path.exists():
-            raise ConfigError(f"{key}: {path} does not exist (run `hsmscep init` first)")
+    logs.configure(settings.log.level)
+    # Until the supervisor takes SIGHUP over, it must not kill the server (nor, inherited as
+    # "ignored", the workers: they leave SIGHUP to the supervisor).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    preflight(settings)
+    log.info("pre-flight passed: configuration, files, store, tokens and keys, port")
     os.environ["HSMSCEP_CONFIG"] = config
     logs.configure(settings.log.level)
     # One login per token before any worker process exists: a refused PIN stops here, after
@@ -64,7 +73,6 @@ def run_server(config: str, settings: Settings) -> int:
     check_logins(settings_tokens(settings), settings.pkcs11.replicas)
     cpus = affinity.usable_cpus()
     workers = affinity.worker_processes(settings.server.workers)
-    logs.configure(settings.log.level)
     # Before the workers start: they inherit the limit, and each derives its cap from it.
     before, after = raise_open_files_limit()
     logging.getLogger("hsmscep.web").info(
@@ -87,10 +95,25 @@ def run_server(config: str, settings: Settings) -> int:
     }
     if affinity.should_pin(settings.server.pin_cpus, workers, len(cpus)):
         os.environ[affinity.ENV] = ",".join(map(str, cpus))
-    if workers > 1:
-        # One HSM session per process: connections must be spread by load, which uvicorn's
-        # shared accept does not do (hsmscep/balance.py).
-        balance.serve(uvicorn.Config(_APP, workers=workers, **options))
-    else:
-        uvicorn.run(_APP, **options)
+    # One HSM session per process: connections must be spread by load, which uvicorn's
+    # shared accept does not do (web/balance.py). One worker runs supervised too: SIGHUP
+    # then restarts it gracefully, as it does N workers, instead of killing the server.
+    code = balance.serve(uvicorn.Config(_APP, workers=workers, **options), _recheck(config))
+    if code:
+        raise WorkerStartFailed("a worker process failed to start; its log is above")
     return 0
+
+
+def _recheck(config: str) -> Callable[[], bool]:
+    """SIGHUP's guard: the configuration and what it names must pass pre-flight again."""
+
+    def check() -> bool:
+        try:
+            preflight(load_settings(config), listen=False)
+        except (ConfigError, HsmError, StoreError) as exc:
+            log.error("SIGHUP: not restarting the workers, the configuration fails: %s", exc)
+            return False
+        log.info("SIGHUP: configuration checked; restarting the workers one by one")
+        return True
+
+    return check

@@ -7,6 +7,7 @@ for a sub-table read strictly as TOML (a template). Every ConfigError names the 
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
@@ -26,9 +27,11 @@ class Reader:
         self, raw: dict[str, Any], env: Mapping[str, str], path: Path, sections: Collection[str]
     ) -> None:
         self.raw, self.env, self.path, self.base = raw, env, path, path.parent
+        self.consulted: set[str] = set()  # the HSMSCEP_* names get() looked at
         for section in raw:
             if section not in sections:
-                raise ConfigError(f"unknown section [{section}] in {path}")
+                hint = did_you_mean(section, sections, "[{}]")
+                raise ConfigError(f"unknown section [{section}] in {path}{hint}")
 
     def table(self, section: str) -> dict[str, Any]:
         """The table at a dotted path ("enroll", "profiles.wifi.template"); {} if absent."""
@@ -45,7 +48,8 @@ class Reader:
         return bool(self.raw.get(section))
 
     def get(self, section: str, key: str, default: Any = None) -> Any:
-        env_key = f"HSMSCEP_{section.replace('.', '_').upper()}_{key.upper()}"
+        env_key = env_name(section, key)
+        self.consulted.add(env_key)
         if env_key in self.env:
             return self.env[env_key]
         return self.table(section).get(key, default)
@@ -82,7 +86,14 @@ class Reader:
 
     def file(self, section: str, key: str, default: str | None = None) -> Path | None:
         value = self.text(section, key, default)
-        return None if value is None else (self.base / value).resolve()
+        if value is None:
+            return None
+        try:
+            return (self.base / value).resolve()
+        except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop (Python 3.11)
+            raise ConfigError(
+                f"{section}.{key}: cannot read {self.base / value}: a symbolic link loop"
+            ) from None
 
     def secret(self, section: str, key: str, default_env: str) -> str | None:
         """A secret from `<key>_env` (an env var name) or `<key>_file`; never inline."""
@@ -144,8 +155,25 @@ class Reader:
     def check_keys(self, section: str, known: Collection[str], what: str = "") -> None:
         """Refuse a key of [section] that is not in `known` (`what`: a note for the message)."""
         for key in self.table(section):
+            if key not in known and {f"{key}_env", f"{key}_file"} <= set(known):
+                self.secret(section, key, "")  # an inline secret: says where it goes instead
             if key not in known:
-                raise ConfigError(f"{section}.{key}: unknown key{what}")
+                hint = did_you_mean(key, known, f"{section}.{{}}")
+                raise ConfigError(f"{section}.{key}: unknown key{what} in {self.path}{hint}")
+
+    def check_environment(self, known: Collection[str]) -> None:
+        """Refuse an HSMSCEP_* variable that is neither a key's override nor in `known`.
+
+        A misspelt override would otherwise be ignored silently, like a misspelt key.
+        """
+        names = self.consulted | set(known)
+        for name in sorted(self.env):
+            if name.startswith("HSMSCEP_") and name not in names:
+                hint = did_you_mean(name, names, "{}")
+                raise ConfigError(
+                    f"environment variable {name} matches no configuration key"
+                    f" (config file {self.path}){hint}"
+                )
 
     def named_tables(
         self, root: str, reserved: Iterable[str], used_as: str
@@ -163,6 +191,17 @@ class Reader:
                     f" {', '.join(sorted(reserved))}); it is used in {used_as}"
                 )
         return raw
+
+
+def env_name(section: str, key: str) -> str:
+    """The variable that overrides section.key: HSMSCEP_<SECTION>_<KEY>."""
+    return f"HSMSCEP_{section.replace('.', '_').upper()}_{key.upper()}"
+
+
+def did_you_mean(word: str, known: Collection[str], form: str) -> str:
+    """ "; did you mean X?" with the closest known word (difflib), formatted by `form`."""
+    close = difflib.get_close_matches(word, sorted(known), n=1)
+    return f"; did you mean {form.format(close[0])}?" if close else ""
 
 
 class TableReader:

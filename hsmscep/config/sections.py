@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 from urllib.parse import urlsplit
 
-from hsmscep.config.reader import TOKEN_KEYS, Reader
+from hsmscep.config.reader import TOKEN_KEYS, Reader, did_you_mean
 from hsmscep.errors import ConfigError
 from hsmscep.hsm.refs import KeyRef, TokenRef
 from hsmscep.policy.profiles import DEFAULT_CA
@@ -245,12 +245,19 @@ class LogSettings:
     """[log]."""
 
     KEYS: ClassVar[frozenset[str]] = frozenset({"level"})
+    LEVELS: ClassVar[tuple[str, ...]] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
     level: str = "INFO"
 
     @classmethod
     def read(cls, r: Reader) -> LogSettings:
-        return cls(str(r.get("log", "level", "INFO")).upper())
+        level = str(r.get("log", "level", "INFO")).upper()
+        if level not in cls.LEVELS:
+            raise ConfigError(
+                f"log.level has value {level!r}; use one of {', '.join(cls.LEVELS)}"
+                + did_you_mean(level, cls.LEVELS, "{}")
+            )
+        return cls(level)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hsmscep.config.profiles import read_caps, read_profiles
-from hsmscep.config.reader import Reader
+from hsmscep.config.reader import Reader, env_name
 from hsmscep.config.rollover import ROLLOVER_STATE, RolloverState, read_rollover
 from hsmscep.config.sections import (
     ALL_CAPS,
@@ -36,6 +36,38 @@ from hsmscep.policy.profiles import DEFAULT_CA, DEFAULT_PROFILE, Profiles
 SECTIONS = (
     *("server", "pkcs11", "ca", "ra", "ra_decrypt", "enroll", "store", "log", "crl"),
     *("renewal", "admin", "rollover", "profiles", "cas"),
+)
+
+# The keys of the plain sections ([enroll], [profiles.*] and [cas.*] check their own).
+SECTION_KEYS: dict[str, frozenset[str]] = {
+    "server": ServerSettings.KEYS,
+    "pkcs11": Pkcs11Settings.KEYS,
+    "ca": CaSettings.KEYS,
+    "ra": RaSettings.KEYS,
+    "ra_decrypt": RaSettings.KEYS,
+    "store": StoreSettings.KEYS,
+    "log": LogSettings.KEYS,
+    "crl": CrlSettings.KEYS,
+    "renewal": RenewalSettings.KEYS,
+    "admin": AdminSettings.KEYS,
+    "rollover": frozenset({"state"}),
+}
+# HSMSCEP_* variables that are no key's override: set by the command for its own processes
+# (web.balance.TABLE_ENV, web.affinity.ENV), the config path, the Docker dev opt-in, the
+# default names of the PIN and challenge variables, and the HTTP tuning variables of
+# web/httpproto.py. A new variable of this kind must be added here, or start-up refuses it.
+RUNTIME_VARIABLES = frozenset(
+    {
+        "HSMSCEP_CONFIG",
+        "HSMSCEP_DEV",
+        "HSMSCEP_CONNECTION_TABLE",
+        "HSMSCEP_PIN_CPUS",
+        "HSMSCEP_PKCS11_PIN",
+        "HSMSCEP_CHALLENGE",
+        "HSMSCEP_HTTP_MAX_CONNECTIONS",
+        "HSMSCEP_HTTP_REQUEST_TIMEOUT",
+        "HSMSCEP_STORE_PASSWORD",  # the default of [store] password_env
+    }
 )
 
 
@@ -106,7 +138,37 @@ def load_settings(
         raise ConfigError(f"config file {config_path} not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{config_path}: {exc}") from None
-    return _settings(Reader(raw, env, config_path, SECTIONS))
+    try:
+        reader = Reader(raw, env, config_path, SECTIONS)
+        for section, keys in SECTION_KEYS.items():
+            reader.check_keys(section, keys)
+        settings = _settings(reader)
+        reader.check_environment(_known_variables(raw))
+    except ConfigError as exc:
+        if str(config_path) in str(exc):
+            raise
+        # Every error names the file: an operator may have several, or only the environment.
+        raise ConfigError(f"{exc} (in {config_path})") from None
+    return settings
+
+
+def _known_variables(raw: dict[str, object]) -> set[str]:
+    """Every plain section's overrides, the runtime variables, and the variables the file
+    names as secret sources (any `*_env` value: an operator may call them HSMSCEP_...)."""
+    known = set(RUNTIME_VARIABLES)
+    for section, keys in SECTION_KEYS.items():
+        known.update(env_name(section, key) for key in keys)
+    enroll_keys = EnrollSettings.KEYS | EnrollSettings.DEFAULT_ONLY
+    known.update(env_name("enroll", key) for key in enroll_keys)
+    tables: list[object] = [raw]
+    while tables:
+        table = tables.pop()
+        if isinstance(table, dict):
+            for key, value in table.items():
+                if isinstance(value, str) and str(key).endswith("_env"):
+                    known.add(value)
+                tables.append(value)
+    return known
 
 
 def _settings(r: Reader) -> Settings:

@@ -76,7 +76,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from hsmscep.config.reader import TableReader
+from hsmscep.config.reader import TableReader, did_you_mean
 from hsmscep.config.subject_pattern import (
     attribute_oid,
     attribute_set,
@@ -161,7 +161,10 @@ def parse_template(
         raise ConfigError(f"{where} must be a table")
     for key in table:
         if key not in _KEYS:
-            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(_KEYS)})")
+            raise ConfigError(
+                f"{where}.{key}: unknown key (known: {', '.join(_KEYS)})"
+                + did_you_mean(key, _KEYS, f"{where}.{{}}")
+            )
     reader = TableReader(table, where)
     t = defaults
 

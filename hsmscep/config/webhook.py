@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from hsmscep.config.reader import did_you_mean
 from hsmscep.errors import ConfigError
 from hsmscep.policy.webhook import DEFAULT_TIMEOUT, WebhookConfig
 
@@ -49,7 +50,10 @@ def _parse(
         )
     for key in table:
         if key not in known:
-            raise ConfigError(f"{where}.{key} is not a known key ({', '.join(sorted(known))})")
+            raise ConfigError(
+                f"{where}.{key} is not a known key ({', '.join(sorted(known))})"
+                + did_you_mean(key, known, f"{where}.{{}}")
+            )
     url = _url(table.get("url"), f"{where}.url")
     secret = _secret(table, where, base, env)
     timeout = _timeout(table.get("timeout_seconds", DEFAULT_TIMEOUT), f"{where}.timeout_seconds")

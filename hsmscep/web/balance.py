@@ -22,10 +22,12 @@ import logging
 import mmap
 import os
 import select
+import signal
 import socket
 import struct
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sized
 from contextlib import contextmanager
 from typing import Any, cast
@@ -42,6 +44,7 @@ TABLE_ENV = "HSMSCEP_CONNECTION_TABLE"
 MAX_DEFER = 0.05  # seconds a process leaves a waiting connection to its peers
 RECHECK = 0.005  # seconds between looks at the table while deferring
 ACCEPT_ERROR_PAUSE = 0.5  # out of file descriptors and the like: retry after this
+READY_TIMEOUT = 60.0  # seconds a restarted worker may take to start serving
 _SLOT = struct.Struct("=q")
 _NOT_ACCEPTING = -1
 
@@ -236,6 +239,9 @@ class BalancedServer(uvicorn.Server):
         if sockets is None or path is None:
             await super().startup(sockets)
             return
+        # The supervisor owns SIGHUP (a graceful restart); a terminal's hangup, sent to the
+        # whole process group, must not kill the workers under it.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self._table = ConnectionTable(path)
         pinned = os.environ.get(affinity.ENV)
         if pinned:
@@ -287,9 +293,36 @@ class _BalancedProcess(multiprocess.Process):
             self._server = BalancedServer(config=self.config)
         return self._server
 
+    def wait_until_ready(self, timeout: float, should_exit: threading.Event | None = None) -> bool:
+        # A SIGHUP replacement logs into the HSM and warms its pool first: on a loaded host
+        # that takes longer than the health-check timeout, which must stay short, as a dead
+        # worker is only noticed when a ping of that length times out.
+        return bool(super().wait_until_ready(max(timeout, READY_TIMEOUT), should_exit))
 
-def serve(config: uvicorn.Config) -> None:
-    """Run `config.workers` uvicorn processes that share their connections evenly."""
+
+class _Supervisor(multiprocess.Multiprocess):
+    def __init__(
+        self, config: uvicorn.Config, sockets: list[socket.socket], check: Callable[[], bool]
+    ) -> None:
+        super().__init__(config, sockets)
+        self._check = check
+
+    def handle_hup(self) -> None:
+        # A broken configuration must not replace working workers with failing ones.
+        if self._check():
+            super().handle_hup()
+
+    @property
+    def startup_failed(self) -> bool:
+        return any(process.exitcode == STARTUP_FAILURE for process in self.processes)
+
+
+def serve(config: uvicorn.Config, before_restart: Callable[[], bool] = lambda: True) -> int:
+    """Run `config.workers` uvicorn processes that share their connections evenly.
+
+    SIGHUP replaces each worker by a fresh one, ready before its predecessor stops, if
+    `before_restart()` agrees. Returns STARTUP_FAILURE if a worker failed to start, else 0.
+    """
     sock = config.bind_socket()
     sock.listen(config.backlog)  # uvicorn leaves this to create_server, which we do not call
     # Multiprocess builds its workers from this module-level name, at start and on every
@@ -298,8 +331,10 @@ def serve(config: uvicorn.Config) -> None:
     # Spare slots: a restart brings a replacement up before its predecessor exits.
     with ConnectionTable.created(2 * config.workers) as path:
         os.environ[TABLE_ENV] = path
+        supervisor = _Supervisor(config, [sock], before_restart)
         try:
-            multiprocess.Multiprocess(config, sockets=[sock]).run()
+            supervisor.run()
         finally:
             del os.environ[TABLE_ENV]
             sock.close()
+    return STARTUP_FAILURE if supervisor.startup_failed else 0
