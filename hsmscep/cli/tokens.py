@@ -14,9 +14,13 @@ from types import TracebackType
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from hsmscep.errors import ConfigError, HsmError
+from hsmscep.hsm.keyops import signing_key
 from hsmscep.hsm.library import close_library, open_library
 from hsmscep.hsm.login import find_token
 from hsmscep.hsm.pkcs11errors import hsm_errors
@@ -84,18 +88,27 @@ class TokenCheck:
         """HsmError unless the key is there; ConfigError unless `cert` certifies it."""
         try:
             find_private_key(session, ref)
-            public = public_key_of(session, ref)
         except HsmError as exc:
             raise HsmError(
                 f"{role} key {ref.describe()} on token {self.describe(token)}: {exc}"
                 " (run `hsmscep init` to create the keys)"
             ) from exc
         certified = x509.load_pem_x509_certificates(cert.read_bytes())[0].public_key()
+        mismatch = ConfigError(
+            f"{cert} does not certify the {role} key {ref.describe()} on token"
+            f" {self.describe(token)} (a certificate of another CA or key?)"
+        )
+        try:
+            public = public_key_of(session, ref)
+        except HsmError:
+            # Imported keys (HA replicas, migrated partitions) often come without a public key
+            # object: then the private key proves the match by a signature the certificate
+            # verifies.
+            if not _signs_for(session, ref, certified):
+                raise mismatch from None
+            return
         if _spki(public) != _spki(certified):
-            raise ConfigError(
-                f"{cert} does not certify the {role} key {ref.describe()} on token"
-                f" {self.describe(token)} (a certificate of another CA or key?)"
-            )
+            raise mismatch
 
     def _library(self, module: str) -> Any:
         if "/" in module and not Path(module).is_file():
@@ -126,3 +139,25 @@ class TokenCheck:
             conf = os.environ.get("SOFTHSM2_CONF", "unset, so /etc/softhsm/softhsm2.conf")
             text += f" (SoftHSM2 reads the token directory from SOFTHSM2_CONF: {conf})"
         return text
+
+
+def _signs_for(session: Any, ref: KeyRef, certified: Any) -> bool:
+    """Whether the token's private key signs what `certified` (a public key) verifies."""
+    if not isinstance(certified, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        return False
+    probe = os.urandom(32)
+    try:
+        key = signing_key(session, ref, certified)
+        if isinstance(certified, rsa.RSAPublicKey) and isinstance(key, rsa.RSAPrivateKey):
+            signature = key.sign(probe, padding.PKCS1v15(), hashes.SHA256())
+            certified.verify(signature, probe, padding.PKCS1v15(), hashes.SHA256())
+        elif isinstance(certified, ec.EllipticCurvePublicKey) and isinstance(
+            key, ec.EllipticCurvePrivateKey
+        ):
+            signature = key.sign(probe, ec.ECDSA(hashes.SHA256()))
+            certified.verify(signature, probe, ec.ECDSA(hashes.SHA256()))
+        else:
+            return False
+    except (HsmError, InvalidSignature, TypeError, ValueError):
+        return False
+    return True
