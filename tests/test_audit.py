@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from asn1crypto import cms as asn1_cms
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -136,3 +137,31 @@ def test_http_refusal_leaves_a_line(
     assert (line["decision"], line["client"], line["profile"]) == ("invalid", "127.0.0.1", "held")
     assert str(line["outcome"]).startswith("HTTP 400: ")
     assert line["transaction_id"] is None and line["subject"] is None
+
+
+def test_md5_digest_is_refused_at_http_level_with_a_line(
+    http: httpx.Client,
+    aca: SoftCa,
+    ca_certs: list[x509.Certificate],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A pkiMessage whose signer digest is MD5 never verifies (HTTP 400), and says so."""
+    built = client.build_pkcs_req(
+        key=rsa.generate_private_key(65537, 2048),
+        ca_certs=ca_certs,
+        challenge=aca.challenge,
+        subject=x509.Name.from_rfc4514_string("CN=md5 device"),
+    )
+    info = asn1_cms.ContentInfo.load(built.der)
+    info["content"]["signer_infos"][0]["digest_algorithm"] = {"algorithm": "md5"}
+    caplog.set_level(logging.INFO, logger="hsmscep.audit")
+    response = http.post(
+        "/scep/held?operation=PKIOperation",
+        content=info.dump(force=True),
+        headers={"Content-Type": "application/x-pki-message"},
+    )
+    assert response.status_code == 400
+    [line] = read(caplog)
+    assert (line["decision"], line["profile"]) == ("invalid", "held")
+    assert str(line["outcome"]).startswith("HTTP 400: ")
+    assert "1.2.840.113549.2.5" in str(line["outcome"]) or "md5" in str(line["outcome"]).lower()
