@@ -107,7 +107,7 @@ def _with_subject(csr: x509.CertificateSigningRequest) -> x509.CertificateSignin
     # otherwise surface as a ValueError deep in the policy checks.
     try:
         csr.subject.rfc4514_string()
-    except ValueError:
+    except (ValueError, KeyError):  # KeyError: cryptography 47, for an unknown string tag
         raise Rejected(
             FailInfo.BAD_REQUEST, "CSR subject is not a valid distinguished name"
         ) from None

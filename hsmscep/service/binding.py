@@ -36,7 +36,9 @@ def check_key_binding(
         if signer.issuer != signer.subject:
             raise Refusal.SIGNER_NOT_SELF_SIGNED()
         signer.verify_directly_issued_by(signer)
-    except (InvalidSignature, ValueError):
+    except (InvalidSignature, ValueError, KeyError):
+        # KeyError: cryptography 47 reports a name with an unknown string tag this way (later
+        # releases raise ValueError); either way the signer is not a usable self-signed one.
         raise Refusal.SIGNER_NOT_SELF_SIGNED() from None
     except (UnsupportedAlgorithm, TypeError):
         # An old digest the library will not verify (MD5 from old IOS): the request's own
