@@ -187,6 +187,12 @@ def test_node_killed_mid_load_loses_no_issued_certificate(
         os.kill(a.process.pid, signal.SIGKILL)
         killed_at = time.monotonic()
         wait_for(lambda: len(successes(results, killed_at)) >= 5, "enrollments on the survivor")
+        # The killed node's workers finish what they hold (up to orphans.GRACE) before they go:
+        # wait for a client to see it rather than stop the load first.
+        wait_for(
+            lambda: any(r.status == 0 and r.started > killed_at for r in list(results)),
+            "a client to see the killed node go",
+        )
     finally:
         join()
         a.stop()
