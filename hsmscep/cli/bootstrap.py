@@ -31,17 +31,18 @@ from hsmscep.cli.certificates import (
 from hsmscep.cli.steps import (
     Confirm,
     Steps,
+    WantedKey,
     confirm_destroy,
     flag,
+    generate_missing,
     key_flags,
     refuse,
-    settle_existing,
 )
 from hsmscep.config.settings import Settings, load_settings
 from hsmscep.errors import ConfigError
 from hsmscep.hsm.login import TokenLogin
 from hsmscep.hsm.refs import KeyRef, KeySpec
-from hsmscep.hsm.tokenkeys import destroy_key, generate_key, private_key_exists, public_key_of
+from hsmscep.hsm.tokenkeys import public_key_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,28 +78,19 @@ def init(
         raise ConfigError(f"--subject {options.subject!r}: {exc}") from None
     logins = TokenLogin()
     try:
-        existing = [
-            ref for ref in _all_keys(settings) if private_key_exists(open_rw(logins, ref), ref)
-        ]
-        existing = settle_existing(
-            existing,
+        ra_spec: KeySpec = f"rsa{options.ra_key_bits}"  # type: ignore[assignment]
+        generate_missing(
+            logins,
+            [
+                WantedKey(settings.ca.key, options.ca_key, "sign", "CA key"),
+                *(WantedKey(ref, ra_spec, u, f"RA {u} key") for ref, u in _ra_keys(settings)),
+            ],
             resume=options.resume,
             force=options.force,
             confirm=options.confirm,
-            destroy=lambda ref: destroy_key(open_rw(logins, ref), ref),
             step=step,
             adjective="old",
         )
-        if settings.ca.key not in existing:
-            generate_key(
-                open_rw(logins, settings.ca.key), settings.ca.key, options.ca_key, usage="sign"
-            )
-            step(f"generated CA key {settings.ca.key.describe()} ({options.ca_key})")
-        ra_spec: KeySpec = f"rsa{options.ra_key_bits}"  # type: ignore[assignment]
-        for ref, usage in _ra_keys(settings):
-            if ref not in existing:
-                generate_key(open_rw(logins, ref), ref, ra_spec, usage=usage)
-                step(f"generated RA {usage} key {ref.describe()} (rsa{options.ra_key_bits})")
         ca_key = signing_key(logins, settings.ca.key)
         if options.csr_out is not None:
             write_ca_csr(subject, ca_key, options.csr_out)
@@ -150,10 +142,6 @@ def import_ca(
         return done
     finally:
         logins.close()
-
-
-def _all_keys(settings: Settings) -> list[KeyRef]:
-    return list(dict.fromkeys([settings.ca.key, *(ref for ref, _ in _ra_keys(settings))]))
 
 
 def _ra_keys(settings: Settings) -> list[tuple[KeyRef, str]]:

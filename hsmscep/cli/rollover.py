@@ -34,18 +34,19 @@ from hsmscep.cli.certificates import (
 from hsmscep.cli.steps import (
     Confirm,
     Steps,
+    WantedKey,
     confirm_destroy,
     flag,
+    generate_missing,
     key_flags,
     refuse,
-    settle_existing,
 )
 from hsmscep.config.rollover import Generation, record_activated, record_awaiting, record_next
 from hsmscep.config.settings import Settings, load_settings
 from hsmscep.errors import ConfigError
 from hsmscep.hsm.login import TokenLogin
 from hsmscep.hsm.refs import KEY_SPECS, KeyRef, KeySpec
-from hsmscep.hsm.tokenkeys import destroy_key, generate_key, private_key_exists, public_key_of
+from hsmscep.hsm.tokenkeys import public_key_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,25 +113,19 @@ def rollover_prepare(
         raise ConfigError(f"--subject {options.subject!r}: {exc}") from None
     logins = TokenLogin()
     try:
-        existing = [
-            ref for ref in (next_ca, next_ra) if private_key_exists(open_rw(logins, ref), ref)
-        ]
-        existing = settle_existing(
-            existing,
+        ra_spec: KeySpec = f"rsa{ra_bits}"  # type: ignore[assignment]
+        generate_missing(
+            logins,
+            [
+                WantedKey(next_ca, ca_spec, "sign", "next CA key"),
+                WantedKey(next_ra, ra_spec, "both", "next RA key"),
+            ],
             resume=options.resume,
             force=options.force,
             confirm=options.confirm,
-            destroy=lambda ref: destroy_key(open_rw(logins, ref), ref),
             step=step,
             adjective="leftover",
         )
-        if next_ca not in existing:
-            generate_key(open_rw(logins, next_ca), next_ca, ca_spec, usage="sign")
-            step(f"generated next CA key {next_ca.describe()} ({ca_spec})")
-        ra_spec: KeySpec = f"rsa{ra_bits}"  # type: ignore[assignment]
-        if next_ra not in existing:
-            generate_key(open_rw(logins, next_ra), next_ra, ra_spec, usage="both")
-            step(f"generated next RA key {next_ra.describe()} ({ra_spec})")
         ca_key = signing_key(logins, next_ca)
         entry = Generation(next_ca, ca_path, next_ra, ra_path)
         if options.csr_out is not None:

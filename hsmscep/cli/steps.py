@@ -9,9 +9,13 @@ import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
+from hsmscep.cli.certificates import open_rw
 from hsmscep.errors import ConfigError
-from hsmscep.hsm.refs import KeyRef
+from hsmscep.hsm.login import TokenLogin
+from hsmscep.hsm.refs import KeyRef, KeySpec
+from hsmscep.hsm.tokenkeys import destroy_key, generate_key, private_key_exists
 
 Confirm = Callable[[list[str]], bool]
 
@@ -72,6 +76,47 @@ def settle_existing(
         destroy(ref)
         step(f"destroyed {adjective} key {ref.describe()}")
     return []
+
+
+@dataclass(frozen=True, slots=True)
+class WantedKey:
+    """A key a command makes in the token: where, what kind, for what, and how it is named in
+    the step lines ("CA key", "next RA key", ...)."""
+
+    ref: KeyRef
+    spec: KeySpec
+    usage: str
+    what: str
+
+
+def generate_missing(
+    logins: TokenLogin,
+    wanted: Sequence[WantedKey],
+    *,
+    resume: bool,
+    force: bool,
+    confirm: Confirm,
+    step: Callable[[str], None],
+    adjective: str,
+) -> None:
+    """Generate the `wanted` keys; keys already under their labels are first settled as
+    settle_existing says (kept, destroyed once confirmed, or a refusal that changes nothing)."""
+    refs = list(dict.fromkeys(w.ref for w in wanted))
+    existing = settle_existing(
+        [ref for ref in refs if private_key_exists(open_rw(logins, ref), ref)],
+        resume=resume,
+        force=force,
+        confirm=confirm,
+        destroy=lambda ref: destroy_key(open_rw(logins, ref), ref),
+        step=step,
+        adjective=adjective,
+    )
+    made: set[KeyRef] = set(existing)
+    for key in wanted:
+        if key.ref not in made:
+            generate_key(open_rw(logins, key.ref), key.ref, key.spec, usage=key.usage)
+            made.add(key.ref)
+            step(f"generated {key.what} {key.ref.describe()} ({key.spec})")
 
 
 def key_flags(args: argparse.Namespace) -> list[str]:
