@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -21,6 +22,7 @@ from hsmscep.service.scep import ScepService
 from hsmscep.web import admin, scep
 from hsmscep.web.errors import EXCEPTION_HANDLERS, RETRY_AFTER
 from hsmscep.web.lifespan import KeyBackend, Pkcs11Keys, lifespan
+from hsmscep.web.requestlog import RequestLog
 
 _ALL_METHODS = ["GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
@@ -51,6 +53,7 @@ def create_app(settings: Settings, keys: KeyBackend | None = None) -> Starlette:
     return Starlette(
         routes=routes,
         exception_handlers=dict(EXCEPTION_HANDLERS),
+        middleware=[Middleware(RequestLog, access_log=settings.log.access)],
         lifespan=lifespan(settings, keys or Pkcs11Keys()),
     )
 
@@ -58,7 +61,7 @@ def create_app(settings: Settings, keys: KeyBackend | None = None) -> Starlette:
 def app_from_env() -> Starlette:
     """uvicorn factory for worker processes: the config path travels in HSMSCEP_CONFIG."""
     settings = load_settings(os.environ["HSMSCEP_CONFIG"])
-    logs.configure(settings.log.level)
+    logs.configure(settings.log.level, settings.log.format, dict(settings.log.levels))
     return create_app(settings)
 
 
