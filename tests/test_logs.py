@@ -193,6 +193,9 @@ def test_json_logs_of_a_real_server_tie_requests_and_hold_no_secret(dev_ca: DevC
     assert access["pid"] == audit["pid"]
     assert [x["data"]["status"] for x in of("admin-0001", "hsmscep.access")] == [200]  # type: ignore[index]
     assert [x["data"]["status"] for x in of("admin-0002", "hsmscep.access")] == [401]  # type: ignore[index]
+    # An error line of a request carries its id too.
+    (failed,) = of("admin-0002", "hsmscep.web.admin")
+    assert failed["level"] == "WARNING" and "authentication failed" in str(failed["message"])
     (invalid,) = of("bad-0001", "hsmscep.audit")
     assert invalid["data"]["decision"] == "invalid"  # type: ignore[index]
     pin = (dev_ca.directory / "pin").read_text().strip()
