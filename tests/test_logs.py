@@ -131,24 +131,28 @@ def test_json_formatter_fields_and_exception() -> None:
 # ---- a real server in JSON mode ------------------------------------------------------------
 
 
-def test_json_logs_of_a_real_server_tie_requests_and_hold_no_secret(dev_ca: DevCa) -> None:
+WRONG_TOKEN = "wrong-token-9876543210-zyxwvu"
+
+
+def run_requests(dev_ca: DevCa, log_format: str, workers: int) -> tuple[str, list[str]]:
+    """A server in `log_format`: an enrollment with the challenge (GET, so the pkiMessage is
+    in the query), an admin call, one with a wrong token, a broken pkiMessage. Its whole
+    output and the secrets that must not be in it."""
     env = {
-        "HSMSCEP_LOG_FORMAT": "json",
+        "HSMSCEP_LOG_FORMAT": log_format,
         "HSMSCEP_ADMIN_TOKEN_ENV": "LOGTEST_ADMIN_TOKEN",
         "LOGTEST_ADMIN_TOKEN": ADMIN_TOKEN,
     }
-    server = start_server(dev_ca, env, args=("--workers", "2"))
-    wrong_token = "wrong-token-9876543210-zyxwvu"
+    server = start_server(dev_ca, env, args=("--workers", str(workers)))
     try:
         certs = client.parse_ca_certs(httpx.get(f"{server.url}/scep?operation=GetCACert").content)
         request = client.build_pkcs_req(
             key=rsa.generate_private_key(65537, 2048),
             ca_certs=certs,
             challenge=dev_ca.challenge,
-            subject=x509.Name.from_rfc4514_string("CN=json-log-client"),
+            subject=x509.Name.from_rfc4514_string(f"CN={log_format}-log-client"),
         )
         message = base64.b64encode(request.der).decode()
-        # GET PKIOperation: the whole pkiMessage (and in it the challenge) is in the query.
         enrolled = httpx.get(
             f"{server.url}/scep?operation=PKIOperation&message={quote(message, safe='')}",
             headers={"X-Request-ID": "enroll-0001"},
@@ -162,7 +166,7 @@ def test_json_logs_of_a_real_server_tie_requests_and_hold_no_secret(dev_ca: DevC
         assert admin.status_code == 200, admin.text
         refused = httpx.get(
             f"{server.url}/admin/pending",
-            headers={"Authorization": f"Bearer {wrong_token}", "X-Request-ID": "admin-0002"},
+            headers={"Authorization": f"Bearer {WRONG_TOKEN}", "X-Request-ID": "admin-0002"},
         )
         assert refused.status_code == 401
         bad = httpx.post(
@@ -173,7 +177,24 @@ def test_json_logs_of_a_real_server_tie_requests_and_hold_no_secret(dev_ca: DevC
         assert bad.status_code == 400
     finally:
         assert server.stop() == 0
-    output = server.output()
+    pin = (dev_ca.directory / "pin").read_text().strip()
+    secrets = [dev_ca.challenge, pin, ADMIN_TOKEN, WRONG_TOKEN, message, quote(message)]
+    return server.output(), secrets
+
+
+def test_text_logs_of_a_real_server_tag_requests_and_hold_no_secret(dev_ca: DevCa) -> None:
+    output, secrets = run_requests(dev_ca, "text", workers=1)
+    assert re.search(r" INFO \[enroll-0001\] hsmscep\.audit \{.*\"decision\": \"issued\"", output)
+    assert re.search(
+        r" INFO \[enroll-0001\] hsmscep\.access GET /scep 200 .* PKIOperation 19", output
+    )
+    assert " WARNING [admin-0002] hsmscep.web.admin admin authentication failed" in output
+    for secret in secrets:
+        assert secret not in output, f"a secret is in the log: {secret[:12]}..."
+
+
+def test_json_logs_of_a_real_server_tie_requests_and_hold_no_secret(dev_ca: DevCa) -> None:
+    output, secrets = run_requests(dev_ca, "json", workers=2)
     lines = [json.loads(line) for line in output.splitlines()]  # every line is JSON
     assert all({"time", "level", "logger", "message", "pid"} <= line.keys() for line in lines)
     assert {"uvicorn.error", "hsmscep.access", "hsmscep.audit"} <= {x["logger"] for x in lines}
@@ -198,6 +219,5 @@ def test_json_logs_of_a_real_server_tie_requests_and_hold_no_secret(dev_ca: DevC
     assert failed["level"] == "WARNING" and "authentication failed" in str(failed["message"])
     (invalid,) = of("bad-0001", "hsmscep.audit")
     assert invalid["data"]["decision"] == "invalid"  # type: ignore[index]
-    pin = (dev_ca.directory / "pin").read_text().strip()
-    for secret in (dev_ca.challenge, pin, ADMIN_TOKEN, wrong_token, message, quote(message)):
+    for secret in secrets:
         assert secret not in output, f"a secret is in the log: {secret[:12]}..."
