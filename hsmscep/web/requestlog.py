@@ -75,7 +75,8 @@ class RequestLog:
 
 
 def request_id(headers: list[tuple[bytes, bytes]]) -> str:
-    """The client's X-Request-ID if it is 1-64 plain characters, else a fresh random id."""
+    """The client's X-Request-ID if it is 1-64 plain characters, else a fresh id (a random
+    prefix per process and a counter: 16 or more hex digits)."""
     for name, value in headers:
         if name == HEADER:
             if _SANE_ID.fullmatch(value):
