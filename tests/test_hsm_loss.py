@@ -129,14 +129,17 @@ def test_server_survives_the_remote_token_going_away_and_coming_back(
         assert load.wait_for(lambda: readyz(server.url).status_code == 503, 10)
         not_ready = readyz(server.url)
         assert not_ready.headers["retry-after"]
-        token = not_ready.json()["tokens"][0]
+        hsm = not_ready.json()["checks"]["hsm"]
+        token = hsm["tokens"][0]
+        assert hsm["ready"] is False, hsm
         assert token["ready"] is False and "hsmscep-test" in token["token"], token
         time.sleep(2)
         remote.start()
         back_at = time.monotonic()
         assert load.wait_for(lambda: load.successes_since(back_at) >= 5, 20), server.output()
         recovered = min(o.at for o in load.outcomes if o.at >= back_at and o.pki_status == "0")
-        assert readyz(server.url).json()["ready"] is True
+        assert load.wait_for(lambda: readyz(server.url).status_code == 200, 10)
+        assert readyz(server.url).json()["checks"]["hsm"]["ready"] is True
     finally:
         load.stop()
         server.stop()

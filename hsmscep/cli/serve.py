@@ -60,14 +60,14 @@ def run_server(config: str, settings: Settings) -> int:
     )
     from hsmscep.web.lifespan import settings_tokens
 
-    logs.configure(settings.log.level)
+    logs.configure(settings.log.level, settings.log.format, dict(settings.log.levels))
     # Until the supervisor takes SIGHUP over, it must not kill the server (nor, inherited as
     # "ignored", the workers: they leave SIGHUP to the supervisor).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     preflight(settings)
     log.info("pre-flight passed: configuration, files, store, tokens and keys, port")
     os.environ["HSMSCEP_CONFIG"] = config
-    logs.configure(settings.log.level)
+    logs.configure(settings.log.level, settings.log.format, dict(settings.log.levels))
     # One login per token before any worker process exists: a refused PIN stops here, after
     # one C_Login, instead of once per worker and restart (network HSMs lock the role).
     check_logins(settings_tokens(settings), settings.pkcs11.replicas)
@@ -87,8 +87,12 @@ def run_server(config: str, settings: Settings) -> int:
         "port": settings.server.port,
         "loop": "uvloop",
         "http": BoundedHttpToolsProtocol,
+        # hsmscep.access writes the access log (web/requestlog.py); every process, the
+        # workers from their first line, logs through hsmscep.logs' handler.
         "access_log": False,
-        "log_level": settings.log.level.lower(),
+        "log_config": logs.dict_config(
+            settings.log.level, settings.log.format, dict(settings.log.levels)
+        ),
         "backlog": 4096,
         "timeout_keep_alive": 15,
         "timeout_graceful_shutdown": 30,

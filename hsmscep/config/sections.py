@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import ClassVar, Literal
 from urllib.parse import urlsplit
 
-from hsmscep.config.reader import TOKEN_KEYS, Reader, did_you_mean
+from hsmscep.config.logsection import LogSettings as LogSettings
+from hsmscep.config.reader import TOKEN_KEYS, Reader
 from hsmscep.errors import ConfigError
 from hsmscep.hsm.refs import KeyRef, TokenRef
 from hsmscep.policy.profiles import DEFAULT_CA
@@ -238,26 +239,6 @@ class RenewalSettings:
             allow_key_reuse=r.boolean("renewal", "allow_key_reuse", True),
             revoke_replaced=r.boolean("renewal", "revoke_replaced", False),
         )
-
-
-@dataclass(frozen=True, slots=True)
-class LogSettings:
-    """[log]."""
-
-    KEYS: ClassVar[frozenset[str]] = frozenset({"level"})
-    LEVELS: ClassVar[tuple[str, ...]] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-    level: str = "INFO"
-
-    @classmethod
-    def read(cls, r: Reader) -> LogSettings:
-        level = str(r.get("log", "level", "INFO")).upper()
-        if level not in cls.LEVELS:
-            raise ConfigError(
-                f"log.level has value {level!r}; use one of {', '.join(cls.LEVELS)}"
-                + did_you_mean(level, cls.LEVELS, "{}")
-            )
-        return cls(level)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import math
 import queue
@@ -147,7 +148,9 @@ class SigningPool(Generic[C]):
         expiry = loop.call_later(self.job_timeout, _expire, fut, self.job_timeout)
         try:
             self._handed_out += 1
-            self._queue.put((fut, job))
+            # The job runs in the caller's context: its log lines carry the request id.
+            context = contextvars.copy_context()
+            self._queue.put((fut, lambda keys: context.run(job, keys)))
             return await fut
         finally:
             expiry.cancel()

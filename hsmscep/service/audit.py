@@ -37,7 +37,7 @@ def record_http_refusal(profile: str, client: str, status: int, reason: str) -> 
             "decision": "invalid",
             "outcome": f"HTTP {status}: {reason}",
         }
-        audit.info(json.dumps(entry, ensure_ascii=False))
+        audit.info(json.dumps(entry, ensure_ascii=False), extra={"data": entry})
 
 
 class Audit:
@@ -73,7 +73,7 @@ class Audit:
         if record is not None:
             entry["serial"] = openssl_serial(record.serial)
         if audit.isEnabledFor(logging.INFO):
-            audit.info(json.dumps(entry, ensure_ascii=False))
+            audit.info(json.dumps(entry, ensure_ascii=False), extra={"data": entry})
         if profile.notify is not None and decision in ("issued", "denied"):
             assert self.webhooks is not None
             event = entry | {"event": decision, "time": self._clock().isoformat()}

@@ -38,6 +38,7 @@ from hsmscep.service.publication import (
     Publication,
 )
 from hsmscep.service.query import Queries
+from hsmscep.service.readiness import Readiness
 from hsmscep.service.replies import Replies, describe_key
 from hsmscep.store.records import PendingRequest, Revocation
 from hsmscep.webhook.client import WebhookClient
@@ -117,6 +118,8 @@ class ScepService:
         )
         self._queries = Queries(issuing, publication)
         self._audit = Audit(profiles, webhooks, clock)
+        certs = dict(zip(("CA", "RA", "RA decryption"), (ca_cert, *ra_certs), strict=False))
+        self.readiness = Readiness(store, certs, clock)
 
     async def pki_operation(
         self, der: bytes, client: str = "-", profile: Profile | None = None

@@ -9,16 +9,20 @@ from __future__ import annotations
 import os
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from hsmscep import logs
 from hsmscep.config.settings import Settings, load_settings
 from hsmscep.policy import crl
+from hsmscep.service.readiness import OK
+from hsmscep.service.scep import ScepService
 from hsmscep.web import admin, scep
 from hsmscep.web.errors import EXCEPTION_HANDLERS, RETRY_AFTER
 from hsmscep.web.lifespan import KeyBackend, Pkcs11Keys, lifespan
+from hsmscep.web.requestlog import RequestLog
 
 _ALL_METHODS = ["GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
@@ -49,6 +53,7 @@ def create_app(settings: Settings, keys: KeyBackend | None = None) -> Starlette:
     return Starlette(
         routes=routes,
         exception_handlers=dict(EXCEPTION_HANDLERS),
+        middleware=[Middleware(RequestLog, access_log=settings.log.access)],
         lifespan=lifespan(settings, keys or Pkcs11Keys()),
     )
 
@@ -56,18 +61,31 @@ def create_app(settings: Settings, keys: KeyBackend | None = None) -> Starlette:
 def app_from_env() -> Starlette:
     """uvicorn factory for worker processes: the config path travels in HSMSCEP_CONFIG."""
     settings = load_settings(os.environ["HSMSCEP_CONFIG"])
-    logs.configure(settings.log.level)
+    logs.configure(settings.log.level, settings.log.format, dict(settings.log.levels))
     return create_app(settings)
 
 
 async def health(request: Request) -> Response:
-    return PlainTextResponse("ok\n")
+    """The process answers: always 200 (liveness; whether it can sign is /readyz)."""
+    return JSONResponse({"status": "ok", "pid": os.getpid()})
 
 
 async def ready(request: Request) -> Response:
-    """200 while this process can sign: each key's token (or one of its replicas) is logged
-    in and answering; else 503. Lists every token this process uses and its state."""
+    """200 while this process can issue, else 503 with Retry-After; the JSON body names each
+    check ("ok" or why not): every key's token (or one of its replicas) logged in and
+    answering, the store writable, the CRL not past nextUpdate, the CA and RA certificates
+    valid. Per CA, a failing check's text names the CA when there are several."""
     tokens = request.state.readiness()
-    ok = all(t["group_ready"] for t in tokens)
-    body = {"ready": ok, "tokens": tokens}
+    hsm_ok = all(t["group_ready"] for t in tokens)
+    services: dict[str, ScepService] = request.state.services
+    per_ca = {name: await service.readiness.checks() for name, service in services.items()}
+    checks: dict[str, object] = {"hsm": {"ready": hsm_ok, "tokens": tokens}}
+    for check in ("store", "crl", "ca"):
+        failing = {name: c[check] for name, c in per_ca.items() if c[check] != OK}
+        if len(per_ca) > 1:
+            checks[check] = "; ".join(f"{name}: {why}" for name, why in failing.items()) or OK
+        else:
+            checks[check] = next(iter(failing.values()), OK)
+    ok = hsm_ok and all(checks[c] == OK for c in ("store", "crl", "ca"))
+    body = {"ready": ok, "checks": checks}
     return JSONResponse(body, status_code=200 if ok else 503, headers=None if ok else RETRY_AFTER)
