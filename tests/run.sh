@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(softhsm2 scep opensc openssl certmonger faketime python3-venv postgresql p11-kit
+packages=(softhsm2 scep opensc openssl certmonger faketime python3-venv postgresql p11-kit prometheus
   p11-kit-modules libp11-kit-dev gcc)
 missing=()
 for p in "${packages[@]}"; do
