@@ -22,6 +22,7 @@ from cryptography import x509
 
 from hsmscep.cli.banner import fingerprint
 from hsmscep.store.postgres import PgStore
+from hsmscep.store.sqlite import CertStore
 from tests.conftest import DevCa, Server, make_ca, start_server
 from tests.pgcluster import PASSWORD, Cluster
 from tests.test_enroll import (
@@ -226,3 +227,37 @@ def test_status_on_postgres_counts_exactly(
     assert (stats["issued_today"], stats["challenges_outstanding"]) == (0, 0)
     assert stats["crl"]["number"] == 2
     assert PASSWORD not in done.stdout + done.stderr
+
+
+@pytest.mark.hsm
+def test_every_ca_has_its_own_counts(enrolled: Server, status_ca: DevCa) -> None:
+    directory = status_ca.directory
+    for role in ("ca", "ra"):
+        (directory / f"second-{role}.pem").write_bytes((directory / f"{role}.pem").read_bytes())
+    config = directory / "multi.toml"
+    extra = '\n[cas.second]\nkey_label = "second-ca"\nra_key_label = "second-ra"\n'
+    config.write_text(status_ca.config.read_text() + extra)
+
+    async def seed() -> None:
+        store = await CertStore.open(directory / "second.db")
+        try:
+            await fill(store)
+        finally:
+            await store.close()
+
+    asyncio.run(seed())
+    done = subprocess.run(
+        [sys.executable, "-m", "hsmscep", "status", "--json", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ) | NO_HSM,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    totals = {s["ca"]: (s["location"], s["stats"]["total"]) for s in report["stores"]}
+    assert totals == {
+        "default": (str(status_ca.db_path), 4),
+        "second": (str(directory / "second.db"), 7),
+    }
+    assert [p[0] for p in report["publication"]] == ["default", "second"]

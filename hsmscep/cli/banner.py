@@ -24,6 +24,7 @@ from hsmscep.config.settings import Settings
 from hsmscep.hsm.refs import TokenRef
 from hsmscep.policy.crl import CA_CERT_PATH, CRL_PATH
 from hsmscep.policy.profiles import DEFAULT_CA, DEFAULT_PROFILE
+from hsmscep.store.pgdatabase import redact
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ def gather(
 def _stores(settings: Settings) -> Iterator[StoreFacts]:
     store = settings.store
     if store.url is not None:
-        yield StoreFacts(DEFAULT_CA, "postgresql", store.url)
+        # The configuration refuses a password in the URL; redact() all the same.
+        yield StoreFacts(DEFAULT_CA, "postgresql", redact(store.url))
     else:
         yield StoreFacts(DEFAULT_CA, "sqlite", str(store.path))
     for extra in settings.cas:

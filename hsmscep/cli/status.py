@@ -25,6 +25,7 @@ from hsmscep.cli.banner import render as render_banner
 from hsmscep.cli.preflight import check_certificate_file
 from hsmscep.config.settings import Settings, load_settings
 from hsmscep.errors import ConfigError
+from hsmscep.policy.profiles import DEFAULT_CA
 from hsmscep.store.readonly import NoStore, read_stats
 from hsmscep.store.records import StoreStats
 from hsmscep.store.stats import MAX_DAYS
@@ -70,11 +71,12 @@ def _certificates(settings: Settings) -> dict[Path, x509.Certificate]:
 
 async def _read(settings: Settings, facts: Facts, now: datetime, days: int) -> Report:
     report: Report = []
+    extra = {ca.name: ca.db_path for ca in settings.cas}
     for store in facts.stores:
+        # The facts' location is for display; connect with the configured one.
+        location = settings.store.location if store.ca == DEFAULT_CA else extra[store.ca]
         try:
-            stats = await read_stats(
-                store.location, password=settings.store.password, now=now, days=days
-            )
+            stats = await read_stats(location, password=settings.store.password, now=now, days=days)
         except NoStore:
             stats = None
         report.append((store, stats))
