@@ -47,7 +47,7 @@ def test_serve_logs_the_banner_once_before_the_workers(server: Server, dev_ca: D
         )
         assert expected in text
     assert fingerprint(cert).count(":") == 31
-    assert f"token: {dev_ca.token.module}, label 'hsmscep-test'" in text
+    assert f"token: label 'hsmscep-test' ({dev_ca.token.module})" in text
     assert "1 worker process, " in text and "max_pending 128" in text
     assert f"store (default): sqlite {dev_ca.db_path}" in text
     assert "profile default (CA default): /scep, /cgi-bin/pkiclient.exe; challenge static" in text
@@ -159,8 +159,8 @@ def test_facts_and_lines_of_a_production_like_config(tmp_path: Path) -> None:
         False,
     )
     assert facts.tokens == (
-        "/opt/luna/libCryptoki2_64.so, label 'scep-ca'",
-        "/opt/luna/libCryptoki2_64.so, label 'scep-ca-b'",
+        "label 'scep-ca' (/opt/luna/libCryptoki2_64.so)",
+        "label 'scep-ca-b' (/opt/luna/libCryptoki2_64.so)",
     )
     assert [(s.ca, s.backend, s.location) for s in facts.stores] == [
         ("default", "postgresql", "postgresql://hsmscep@db.example.com/pki"),

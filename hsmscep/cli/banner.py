@@ -108,8 +108,10 @@ def fingerprint(cert: x509.Certificate) -> str:
 
 
 def describe_token(token: TokenRef) -> str:
+    """As `hsmscep config check` names a token (cli.tokens.TokenCheck.describe), without
+    importing the PKCS#11 edge: status never needs it."""
     name = f"label {token.label!r}" if token.label else f"serial {token.serial!r}"
-    return f"{token.module}, {name}"
+    return f"{name} ({token.module})"
 
 
 def gather(
