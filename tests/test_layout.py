@@ -40,6 +40,7 @@ PURE = (
     "store.records",
     "store.schema",
     "store.pgschema",
+    "store.stats",
     "service.ports",
     "service.refusal",
     "hsm.refs",

@@ -1,9 +1,9 @@
 """The `hsmscep` command: its parser, and dispatch to the command modules of hsmscep.cli.
 
-Commands: init, import-ca (bootstrap), serve, dev, revoke, pending, challenge, rollover, store,
-config check. A command's module is imported only when it runs. Secrets never come from argv.
-A user's mistake is one line `hsmscep: ...` and the exit code of its class (EXIT_CODES,
-docs/operations.md); `--debug` shows the traceback instead.
+Commands: init, import-ca (bootstrap), serve, dev, status, revoke, pending, challenge,
+rollover, store, config check. A command's module is imported only when it runs. Secrets
+never come from argv. A user's mistake is one line `hsmscep: ...` and the exit code of its
+class (EXIT_CODES, docs/operations.md); `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -137,6 +137,15 @@ def _parser() -> argparse.ArgumentParser:
     with_config(serve)
     _server_flags(serve)
     serve.set_defaults(command="serve:run")
+
+    status = sub.add_parser(
+        "status", help="the server's facts, counts from the store, a plot of issuance per hour"
+    )
+    with_config(status)
+    status.add_argument("--days", type=int, default=7, help="issuance per hour over N days (7)")
+    status.add_argument("--plot", type=Path, help="draw it into out.png or out.svg (matplotlib)")
+    status.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    status.set_defaults(command="status:run")
 
     revoke = sub.add_parser("revoke", help="revoke an issued certificate (RFC 5280 reason)")
     with_config(revoke)

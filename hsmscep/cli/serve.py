@@ -12,10 +12,12 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from hsmscep import logs
+from hsmscep.cli.banner import log_banner
 from hsmscep.cli.preflight import preflight
 from hsmscep.config.settings import Settings, load_settings
 from hsmscep.errors import ConfigError, HsmError, StoreError, WorkerStartFailed
@@ -73,6 +75,7 @@ def run_server(config: str, settings: Settings) -> int:
     check_logins(settings_tokens(settings), settings.pkcs11.replicas)
     cpus = affinity.usable_cpus()
     workers = affinity.worker_processes(settings.server.workers)
+    log_banner(settings, cpus=len(cpus), now=datetime.now(UTC))
     # Before the workers start: they inherit the limit, and each derives its cap from it.
     before, after = raise_open_files_limit()
     logging.getLogger("hsmscep.web").info(

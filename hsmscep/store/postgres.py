@@ -35,7 +35,9 @@ from hsmscep.store.records import (
     OneTimeChallenge,
     PendingRequest,
     Revocation,
+    StoreStats,
 )
+from hsmscep.store.stats import fold, queries
 
 POOL_SIZE = 8  # reads and rare writes; the group commit has a connection of its own
 
@@ -142,6 +144,11 @@ class PgStore:
     async def serials(self) -> list[int]:
         """All stored serial numbers, ascending."""
         return await self._certificates.serials()
+
+    async def stats(self, now: datetime, days: int) -> StoreStats:
+        """The counts `hsmscep status` shows, issuance per hour over the last `days`."""
+        rows = [await self._db.read(sql, *p) for sql, p in queries("postgresql", now, days)]
+        return fold(rows, now, days)
 
     # ---- revocation and CRLs ----------------------------------------------------------------
 

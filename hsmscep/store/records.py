@@ -102,3 +102,16 @@ class OneTimeChallenge:
     profile: str = ""  # '' is the server-wide pool
     used_at: datetime | None = None
     used_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """What `hsmscep status` shows of one CA's store, read in one pass (no write)."""
+
+    total: int  # certificates ever issued (revoked ones included)
+    issued_today: int  # since 00:00 UTC
+    revoked: int
+    pending: int  # requests waiting for an operator's decision (expired ones included)
+    challenges_outstanding: int  # one-time challenges neither used nor expired
+    hourly: tuple[tuple[datetime, int], ...]  # (hour start, UTC) -> issued, oldest first
+    crl: CrlInfo | None  # the newest published CRL

@@ -28,9 +28,11 @@ from hsmscep.store.records import (
     OneTimeChallenge,
     PendingRequest,
     Revocation,
+    StoreStats,
 )
 from hsmscep.store.revocations import Revocations
 from hsmscep.store.schema import MIGRATIONS, SCHEMA_VERSION
+from hsmscep.store.stats import fold, queries
 
 __all__ = ["SCHEMA_VERSION", "CertStore"]
 
@@ -141,6 +143,11 @@ class CertStore:
     async def serials(self) -> list[int]:
         """All stored serial numbers, ascending."""
         return await self._certificates.serials()
+
+    async def stats(self, now: datetime, days: int) -> StoreStats:
+        """The counts `hsmscep status` shows, issuance per hour over the last `days`."""
+        rows = [await self._db.read(sql, p) for sql, p in queries("sqlite", now, days)]
+        return fold(rows, now, days)
 
     # ---- revocation and CRLs (revocations.py) -----------------------------------------------
 
