@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(softhsm2 scep opensc openssl certmonger faketime python3-venv postgresql p11-kit
-  p11-kit-modules libp11-kit-dev gcc)
+  p11-kit-modules libp11-kit-dev gcc prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

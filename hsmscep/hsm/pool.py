@@ -16,6 +16,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -54,7 +55,11 @@ class SigningPool(Generic[C]):
         max_pending: int,
         close_context: Callable[[C], None] | None = None,
         stale: Callable[[C], bool] | None = None,
+        observe_wait: Callable[[float], None] | None = None,
+        on_reject: Callable[[], None] | None = None,
     ) -> None:
+        """`observe_wait(seconds)` gets each job's time in the queue (on the worker thread);
+        `on_reject()` runs for each job refused at admission (the metrics)."""
         if size < 1:
             raise ValueError("pool size must be at least 1")
         self._open_context = open_context
@@ -81,6 +86,8 @@ class SigningPool(Generic[C]):
         self._returned = 0
         self._count_lock = threading.Lock()
         self._job_end_hooks: list[Callable[[], None]] = []
+        self._observe_wait = observe_wait
+        self._on_reject = on_reject
 
     @property
     def pending(self) -> int:
@@ -89,6 +96,10 @@ class SigningPool(Generic[C]):
     @property
     def size(self) -> int:
         return self._size
+
+    def queued(self) -> int:
+        """Jobs waiting for a worker thread (approximate; any thread)."""
+        return self._queue.qsize()
 
     def working(self) -> int:
         """Jobs queued or running on a worker (not those waiting for a deferred finish);
@@ -138,6 +149,8 @@ class SigningPool(Generic[C]):
             raise HsmError("signing pool is shut down")
         # working(): jobs a caller gave up on (timed out) still hold a thread or a queue slot.
         if self._pending >= self._max_pending or self.working() >= self._max_pending:
+            if self._on_reject is not None:
+                self._on_reject()
             raise HsmBusy("signing queue full")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
@@ -147,7 +160,7 @@ class SigningPool(Generic[C]):
         expiry = loop.call_later(self.job_timeout, _expire, fut, self.job_timeout)
         try:
             self._handed_out += 1
-            self._queue.put((fut, job))
+            self._queue.put((fut, job, time.perf_counter()))
             return await fut
         finally:
             expiry.cancel()
@@ -182,7 +195,11 @@ class SigningPool(Generic[C]):
             item = self._queue.get()
             if item is _STOP:
                 break
-            fut, job = cast(tuple[asyncio.Future[object], Callable[[C], object]], item)
+            fut, job, queued_at = cast(
+                tuple[asyncio.Future[object], Callable[[C], object], float], item
+            )
+            if self._observe_wait is not None:
+                self._observe_wait(time.perf_counter() - queued_at)
             context, result, error = self._run_job(context, job)
             with self._count_lock:
                 self._returned += 1

@@ -1,0 +1,329 @@
+"""Prometheus metrics (issue 12): a real `hsmscep serve --workers 2` counted exactly, summed
+over both workers and across a SIGHUP restart; the exposition passes promtool; the admin token
+and the supervisor's own listener; the pure helpers.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.parser import text_string_to_metric_families
+
+from hsmscep.config.sections import parse_listen
+from hsmscep.errors import ConfigError, HsmBusy, MessageError, PayloadTooLarge, StoreError
+from hsmscep.web.errors import status_of
+from hsmscep.web.scrape import authorized, wsgi_app
+from tests.conftest import DevCa, Server, free_port, make_ca, openssl_serial, start_server
+from tests.inprocess import serve, soft_ca
+from tests.test_enroll import (
+    fetch_ca_certs,
+    issued_cert,
+    new_request,
+    open_reply,
+    post_pki,
+)
+from tests.test_pipeline import worker_pids
+from tests.test_sighup import wait_for
+
+TOKEN = "metrics-admin-token-0123456789"
+ENROLLMENTS, WRONG_CHALLENGE, MALFORMED = 8, 2, 2
+CLIENTS = 8  # connections held open together: the balancer spreads them over both workers
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of `name` over every series whose labels include `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+def scrape(url: str, **kwargs: str) -> str:
+    response = httpx.get(f"{url}/metrics", headers=kwargs, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return response.text
+
+
+@pytest.fixture(scope="module")
+def mca(softhsm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DevCa:
+    directory = tmp_path_factory.mktemp("metrics")
+    (directory / "admin-token").write_text(TOKEN + "\n")
+    extra = '\n[admin]\ntoken_file = "admin-token"\n\n[metrics]\ndirectory = "metrics-dir"\n'
+    return make_ca(softhsm_dir, directory, "hsmscep-metrics", extra_config=extra)
+
+
+@pytest.fixture(scope="module")
+def mserver(mca: DevCa) -> Iterator[Server]:
+    server = start_server(mca, args=("--workers", "2"))
+    try:
+        wait_for(lambda: len(worker_pids(server.process.pid)) == 2, "two workers")
+        wait_for(lambda: _sampling(mca, worker_pids(server.process.pid)), "both workers ready")
+        yield server
+    finally:
+        code = server.stop()
+        assert code == 0, server.output()
+    # The supervisor emptied and used the configured directory; it keeps it (not its own).
+    assert (mca.directory / "metrics-dir").is_dir()
+
+
+def _sampling(ca: DevCa, pids: list[int]) -> bool:
+    """Each of `pids` has sampled its tokens: its lifespan finished starting."""
+    for pid in pids:
+        path = ca.directory / "metrics-dir" / f"gauge_livemax_{pid}.db"
+        if not path.exists():
+            return False
+        keys = [key for key, *_ in MmapedDict.read_all_values_from_file(str(path))]
+        if not any("hsmscep_hsm_token_up" in key for key in keys):
+            return False
+    return True
+
+
+def _per_process_requests(directory: Path) -> dict[int, float]:
+    """hsmscep_requests_total per worker process, from prometheus-client's own files."""
+    counts: dict[int, float] = {}
+    for path in directory.glob("counter_*.db"):
+        pid = int(path.stem.split("_")[1])
+        values = MmapedDict.read_all_values_from_file(str(path))
+        counts[pid] = sum(
+            value for key, value, _, _ in values if '"hsmscep_requests"' in key and "_total" in key
+        )
+    return counts
+
+
+def test_counters_move_by_exactly_what_was_sent(mca: DevCa, mserver: Server) -> None:
+    ca_certs = fetch_ca_certs(mserver.url)
+    before = parse(scrape(mserver.url))
+    clients = [httpx.Client(timeout=60) for _ in range(CLIENTS)]
+    try:
+        # Every connection open at once, so that both workers hold some of them.
+        for client in clients:
+            assert client.get(f"{mserver.url}/healthz").status_code == 200
+        serials: list[str] = []
+        errors: list[BaseException] = []
+
+        def send(index: int) -> None:
+            try:
+                client = clients[index]
+                request = new_request(ca_certs, mca.challenge, cn=f"metrics-device-{index}")
+                cert = issued_cert(post_pki(mserver.url, request.der, client), request, ca_certs)
+                serials.append(openssl_serial(cert))
+            except BaseException as exc:  # reported below, on the test's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(ENROLLMENTS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors
+        for index in range(WRONG_CHALLENGE):
+            request = new_request(ca_certs, "not-the-challenge", cn=f"metrics-wrong-{index}")
+            result = open_reply(
+                post_pki(mserver.url, request.der, clients[index]), request, ca_certs
+            )
+            assert (result.pki_status, result.fail_info) == ("2", "2")  # FAILURE badRequest
+        for index in range(MALFORMED):
+            assert post_pki(mserver.url, b"\x30\x03junk", clients[index]).status_code == 400
+    finally:
+        for client in clients:
+            client.close()
+    text = scrape(mserver.url)
+    after = parse(text)
+
+    def moved(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    pkcs = {"message_type": "PKCSReq", "profile": "default"}
+    assert moved("hsmscep_requests_total", **pkcs, outcome="success", status="200") == ENROLLMENTS
+    failed = moved("hsmscep_requests_total", **pkcs, outcome="failure", fail_info="badRequest")
+    assert failed == WRONG_CHALLENGE
+    bad = {"message_type": "unknown", "outcome": "http_error", "status": "400"}
+    assert moved("hsmscep_requests_total", **bad) == MALFORMED
+    enrolled = {"ca": "default", "profile": "default"}
+    assert moved("hsmscep_enrollments_total", **enrolled, outcome="issued") == ENROLLMENTS
+    assert moved("hsmscep_enrollments_total", **enrolled, outcome="refused") == WRONG_CHALLENGE
+    sent = ENROLLMENTS + WRONG_CHALLENGE
+    assert moved("hsmscep_request_duration_seconds_count", message_type="PKCSReq") == sent
+    assert moved("hsmscep_store_commit_batch_size_sum") == ENROLLMENTS
+    # At least: a CRL may be signed meanwhile (the CA key, counted as sign_certificate).
+    assert moved("hsmscep_hsm_operation_seconds_count", operation="decrypt") >= sent
+    assert moved("hsmscep_hsm_operation_seconds_count", operation="sign_certificate") >= ENROLLMENTS
+    assert moved("hsmscep_hsm_operation_seconds_count", operation="sign_reply") >= sent
+    assert moved("hsmscep_hsm_queue_seconds_count") >= sent
+    # Facts every worker sets: one series each, not one per process.
+    assert total(after, "hsmscep_build_info") == 1
+    assert total(after, "hsmscep_hsm_token_up") == 1
+    not_after = x509.load_pem_x509_certificate(
+        mca.settings.ca.cert.read_bytes()
+    ).not_valid_after_utc
+    ca_expiry = total(after, "hsmscep_certificate_not_after_timestamp_seconds", role="ca")
+    assert ca_expiry == not_after.timestamp()
+    # Both workers served (each has its own file), and the sum is what was sent.
+    per_process = _per_process_requests(mca.directory / "metrics-dir")
+    workers = worker_pids(mserver.process.pid)
+    assert all(per_process.get(pid, 0) > 0 for pid in workers), (per_process, workers)
+    assert sum(per_process.values()) == total(after, "hsmscep_requests_total")
+    # No subject, serial or address in any label.
+    assert "metrics-device" not in text and "metrics-wrong" not in text
+    assert "127.0.0.1" not in text
+    assert not any(serial in text for serial in serials)
+
+
+def test_exposition_passes_promtool(mserver: Server) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    text = scrape(mserver.url)
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=60
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_sighup_neither_loses_nor_doubles_counters(mca: DevCa, mserver: Server) -> None:
+    before = parse(scrape(mserver.url))
+    old = set(worker_pids(mserver.process.pid))
+    mserver.process.send_signal(signal.SIGHUP)
+
+    def replaced() -> bool:
+        now = set(worker_pids(mserver.process.pid))
+        return len(now) == 2 and not now & old
+
+    wait_for(replaced, "new workers")
+    wait_for(lambda: _sampling(mca, worker_pids(mserver.process.pid)), "the new workers ready")
+    after = parse(scrape(mserver.url))
+    for name in ("hsmscep_requests_total", "hsmscep_enrollments_total"):
+        # The scrapes themselves are no SCEP requests: nothing moved.
+        assert total(after, name) == total(before, name) > 0, name
+    # The old workers' live gauges left with them: still one token, up.
+    assert total(after, "hsmscep_hsm_token_up") == 1
+    ca_certs = fetch_ca_certs(mserver.url)
+    request = new_request(ca_certs, mca.challenge, cn="metrics-after-hup")
+    issued_cert(post_pki(mserver.url, request.der), request, ca_certs)
+    final = parse(scrape(mserver.url))
+    issued = {"outcome": "issued"}
+    assert total(final, "hsmscep_enrollments_total", **issued) == (
+        total(before, "hsmscep_enrollments_total", **issued) + 1
+    )
+
+
+def test_separate_listener_with_the_admin_token(mca: DevCa, tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        "HSMSCEP_METRICS_LISTEN": f"127.0.0.1:{port}",
+        "HSMSCEP_METRICS_REQUIRE_ADMIN_TOKEN": "true",
+        "HSMSCEP_METRICS_DIRECTORY": str(tmp_path / "own-dir"),
+    }
+    server = start_server(mca, env)
+    try:
+        listener = f"http://127.0.0.1:{port}"
+        # Not on the SCEP port; on its own port only at its path, and only with the token.
+        assert httpx.get(f"{server.url}/metrics", timeout=10).status_code == 404
+        assert httpx.get(f"{listener}/metrics", timeout=10).status_code == 401
+        wrong = {"Authorization": "Bearer not-the-token-0123456789"}
+        assert httpx.get(f"{listener}/metrics", headers=wrong, timeout=10).status_code == 401
+        good = {"Authorization": f"Bearer {TOKEN}"}
+        assert httpx.get(f"{listener}/other", headers=good, timeout=10).status_code == 404
+        response = httpx.get(f"{listener}/metrics", headers=good, timeout=10)
+        assert response.status_code == 200
+        assert total(parse(response.text), "hsmscep_build_info") == 1
+    finally:
+        code = server.stop()
+    assert code == 0, server.output()
+
+
+# ---- in process: one process, the default registry -----------------------------------------
+
+
+def test_in_process_metrics_and_the_admin_token(tmp_path: Path) -> None:
+    (tmp_path / "admin-token").write_text(TOKEN + "\n")
+    extra = '\n[admin]\ntoken_file = "admin-token"\n\n[metrics]\nrequire_admin_token = true\n'
+    with serve(soft_ca(tmp_path, "metrics-inproc", extra_config=extra)) as http:
+        assert http.get("/scep", params={"operation": "GetCACaps"}).status_code == 200
+        assert http.get("/metrics").status_code == 401
+        bad = http.get("/metrics", headers={"Authorization": "Bearer x" * 3})
+        assert bad.status_code == 401
+        good = http.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert good.status_code == 200
+        caps = {"message_type": "GetCACaps", "outcome": "success", "status": "200"}
+        assert total(parse(good.text), "hsmscep_requests_total", **caps) >= 1
+
+
+def test_metrics_can_be_disabled(tmp_path: Path) -> None:
+    extra = "\n[metrics]\nenabled = false\n"
+    with serve(soft_ca(tmp_path, "metrics-off", extra_config=extra)) as http:
+        assert http.get("/metrics").status_code == 404
+        assert http.get("/scep", params={"operation": "GetCACaps"}).status_code == 200
+
+
+# ---- pure helpers -------------------------------------------------------------------------
+
+
+def test_listen_addresses() -> None:
+    assert parse_listen("127.0.0.1:9102") == ("127.0.0.1", 9102)
+    assert parse_listen("[::1]:9102") == ("::1", 9102)
+    for wrong in ("9102", "127.0.0.1", "host:0", "host:70000", ":9102", "host:x"):
+        with pytest.raises(ConfigError):
+            parse_listen(wrong)
+
+
+def test_error_statuses_match_the_error_map() -> None:
+    assert status_of(MessageError("x")) == 400
+    assert status_of(PayloadTooLarge("x")) == 413
+    assert status_of(HsmBusy("x")) == 503
+    assert status_of(StoreError("x")) == 503
+    assert status_of(RuntimeError("x")) == 500
+
+
+def test_bearer_check() -> None:
+    assert authorized(f"Bearer {TOKEN}", TOKEN)
+    assert authorized(f"bearer  {TOKEN} ", TOKEN)
+    assert not authorized(f"Basic {TOKEN}", TOKEN)
+    assert not authorized("Bearer", TOKEN)
+
+
+def test_supervisor_wsgi_app_refuses_other_paths_and_methods() -> None:
+    app = wsgi_app("/metrics", TOKEN)
+    statuses: list[str] = []
+
+    def start(status: str, headers: list[tuple[str, str]]) -> None:
+        statuses.append(status)
+
+    app({"PATH_INFO": "/metrics", "REQUEST_METHOD": "POST"}, start)
+    app({"PATH_INFO": "/metrics", "REQUEST_METHOD": "GET"}, start)
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {TOKEN}"}
+    body = app({"PATH_INFO": "/metrics", "REQUEST_METHOD": "GET", **auth}, start)
+    assert statuses == ["404 Not Found", "401 Unauthorized", "200 OK"]
+    assert b"# HELP" in b"".join(body)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("require_admin_token = true", "needs an admin token"),
+        ('path = "/scep"', "metrics.path"),
+        ('path = "metrics"', "metrics.path"),
+        ('listen = "9102"', "metrics.listen"),
+    ],
+)
+def test_metrics_settings_are_checked(tmp_path: Path, extra: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        soft_ca(tmp_path, "metrics-config", extra_config=f"\n[metrics]\n{extra}\n")
