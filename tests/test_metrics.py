@@ -5,25 +5,34 @@ and the supervisor's own listener; the pure helpers.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from cryptography import x509
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from hsmscep.config.sections import parse_listen
 from hsmscep.errors import ConfigError, HsmBusy, MessageError, PayloadTooLarge, StoreError
+from hsmscep.service.authorization import ALLOW, OneTimeChallenge
+from hsmscep.store.records import OneTimeChallenge as StoredChallenge
+from hsmscep.store.sqlite import CertStore
 from hsmscep.web.errors import status_of
 from hsmscep.web.scrape import authorized, wsgi_app
+from hsmscep.web.tally import Spread, Tally
 from tests.conftest import DevCa, Server, free_port, make_ca, openssl_serial, start_server
 from tests.inprocess import serve, soft_ca
+from tests.test_authorization import ONE_TIME, T0, candidate, with_store
 from tests.test_enroll import (
     fetch_ca_certs,
     issued_cert,
@@ -145,12 +154,22 @@ def test_counters_move_by_exactly_what_was_sent(mca: DevCa, mserver: Server) -> 
     finally:
         for client in clients:
             client.close()
-    text = scrape(mserver.url)
-    after = parse(text)
+    scraped = [scrape(mserver.url)]
 
     def moved(name: str, **labels: str) -> float:
+        after = parse(scraped[-1])
         return total(after, name, **labels) - total(before, name, **labels)
 
+    def settled() -> bool:
+        # Each worker moves its counts into the shared files once a second.
+        scraped.append(scrape(mserver.url))
+        requests = moved("hsmscep_requests_total", message_type="PKCSReq")
+        enrollments = moved("hsmscep_enrollments_total")
+        return requests == ENROLLMENTS + WRONG_CHALLENGE and enrollments == requests
+
+    wait_for(settled, "both workers' counts", seconds=15)
+    text = scraped[-1]
+    after = parse(text)
     pkcs = {"message_type": "PKCSReq", "profile": "default"}
     assert moved("hsmscep_requests_total", **pkcs, outcome="success", status="200") == ENROLLMENTS
     failed = moved("hsmscep_requests_total", **pkcs, outcome="failure", fail_info="badRequest")
@@ -199,6 +218,7 @@ def test_exposition_passes_promtool(mserver: Server) -> None:
 
 
 def test_sighup_neither_loses_nor_doubles_counters(mca: DevCa, mserver: Server) -> None:
+    time.sleep(1.5)  # every count of the requests so far is in the shared files
     before = parse(scrape(mserver.url))
     old = set(worker_pids(mserver.process.pid))
     mserver.process.send_signal(signal.SIGHUP)
@@ -218,11 +238,16 @@ def test_sighup_neither_loses_nor_doubles_counters(mca: DevCa, mserver: Server) 
     ca_certs = fetch_ca_certs(mserver.url)
     request = new_request(ca_certs, mca.challenge, cn="metrics-after-hup")
     issued_cert(post_pki(mserver.url, request.der), request, ca_certs)
-    final = parse(scrape(mserver.url))
     issued = {"outcome": "issued"}
-    assert total(final, "hsmscep_enrollments_total", **issued) == (
-        total(before, "hsmscep_enrollments_total", **issued) + 1
-    )
+    expected = total(before, "hsmscep_enrollments_total", **issued) + 1
+
+    def counted() -> bool:
+        final = parse(scrape(mserver.url))
+        return total(final, "hsmscep_enrollments_total", **issued) == expected
+
+    wait_for(counted, "the new enrollment counted once", seconds=15)
+    time.sleep(1.5)  # and not again at the next flush
+    assert total(parse(scrape(mserver.url)), "hsmscep_enrollments_total", **issued) == expected
 
 
 def test_separate_listener_with_the_admin_token(mca: DevCa, tmp_path: Path) -> None:
@@ -327,3 +352,47 @@ def test_supervisor_wsgi_app_refuses_other_paths_and_methods() -> None:
 def test_metrics_settings_are_checked(tmp_path: Path, extra: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         soft_ca(tmp_path, "metrics-config", extra_config=f"\n[metrics]\n{extra}\n")
+
+
+def test_one_time_challenge_events(tmp_path: Path) -> None:
+    events: list[str] = []
+
+    async def scenario(store: CertStore) -> None:
+        for secret, expires in (("otp-live", T0 + timedelta(hours=1)), ("otp-old", T0)):
+            digest = hashlib.sha256(secret.encode()).hexdigest()
+            await store.add_challenge(
+                StoredChallenge(hash=digest, created_at=T0, expires_at=expires, profile="otp")
+            )
+        policy = OneTimeChallenge(store, lambda: T0, event=events.append)
+        first = candidate(ONE_TIME, "otp-live")
+        assert await policy.authorize(first) is ALLOW
+        assert await policy.authorize(first) is ALLOW  # a retry: consumed, not twice used
+        await policy.authorize(candidate(ONE_TIME, "otp-live"))  # another request: used
+        await policy.authorize(candidate(ONE_TIME, "otp-old"))
+        await policy.authorize(candidate(ONE_TIME, "never-issued"))
+        await policy.authorize(candidate(ONE_TIME, None))
+
+    with_store(tmp_path, scenario)
+    assert events == ["consumed", "consumed", "refused", "expired", "refused", "refused"]
+
+
+def test_tallies_flush_exactly_what_was_recorded() -> None:
+    registry = CollectorRegistry()
+    counter = Counter("t_requests", "t", ["x"], registry=registry)
+    histogram = Histogram("t_seconds", "t", buckets=(0.1, 1.0), registry=registry)
+    tally, spread = Tally(counter.labels("a")), Spread(histogram)
+    for value in (0.05, 0.1, 0.5, 5.0):
+        tally.inc()
+        spread.observe(value)
+    spread.flush()
+    tally.flush()
+    tally.flush()  # nothing new: nothing added
+    spread.observe(0.2)
+    spread.flush()
+    got = {(s.name, s.labels.get("le")): s.value for m in registry.collect() for s in m.samples}
+    assert got[("t_requests_total", None)] == 4
+    assert got[("t_seconds_bucket", "0.1")] == 2  # le is inclusive
+    assert got[("t_seconds_bucket", "1.0")] == 4
+    assert got[("t_seconds_bucket", "+Inf")] == 5
+    assert got[("t_seconds_count", None)] == 5
+    assert got[("t_seconds_sum", None)] == pytest.approx(5.85)

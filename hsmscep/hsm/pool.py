@@ -55,11 +55,11 @@ class SigningPool(Generic[C]):
         max_pending: int,
         close_context: Callable[[C], None] | None = None,
         stale: Callable[[C], bool] | None = None,
-        observe_wait: Callable[[float], None] | None = None,
+        wait_observer: Callable[[], Callable[[float], None]] | None = None,
         on_reject: Callable[[], None] | None = None,
     ) -> None:
-        """`observe_wait(seconds)` gets each job's time in the queue (on the worker thread);
-        `on_reject()` runs for each job refused at admission (the metrics)."""
+        """The metrics: each worker thread calls `wait_observer()` once for the observer of
+        its jobs' time in the queue; `on_reject()` runs for each job refused at admission."""
         if size < 1:
             raise ValueError("pool size must be at least 1")
         self._open_context = open_context
@@ -86,7 +86,7 @@ class SigningPool(Generic[C]):
         self._returned = 0
         self._count_lock = threading.Lock()
         self._job_end_hooks: list[Callable[[], None]] = []
-        self._observe_wait = observe_wait
+        self._wait_observer = wait_observer
         self._on_reject = on_reject
 
     @property
@@ -191,6 +191,7 @@ class SigningPool(Generic[C]):
             loop.call_soon_threadsafe(_settle, ready, None, exc)
             return
         loop.call_soon_threadsafe(_settle, ready, None, None)
+        observe_wait = self._wait_observer() if self._wait_observer is not None else None
         while True:
             item = self._queue.get()
             if item is _STOP:
@@ -198,8 +199,8 @@ class SigningPool(Generic[C]):
             fut, job, queued_at = cast(
                 tuple[asyncio.Future[object], Callable[[C], object], float], item
             )
-            if self._observe_wait is not None:
-                self._observe_wait(time.perf_counter() - queued_at)
+            if observe_wait is not None:
+                observe_wait(time.perf_counter() - queued_at)
             context, result, error = self._run_job(context, job)
             with self._count_lock:
                 self._returned += 1

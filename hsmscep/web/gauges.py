@@ -13,13 +13,16 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from cryptography import x509
 
 from hsmscep.errors import StoreError
+from hsmscep.logs import Throttled
 from hsmscep.service.scep import ScepService
-from hsmscep.web import metrics as m
+from hsmscep.web import series as m
+from hsmscep.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
+_failures = Throttled(log, 300.0)
 
-SAMPLE_SECONDS = 2.0  # pool depth and tokens
-STORE_EVERY = 5  # samples between reads of the store (CRL, pending requests)
+SAMPLE_SECONDS = 1.0  # flushing the counts, pool depth and tokens
+STORE_EVERY = 10  # samples between reads of the store (CRL, pending requests)
 
 Readiness = Callable[[], list[dict[str, object]]]
 
@@ -33,10 +36,12 @@ def certificates(ca: str, roles: Mapping[str, x509.Certificate | None]) -> None:
 
 @contextlib.asynccontextmanager
 async def sampling(
-    services: Mapping[str, ScepService], readiness: Readiness
+    metrics: Metrics, services: Mapping[str, ScepService], readiness: Readiness
 ) -> AsyncIterator[None]:
-    """Sample the state gauges every SAMPLE_SECONDS while the context runs."""
-    task = asyncio.create_task(_sample_forever(services, readiness), name="metrics-sampler")
+    """Flush the counts and sample the state gauges every SAMPLE_SECONDS while the context
+    runs."""
+    sampler = _sample_forever(metrics, services, readiness)
+    task = asyncio.create_task(sampler, name="metrics-sampler")
     try:
         yield
     finally:
@@ -45,13 +50,19 @@ async def sampling(
             await task
 
 
-async def _sample_forever(services: Mapping[str, ScepService], readiness: Readiness) -> None:
+async def _sample_forever(
+    metrics: Metrics, services: Mapping[str, ScepService], readiness: Readiness
+) -> None:
     tick = 0
     while True:
-        sample_pools(services, readiness)
-        if tick % STORE_EVERY == 0:
-            for name, service in services.items():
-                await sample_store(name, service)
+        try:
+            metrics.flush()
+            sample_pools(services, readiness)
+            if tick % STORE_EVERY == 0:
+                for name, service in services.items():
+                    await sample_store(name, service)
+        except Exception as exc:  # the sampler must outlive any one failure
+            _failures.log(logging.ERROR, "sample", "metrics: sampling failed: %r", exc)
         tick += 1
         await asyncio.sleep(SAMPLE_SECONDS)
 

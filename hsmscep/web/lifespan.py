@@ -115,6 +115,7 @@ def lifespan(settings: Settings, keys: KeyBackend) -> Lifespan:
             GroupCommitter.observer = metrics.commit  # one per process: the series are too
             metrics.build_info(settings.pkcs11.token.module)
         async with AsyncExitStack() as stack:
+            stack.callback(metrics.flush)  # last: the counts of the final requests
             webhooks: WebhookClient | None = None
             if any(p.webhook or p.notify for p in profiles.all()):
                 webhooks = WebhookClient(observe=metrics.webhook if metrics.enabled else None)
@@ -130,7 +131,7 @@ def lifespan(settings: Settings, keys: KeyBackend) -> Lifespan:
                     _running_service(ca_settings, ca_profiles, webhooks, keys, metrics)
                 )
             if metrics.enabled:
-                await stack.enter_async_context(gauges.sampling(services, keys.readiness))
+                await stack.enter_async_context(gauges.sampling(metrics, services, keys.readiness))
             yield {
                 "metrics": metrics,
                 "metrics_settings": settings.metrics,
@@ -219,7 +220,7 @@ async def _running_service(
             max_pending=settings.server.max_pending,
             close_context=lambda worker_keys: worker_keys.close(),
             stale=lambda worker_keys: worker_keys.stale(),
-            observe_wait=metrics.hsm_wait if metrics.enabled else None,
+            wait_observer=metrics.wait_observer if metrics.enabled else None,
             on_reject=metrics.rejected if metrics.enabled else None,
         )
         # Typed as the port: mypy proves here that the SQLite backend implements it.

@@ -20,7 +20,8 @@ from hsmscep.policy.profiles import DEFAULT_CA, Profiles
 from hsmscep.service.audit import record_http_refusal
 from hsmscep.service.scep import NEXT_CA_CERT, ScepService
 from hsmscep.web.errors import status_of
-from hsmscep.web.metrics import MESSAGE_TYPES, OPERATIONS, Metrics
+from hsmscep.web.metrics import Metrics
+from hsmscep.web.series import MESSAGE_TYPES, OPERATIONS
 
 PKI_MESSAGE = "application/x-pki-message"
 PKIX_CRL = "application/pkix-crl"  # RFC 5280 §4.2.1.13
