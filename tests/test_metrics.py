@@ -6,6 +6,7 @@ and the supervisor's own listener; the pure helpers.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import signal
 import subprocess
@@ -22,13 +23,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
-from hsmscep.config.sections import parse_listen
+from hsmscep.config.sections import MetricsSettings, parse_listen
 from hsmscep.errors import ConfigError, HsmBusy, MessageError, PayloadTooLarge, StoreError
 from hsmscep.service.authorization import ALLOW, OneTimeChallenge
 from hsmscep.store.records import OneTimeChallenge as StoredChallenge
 from hsmscep.store.sqlite import CertStore
 from hsmscep.web.errors import status_of
-from hsmscep.web.scrape import authorized, wsgi_app
+from hsmscep.web.scrape import DIR_ENV, authorized, process_directory, wsgi_app
 from hsmscep.web.tally import Spread, Tally
 from tests.conftest import DevCa, Server, free_port, make_ca, openssl_serial, start_server
 from tests.inprocess import serve, soft_ca
@@ -396,3 +397,18 @@ def test_tallies_flush_exactly_what_was_recorded() -> None:
     assert got[("t_seconds_bucket", "+Inf")] == 5
     assert got[("t_seconds_count", None)] == 5
     assert got[("t_seconds_sum", None)] == pytest.approx(5.85)
+
+
+def test_process_directory_is_made_emptied_and_removed(tmp_path: Path) -> None:
+    with process_directory(MetricsSettings()) as made:
+        assert made is not None and os.environ[DIR_ENV] == made and Path(made).is_dir()
+    assert DIR_ENV not in os.environ and not Path(made).exists()  # ours: removed
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "counter_1.db").write_bytes(b"old")
+    (kept / "notes.txt").write_text("not ours")
+    with process_directory(MetricsSettings(directory=kept)) as given:
+        assert given == str(kept) and not (kept / "counter_1.db").exists()
+    assert (kept / "notes.txt").exists() and DIR_ENV not in os.environ  # configured: kept
+    with process_directory(MetricsSettings(enabled=False)) as none:
+        assert none is None and DIR_ENV not in os.environ
