@@ -29,7 +29,13 @@ from hsmscep.service.authorization import ALLOW, OneTimeChallenge
 from hsmscep.store.records import OneTimeChallenge as StoredChallenge
 from hsmscep.store.sqlite import CertStore
 from hsmscep.web.errors import status_of
-from hsmscep.web.scrape import DIR_ENV, authorized, process_directory, wsgi_app
+from hsmscep.web.scrape import (
+    DIR_ENV,
+    authorized,
+    process_directory,
+    supervisor_listener,
+    wsgi_app,
+)
 from hsmscep.web.tally import Spread, Tally
 from tests.conftest import DevCa, Server, free_port, make_ca, openssl_serial, start_server
 from tests.inprocess import serve, soft_ca
@@ -412,3 +418,15 @@ def test_process_directory_is_made_emptied_and_removed(tmp_path: Path) -> None:
     assert (kept / "notes.txt").exists() and DIR_ENV not in os.environ  # configured: kept
     with process_directory(MetricsSettings(enabled=False)) as none:
         assert none is None and DIR_ENV not in os.environ
+
+
+def test_supervisor_listener_serves_and_refuses_a_taken_address() -> None:
+    port = free_port()
+    with supervisor_listener(MetricsSettings(listen=("127.0.0.1", port)), None):
+        response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        assert response.status_code == 200 and "# HELP hsmscep_requests_total" in response.text
+        with (
+            pytest.raises(ConfigError, match="metrics.listen"),
+            supervisor_listener(MetricsSettings(listen=("127.0.0.1", port)), None),
+        ):
+            pass

@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from hsmscep.config.sections import MetricsSettings
+from hsmscep.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,10 @@ def supervisor_listener(settings: MetricsSettings, admin_token: str | None) -> I
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
     token = admin_token if settings.require_admin_token else None
-    server = make_server(host, port, wsgi_app(settings.path, token), Server, _QuietHandler)
+    try:
+        server = make_server(host, port, wsgi_app(settings.path, token), Server, _QuietHandler)
+    except OSError as exc:
+        raise ConfigError(f"metrics.listen {host}:{port}: cannot listen there: {exc}") from None
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()
     log.info("metrics on http://%s:%d%s", host, port, settings.path)
