@@ -5,6 +5,7 @@ and the supervisor's own listener; the pure helpers.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -12,22 +13,26 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
 from cryptography import x509
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from hsmscep.config.sections import MetricsSettings, parse_listen
 from hsmscep.errors import ConfigError, HsmBusy, MessageError, PayloadTooLarge, StoreError
+from hsmscep.hsm.pool import SigningPool
 from hsmscep.service.authorization import ALLOW, OneTimeChallenge
 from hsmscep.store.records import OneTimeChallenge as StoredChallenge
 from hsmscep.store.sqlite import CertStore
+from hsmscep.web import gauges
 from hsmscep.web.errors import status_of
 from hsmscep.web.scrape import (
     DIR_ENV,
@@ -49,6 +54,12 @@ from tests.test_enroll import (
 )
 from tests.test_pipeline import worker_pids
 from tests.test_sighup import wait_for
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
 
 TOKEN = "metrics-admin-token-0123456789"
 ENROLLMENTS, WRONG_CHALLENGE, MALFORMED = 8, 2, 2
@@ -242,6 +253,19 @@ def test_sighup_neither_loses_nor_doubles_counters(mca: DevCa, mserver: Server) 
         assert total(after, name) == total(before, name) > 0, name
     # The old workers' live gauges left with them: still one token, up.
     assert total(after, "hsmscep_hsm_token_up") == 1
+    # The CRL the first workers signed at start, as the new ones read it from the store.
+    crl: list[Samples] = []
+    wait_for(
+        lambda: (
+            crl.append(parse(scrape(mserver.url)))
+            or total(crl[-1], "hsmscep_crl_number", ca="default") >= 1
+        ),
+        "the CRL's gauges",
+        seconds=20,
+    )
+    this_update = total(crl[-1], "hsmscep_crl_this_update_timestamp_seconds", ca="default")
+    next_update = total(crl[-1], "hsmscep_crl_next_update_timestamp_seconds", ca="default")
+    assert 0 < this_update <= time.time() < next_update
     ca_certs = fetch_ca_certs(mserver.url)
     request = new_request(ca_certs, mca.challenge, cn="metrics-after-hup")
     issued_cert(post_pki(mserver.url, request.der), request, ca_certs)
@@ -430,3 +454,54 @@ def test_supervisor_listener_serves_and_refuses_a_taken_address() -> None:
             supervisor_listener(MetricsSettings(listen=("127.0.0.1", port)), None),
         ):
             pass
+
+
+@pytest.mark.anyio
+async def test_pool_reports_queue_waits_rejections_and_depth() -> None:
+    waits: list[float] = []
+    rejected: list[int] = []
+    observers: list[int] = []
+
+    def wait_observer() -> Callable[[float], None]:
+        observers.append(threading.get_ident())  # once per worker thread
+        return waits.append
+
+    pool: SigningPool[object] = SigningPool(
+        object,
+        size=1,
+        max_pending=2,
+        wait_observer=wait_observer,
+        on_reject=lambda: rejected.append(1),
+    )
+    await pool.start()
+    gate = threading.Event()
+    try:
+        first = asyncio.ensure_future(pool.run(lambda _: gate.wait(10)))
+        second = asyncio.ensure_future(pool.run(lambda _: "second"))
+        await asyncio.sleep(0.05)
+        assert (pool.pending, pool.queued()) == (2, 1)  # one running, one waiting
+        with pytest.raises(HsmBusy):
+            await pool.run(lambda _: "refused")
+        gate.set()
+        assert await first is True and await second == "second"
+    finally:
+        await pool.aclose()
+    assert rejected == [1] and len(observers) == 1
+    assert len(waits) == 2 and waits[1] >= 0.05  # the second waited behind the first
+
+
+def test_sampled_gauges_sum_pools_and_take_any_ready_member() -> None:
+    def service(pending: int, queued: int) -> Any:
+        pool = SimpleNamespace(pending=pending, queued=lambda: queued)
+        return SimpleNamespace(pool=pool)
+
+    rows = [
+        {"token": "token-a", "ready": False},
+        {"token": "token-a", "ready": True},  # the same token in another CA's keyring
+        {"token": "token-b", "ready": False},
+    ]
+    gauges.sample_pools({"x": service(3, 1), "y": service(2, 0)}, lambda: rows)
+    assert REGISTRY.get_sample_value("hsmscep_pool_in_flight") == 5
+    assert REGISTRY.get_sample_value("hsmscep_pool_queue_depth") == 1
+    assert REGISTRY.get_sample_value("hsmscep_hsm_token_up", {"token": "token-a"}) == 1
+    assert REGISTRY.get_sample_value("hsmscep_hsm_token_up", {"token": "token-b"}) == 0
