@@ -65,6 +65,11 @@ class Keyring:
     logins: TokenLogin | None = None
     epoch: int = 0
     previous_signers: list[tuple[CertId, ResponseSigner]] = field(default_factory=list)
+    crl_signer: SigningKey | None = None  # the CA key again, timed as sign_crl (metrics)
+
+    @property
+    def crl_key(self) -> SigningKey:
+        return self.crl_signer or self.ca_key
 
     @classmethod
     def open(cls, source: KeySource, logins: TokenLogin, worker: int | None = None) -> Keyring:
@@ -86,6 +91,11 @@ class Keyring:
             ca_ref, g, guard = session_for(source.ca_key, "sign_certificate")
             with g.in_use():
                 ca_key = signing_key(g.session, ca_ref, source.ca_cert.public_key(), guard)
+            crl_key = None
+            if source.observe is not None:  # a key object of its own, timed apart
+                _, g, guard = session_for(source.ca_key, "sign_crl")
+                with g.in_use():
+                    crl_key = signing_key(g.session, ca_ref, source.ca_cert.public_key(), guard)
             ra_public = _rsa_public(source.ra_sign_cert, "RA signing")
             ra_ref, g, guard = session_for(source.ra_sign_key, "sign_reply")
             with g.in_use():
@@ -115,6 +125,7 @@ class Keyring:
             logins,
             epoch,
             previous_signers,
+            crl_key,
         )
 
     def stale(self) -> bool:
