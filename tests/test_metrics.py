@@ -14,10 +14,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -30,6 +30,7 @@ from hsmscep.config.sections import MetricsSettings, parse_listen
 from hsmscep.errors import ConfigError, HsmBusy, MessageError, PayloadTooLarge, StoreError
 from hsmscep.hsm.pool import SigningPool
 from hsmscep.service.authorization import ALLOW, OneTimeChallenge
+from hsmscep.store.records import CrlInfo, CrlStatus
 from hsmscep.store.records import OneTimeChallenge as StoredChallenge
 from hsmscep.store.sqlite import CertStore
 from hsmscep.web import gauges
@@ -507,3 +508,36 @@ def test_sampled_gauges_sum_pools_and_take_any_ready_member() -> None:
     assert REGISTRY.get_sample_value("hsmscep_pool_queue_depth") == 1
     assert REGISTRY.get_sample_value("hsmscep_hsm_token_up", {"token": "token-a"}) == 1
     assert REGISTRY.get_sample_value("hsmscep_hsm_token_up", {"token": "token-b"}) == 0
+
+
+def test_sampled_store_gauges_and_store_errors() -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    latest = CrlInfo(7, 3, now, now + timedelta(hours=24))
+
+    def held(status: str) -> Any:
+        return SimpleNamespace(status=status)
+
+    async def crl_status() -> CrlStatus:
+        return CrlStatus(3, latest)
+
+    async def pending_requests() -> list[Any]:
+        return [held("pending"), held("approved"), held("pending")]
+
+    async def failing() -> list[Any]:
+        raise StoreError("database is locked")
+
+    store = SimpleNamespace(crl_status=crl_status, pending_requests=pending_requests)
+    asyncio.run(gauges.sample_store("sampled", cast(Any, SimpleNamespace(store=store))))
+    ca = {"ca": "sampled"}
+    assert REGISTRY.get_sample_value("hsmscep_crl_number", ca) == 7
+    this_update = REGISTRY.get_sample_value("hsmscep_crl_this_update_timestamp_seconds", ca)
+    assert this_update == now.timestamp()
+    next_update = REGISTRY.get_sample_value("hsmscep_crl_next_update_timestamp_seconds", ca)
+    assert next_update == now.timestamp() + 86400
+    assert REGISTRY.get_sample_value("hsmscep_pending_requests", ca) == 2
+    errors = {"operation": "pending"}
+    before = REGISTRY.get_sample_value("hsmscep_store_errors_total", errors) or 0
+    store.pending_requests = failing
+    asyncio.run(gauges.sample_store("sampled", cast(Any, SimpleNamespace(store=store))))
+    assert REGISTRY.get_sample_value("hsmscep_store_errors_total", errors) == before + 1
+    assert REGISTRY.get_sample_value("hsmscep_pending_requests", ca) == 2  # the last known
