@@ -1,6 +1,6 @@
 """The metrics that describe a state, sampled in each worker process instead of moved per
 request: the signing pool's depth, the tokens, the CRL, pending requests, and the facts set
-once (certificate expiry, build info). The series are in web/metrics.py.
+once (certificate expiry, build info). The series are in web/series.py.
 """
 
 from __future__ import annotations
