@@ -541,3 +541,14 @@ def test_sampled_store_gauges_and_store_errors() -> None:
     asyncio.run(gauges.sample_store("sampled", cast(Any, SimpleNamespace(store=store))))
     assert REGISTRY.get_sample_value("hsmscep_store_errors_total", errors) == before + 1
     assert REGISTRY.get_sample_value("hsmscep_pending_requests", ca) == 2  # the last known
+
+
+def test_an_unusable_metrics_directory_is_a_config_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    with (
+        pytest.raises(ConfigError, match="metrics.directory"),
+        process_directory(MetricsSettings(directory=blocker / "sub")),
+    ):
+        pass
+    assert DIR_ENV not in os.environ

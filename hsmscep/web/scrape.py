@@ -86,9 +86,12 @@ def process_directory(settings: MetricsSettings) -> Iterator[str | None]:
         path = tempfile.mkdtemp(prefix="hsmscep-metrics-")
     else:
         path = str(settings.directory)
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        for entry in Path(path).glob("*.db"):  # a previous run's values: not this server's
-            entry.unlink()
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            for entry in Path(path).glob("*.db"):  # a previous run's values: not this server's
+                entry.unlink()
+        except OSError as exc:
+            raise ConfigError(f"metrics.directory {path}: {exc.strerror or exc}") from None
     os.environ[DIR_ENV] = path
     try:
         yield path
