@@ -36,6 +36,7 @@ if not __package__:  # `python bench/driver.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import ceiling, pgstore, report, variant_report, variants  # noqa: E402
+from bench.scraper import Scraper  # noqa: E402
 from bench.servers import (  # noqa: E402
     RssSampler,
     ServerHandle,
@@ -98,6 +99,7 @@ class Bench:
     def __init__(self, workdir: Path, key_count: int) -> None:
         self.workdir = workdir
         self.key_count = key_count
+        self.scrape_every = 0.0  # --scrape: GET /metrics from hsmscep during each phase
         self.cpus = os.cpu_count() or 1
         ctx = get_context("spawn")  # no fork: the driver runs threads and owns servers
         todo = missing_keys(key_count)
@@ -206,6 +208,10 @@ class Bench:
         host_before = host_cpu_seconds()
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         sampler.start()
+        scraper = None
+        if self.scrape_every > 0 and series.handle.name == "hsmscep":
+            scraper = Scraper(series.handle.url, self.scrape_every)
+            scraper.start()
         wall_start = time.time()
         with (phase_dir / "locust.log").open("wb") as log:
             # cwd = phase dir: locust must not pick up a locust.conf/pyproject from elsewhere
@@ -216,6 +222,7 @@ class Bench:
                 proc.kill()
                 proc.wait(timeout=30)
         wall = time.time() - wall_start
+        scrapes = scraper.stop() if scraper is not None else None
         sampler.stop()
         cpu_used = cpu_seconds(series.handle.processes()) - cpu_before
         host_after = host_cpu_seconds()
@@ -257,6 +264,8 @@ class Bench:
                 max((v for _, v in sampler.timeline[series.label]), default=0) / 2**20, 1
             ),
         )
+        if scrapes is not None:
+            result["metrics_scrapes"] = scrapes
         if timeline:
             result["rss_timeline_mb"] = [
                 (round(t - wall_start, 1), round(v / 2**20, 1))
@@ -680,6 +689,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeat", type=int, default=1, help="rounds per concurrency level (compare)"
     )
+    parser.add_argument(
+        "--scrape",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="GET hsmscep's /metrics every SECONDS during each phase (0: never)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.ceiling_seconds = min(args.ceiling_seconds, 1.0)
@@ -691,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix=f"hsmscep-bench-{stamp}-"))
     started = time.time()
     bench = Bench(workdir, args.keys)
+    bench.scrape_every = args.scrape
     try:
         if args.soak or args.overload:
             data = run_sustained(args, bench, stamp)

@@ -695,3 +695,17 @@ def test_clean_text_removes_controls_and_truncates() -> None:
     with pytest.raises(WebhookError) as info:
         parse_answer(200, b'{"allow": true, "evil\\nkey": 1}')
     assert str(info.value) == "unknown key 'evil key' in the answer"
+
+
+@pytest.mark.anyio
+async def test_authorization_calls_are_observed_for_the_metrics(hook: HookServer) -> None:
+    seen: list[tuple[str, float]] = []
+    async with WebhookClient(
+        observe=lambda result, seconds: seen.append((result, seconds))
+    ) as hooks:
+        for path in ("/allow", "/deny", "/error"):
+            await hooks.authorize(config(hook.url(path)), REQUEST)
+        await hooks.authorize(config(hook.url("/slow"), timeout=0.3), REQUEST)
+        hook.release.set()
+    assert [result for result, _ in seen] == ["allowed", "denied", "error", "timeout"]
+    assert all(seconds >= 0 for _, seconds in seen) and seen[-1][1] >= 0.3

@@ -54,7 +54,7 @@ def run_server(config: str, settings: Settings) -> int:
     import uvicorn
 
     from hsmscep.hsm.login import check_logins
-    from hsmscep.web import affinity, balance
+    from hsmscep.web import affinity, balance, scrape
     from hsmscep.web.httpproto import (
         BoundedHttpToolsProtocol,
         connection_cap,
@@ -105,7 +105,12 @@ def run_server(config: str, settings: Settings) -> int:
     # One HSM session per process: connections must be spread by load, which uvicorn's
     # shared accept does not do (web/balance.py). One worker runs supervised too: SIGHUP
     # then restarts it gracefully, as it does N workers, instead of killing the server.
-    code = balance.serve(uvicorn.Config(_APP, workers=workers, **options), _recheck(config))
+    # Before any worker is spawned: prometheus-client reads its directory once, at import.
+    with (
+        scrape.process_directory(settings.metrics),
+        scrape.supervisor_listener(settings.metrics, settings.admin.token),
+    ):
+        code = balance.serve(uvicorn.Config(_APP, workers=workers, **options), _recheck(config))
     if code:
         raise WorkerStartFailed("a worker process failed to start; its log is above")
     return 0

@@ -24,6 +24,7 @@ from hsmscep.config.sections import (
     EnrollSettings,
     ExtraCa,
     LogSettings,
+    MetricsSettings,
     Pkcs11Settings,
     RaSettings,
     RenewalSettings,
@@ -35,7 +36,7 @@ from hsmscep.policy.profiles import DEFAULT_CA, DEFAULT_PROFILE, Profiles
 
 SECTIONS = (
     *("server", "pkcs11", "ca", "ra", "ra_decrypt", "enroll", "store", "log", "crl"),
-    *("renewal", "admin", "rollover", "profiles", "cas"),
+    *("renewal", "admin", "rollover", "profiles", "cas", "metrics"),
 )
 
 # The keys of the plain sections ([enroll], [profiles.*] and [cas.*] check their own).
@@ -50,6 +51,7 @@ SECTION_KEYS: dict[str, frozenset[str]] = {
     "crl": CrlSettings.KEYS,
     "renewal": RenewalSettings.KEYS,
     "admin": AdminSettings.KEYS,
+    "metrics": MetricsSettings.KEYS,
     "rollover": frozenset({"state"}),
 }
 # HSMSCEP_* variables that are no key's override: set by the command for its own processes
@@ -90,6 +92,7 @@ class Settings:
     log: LogSettings
     rollover: RolloverState  # of the default CA; empty in the view of a [cas.<name>]
     cas: tuple[ExtraCa, ...] = ()  # [cas.<name>]
+    metrics: MetricsSettings = MetricsSettings()
 
     @property
     def ca_names(self) -> tuple[str, ...]:
@@ -238,4 +241,5 @@ def _settings(r: Reader) -> Settings:
         log=LogSettings.read(r),
         rollover=rollover,
         cas=cas,
+        metrics=MetricsSettings.read(r, admin.token),
     )

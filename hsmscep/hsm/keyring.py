@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from hsmscep.errors import ConfigError, HsmError, HsmUnavailable, MessageError
 from hsmscep.hsm.keyops import Guard, decryption_key, signing_key
-from hsmscep.hsm.login import Guarded, TokenLogin
+from hsmscep.hsm.login import Guarded, TokenLogin, describe
 from hsmscep.hsm.refs import KeyRef, TokenRef
 from hsmscep.protocol.certrep import ResponseSigner
 from hsmscep.protocol.cms import CertId
@@ -46,6 +46,8 @@ class KeySource:
     previous_signers: Sequence[tuple[KeyRef, x509.Certificate]] = ()
     # Tokens holding the same keys as a configured token (same labels/ids), tried in turn.
     replicas: Mapping[TokenRef, Sequence[TokenRef]] = field(default_factory=dict)
+    # The metrics: (operation, token) -> what gets each such operation's seconds.
+    observe: Callable[[str, str], Callable[[float], None]] | None = None
 
     def members(self, token: TokenRef) -> list[TokenRef]:
         return [token, *self.replicas.get(token, ())]
@@ -63,6 +65,11 @@ class Keyring:
     logins: TokenLogin | None = None
     epoch: int = 0
     previous_signers: list[tuple[CertId, ResponseSigner]] = field(default_factory=list)
+    crl_signer: SigningKey | None = None  # the CA key again, timed as sign_crl (metrics)
+
+    @property
+    def crl_key(self) -> SigningKey:
+        return self.crl_signer or self.ca_key
 
     @classmethod
     def open(cls, source: KeySource, logins: TokenLogin, worker: int | None = None) -> Keyring:
@@ -70,32 +77,40 @@ class Keyring:
         epoch = logins.epoch
         sessions: dict[TokenRef, tuple[TokenRef, Guarded]] = {}
 
-        def session_for(ref: KeyRef) -> tuple[KeyRef, Guarded, Guard]:
+        def session_for(ref: KeyRef, operation: str) -> tuple[KeyRef, Guarded, Guard]:
             if ref.token not in sessions:
                 sessions[ref.token] = _open_member(source.members(ref.token), logins, number)
             member, guarded = sessions[ref.token]
-            return replace(ref, token=member), guarded, _guard(logins, member, guarded)
+            guard = _guard(logins, member, guarded)
+            if source.observe is not None:
+                guard = _timed(guard, source.observe(operation, describe(member)))
+            return replace(ref, token=member), guarded, guard
 
         # Key lookups run under the module's gate too: never inside a re-initialisation.
         try:
-            ca_ref, g, guard = session_for(source.ca_key)
+            ca_ref, g, guard = session_for(source.ca_key, "sign_certificate")
             with g.in_use():
                 ca_key = signing_key(g.session, ca_ref, source.ca_cert.public_key(), guard)
+            crl_key = None
+            if source.observe is not None:  # a key object of its own, timed apart
+                _, g, guard = session_for(source.ca_key, "sign_crl")
+                with g.in_use():
+                    crl_key = signing_key(g.session, ca_ref, source.ca_cert.public_key(), guard)
             ra_public = _rsa_public(source.ra_sign_cert, "RA signing")
-            ra_ref, g, guard = session_for(source.ra_sign_key)
+            ra_ref, g, guard = session_for(source.ra_sign_key, "sign_reply")
             with g.in_use():
                 ra_sign = signing_key(g.session, ra_ref, ra_public, guard)
             assert isinstance(ra_sign, ExternalRsaKey)
             decrypt_keys = []
             for ref, cert in source.decrypt:
-                member_ref, g, guard = session_for(ref)
+                member_ref, g, guard = session_for(ref, "decrypt")
                 with g.in_use():
                     public = _rsa_public(cert, "RA decryption")
                     key = decryption_key(g.session, member_ref, public, guard)
                 decrypt_keys.append((CertId.of(cert.public_bytes(Encoding.DER)), key))
             previous_signers = []
             for ref, cert in source.previous_signers:
-                member_ref, g, guard = session_for(ref)
+                member_ref, g, guard = session_for(ref, "sign_reply")
                 with g.in_use():
                     signer = _ra_signer(g.session, member_ref, cert, guard)
                 previous_signers.append((CertId.of(cert.public_bytes(Encoding.DER)), signer))
@@ -110,6 +125,7 @@ class Keyring:
             logins,
             epoch,
             previous_signers,
+            crl_key,
         )
 
     def stale(self) -> bool:
@@ -200,6 +216,16 @@ def _guard(logins: TokenLogin, token: TokenRef, guarded: Guarded) -> Guard:
             raise
 
     return guard
+
+
+def _timed(guard: Guard, observe: Callable[[float], None]) -> Guard:
+    def timed(call: Callable[[], bytes]) -> bytes:
+        started = time.perf_counter()
+        result = guard(call)
+        observe(time.perf_counter() - started)  # failures are not latencies
+        return result
+
+    return timed
 
 
 def close_sessions(sessions: list[Guarded]) -> None:

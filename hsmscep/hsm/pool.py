@@ -17,6 +17,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -55,7 +56,11 @@ class SigningPool(Generic[C]):
         max_pending: int,
         close_context: Callable[[C], None] | None = None,
         stale: Callable[[C], bool] | None = None,
+        wait_observer: Callable[[], Callable[[float], None]] | None = None,
+        on_reject: Callable[[], None] | None = None,
     ) -> None:
+        """The metrics: each worker thread calls `wait_observer()` once for the observer of
+        its jobs' time in the queue; `on_reject()` runs for each job refused at admission."""
         if size < 1:
             raise ValueError("pool size must be at least 1")
         self._open_context = open_context
@@ -82,6 +87,8 @@ class SigningPool(Generic[C]):
         self._returned = 0
         self._count_lock = threading.Lock()
         self._job_end_hooks: list[Callable[[], None]] = []
+        self._wait_observer = wait_observer
+        self._on_reject = on_reject
 
     @property
     def pending(self) -> int:
@@ -90,6 +97,10 @@ class SigningPool(Generic[C]):
     @property
     def size(self) -> int:
         return self._size
+
+    def queued(self) -> int:
+        """Jobs waiting for a worker thread (approximate; any thread)."""
+        return self._queue.qsize()
 
     def working(self) -> int:
         """Jobs queued or running on a worker (not those waiting for a deferred finish);
@@ -139,6 +150,8 @@ class SigningPool(Generic[C]):
             raise HsmError("signing pool is shut down")
         # working(): jobs a caller gave up on (timed out) still hold a thread or a queue slot.
         if self._pending >= self._max_pending or self.working() >= self._max_pending:
+            if self._on_reject is not None:
+                self._on_reject()
             raise HsmBusy("signing queue full")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
@@ -150,7 +163,7 @@ class SigningPool(Generic[C]):
             self._handed_out += 1
             # The job runs in the caller's context: its log lines carry the request id.
             context = contextvars.copy_context()
-            self._queue.put((fut, lambda keys: context.run(job, keys)))
+            self._queue.put((fut, lambda keys: context.run(job, keys), time.perf_counter()))
             return await fut
         finally:
             expiry.cancel()
@@ -181,11 +194,16 @@ class SigningPool(Generic[C]):
             loop.call_soon_threadsafe(_settle, ready, None, exc)
             return
         loop.call_soon_threadsafe(_settle, ready, None, None)
+        observe_wait = self._wait_observer() if self._wait_observer is not None else None
         while True:
             item = self._queue.get()
             if item is _STOP:
                 break
-            fut, job = cast(tuple[asyncio.Future[object], Callable[[C], object]], item)
+            fut, job, queued_at = cast(
+                tuple[asyncio.Future[object], Callable[[C], object], float], item
+            )
+            if observe_wait is not None:
+                observe_wait(time.perf_counter() - queued_at)
             context, result, error = self._run_job(context, job)
             with self._count_lock:
                 self._returned += 1

@@ -114,15 +114,22 @@ class OneTimeChallenge:
 
     store: ChallengeStore
     clock: Callable[[], datetime]
+    # The metrics: "consumed", "expired" or "refused" per request that presented one.
+    event: Callable[[str], None] = field(default=lambda event: None)
 
     async def authorize(self, candidate: Candidate) -> Verdict:
+        verdict, event = await self._check(candidate)
+        self.event(event)
+        return verdict
+
+    async def _check(self, candidate: Candidate) -> tuple[Verdict, str]:
         if candidate.challenge is None:
-            return Refusal.CHALLENGE_MISSING()
+            return Refusal.CHALLENGE_MISSING(), "refused"
         digest = challenge_hash(candidate.challenge)
         profile = candidate.profile.name
         stored = await self.store.get_challenge(digest, profile)
         if stored is None:
-            return Refusal.UNKNOWN_CHALLENGE()
+            return Refusal.UNKNOWN_CHALLENGE(), "refused"
         cert_request = candidate.cert_request
         mismatch = binding_mismatch(
             cert_request.subject.rfc4514_string(),
@@ -131,16 +138,18 @@ class OneTimeChallenge:
             stored.san_pattern,
         )
         if mismatch is not None:
-            return Refusal.CHALLENGE_BINDING(mismatch=mismatch)
+            return Refusal.CHALLENGE_BINDING(mismatch=mismatch), "refused"
         used_by = f"{candidate.transaction_id} {spki_sha256(cert_request.public_key)}"
-        if await self.store.consume_challenge(digest, self.clock(), used_by, profile):
-            return ALLOW
+        now = self.clock()
+        if await self.store.consume_challenge(digest, now, used_by, profile):
+            return ALLOW, "consumed"
         # The same request again (a client retrying after a lost reply or a 503): the stored
         # certificate, if any, is resent; the challenge is not used twice.
         again = await self.store.get_challenge(digest, profile)
         if again is not None and again.used_by == used_by:
-            return ALLOW
-        return Refusal.CHALLENGE_USED()
+            return ALLOW, "consumed"
+        expired = stored.used_at is None and stored.expires_at <= now
+        return Refusal.CHALLENGE_USED(), "expired" if expired else "refused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,14 +221,19 @@ def chain_for(
     store: ChallengeStore,
     webhooks: WebhookClient | None,
     clock: Callable[[], datetime],
+    challenge_event: Callable[[str], None] | None = None,
 ) -> Chain:
-    """The chain `profile` configures: its challenge mode, then manual approval if set."""
+    """The chain `profile` configures: its challenge mode, then manual approval if set.
+    `challenge_event` hears what became of each one-time challenge presented (metrics)."""
     check: Check = NoChallenge()
     decisions: list[Decision] = []
     if profile.challenge_mode == "static" and profile.static_challenge is not None:
         check = StaticChallenge(profile.static_challenge)
     elif profile.challenge_mode == "one_time":
-        decisions.append(OneTimeChallenge(store, clock))
+        one_time = OneTimeChallenge(store, clock)
+        if challenge_event is not None:
+            one_time = replace(one_time, event=challenge_event)
+        decisions.append(one_time)
     elif profile.challenge_mode == "webhook":
         if profile.webhook is None or webhooks is None:
             raise ConfigError(f"profile {profile.name!r}: challenge_mode webhook needs a webhook")

@@ -30,7 +30,12 @@ class KeySet(Protocol):
 
     @property
     def ca_key(self) -> SigningKey:
-        """Signs certificates and CRLs."""
+        """Signs certificates."""
+        ...
+
+    @property
+    def crl_key(self) -> SigningKey:
+        """Signs CRLs: the CA key (a key object of its own, so that its time is told apart)."""
         ...
 
     @property

@@ -178,7 +178,7 @@ class Publication:
         ]
         signed = crl.build_crl(
             issuer=self.issuer,
-            issuer_key=keys.ca_key,
+            issuer_key=keys.crl_key,
             number=info.number,
             revoked=entries,
             this_update=info.this_update,

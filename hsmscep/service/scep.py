@@ -23,7 +23,7 @@ from hsmscep.policy.profiles import DEFAULT_CA, Profile, Profiles
 from hsmscep.policy.renewal import DEFAULT_RENEWAL, RenewalPolicy
 from hsmscep.protocol import cms
 from hsmscep.protocol.codes import MessageType
-from hsmscep.protocol.message import decode_pki_message
+from hsmscep.protocol.message import PkiRequest, decode_pki_message
 from hsmscep.service.audit import Audit
 from hsmscep.service.authorization import chain_for
 from hsmscep.service.enrollment import Enrollment
@@ -39,7 +39,7 @@ from hsmscep.service.publication import (
 )
 from hsmscep.service.query import Queries
 from hsmscep.service.readiness import Readiness
-from hsmscep.service.replies import Replies, describe_key
+from hsmscep.service.replies import Outcome, Replies, describe_key
 from hsmscep.store.records import PendingRequest, Revocation
 from hsmscep.webhook.client import WebhookClient
 
@@ -67,9 +67,11 @@ class ScepService:
         next_ca_certs: list[x509.Certificate] | None = None,
         webhooks: WebhookClient | None = None,
         cross_cert: x509.Certificate | None = None,
+        challenge_event: Callable[[str], None] | None = None,
     ) -> None:
         """`policy` holds what every profile shares (CRL DP, AIA); each profile adds its own
-        challenge and template. `webhooks` is required when a profile uses one."""
+        challenge and template. `webhooks` is required when a profile uses one.
+        `challenge_event` hears what became of each one-time challenge (the metrics)."""
         self.pool, self.store, self.policy = pool, store, policy
         # Under load, certificates signed while a commit is gathering join it (groupcommit.py).
         pool.on_job_end(store.batch_with(pool.working))
@@ -111,7 +113,10 @@ class ScepService:
             issuing=issuing,
             pending=self._pending,
             profiles=profiles,
-            chains={p.name: chain_for(p, store, webhooks, clock) for p in profiles.all()},
+            chains={
+                p.name: chain_for(p, store, webhooks, clock, challenge_event)
+                for p in profiles.all()
+            },
             unchallenged=unchallenged,
             renewal=renewal,
             clock=clock,
@@ -126,6 +131,12 @@ class ScepService:
     ) -> bytes:
         """Answer a pkiMessage sent to `profile`'s endpoint (default: the default profile);
         MessageError means the request never verified (HTTP 400)."""
+        return (await self.answer(der, client, profile))[1].response
+
+    async def answer(
+        self, der: bytes, client: str = "-", profile: Profile | None = None
+    ) -> tuple[PkiRequest, Outcome]:
+        """pki_operation, with the verified request and its outcome (for the metrics)."""
         endpoint = profile or self.profiles.default
         request = decode_pki_message(der)
         kind = request.message_type
@@ -136,7 +147,7 @@ class ScepService:
         else:
             outcome = await self._enrollment.enroll(request, client, endpoint)
         self._audit.record(request, client, endpoint, outcome)
-        return outcome.response
+        return request, outcome
 
     # ---- publication: GetCACaps, GetCACert, GetNextCACert, the CRL ------------------------
 

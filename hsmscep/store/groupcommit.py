@@ -44,6 +44,10 @@ Done = Callable[[BaseException | None], None]
 class GroupCommitter(Generic[T]):
     """Commits items with `write`, at most `max_batch` per transaction, on its own thread."""
 
+    # Every committer of the process reports (batch size, seconds, failed) here, on its
+    # thread: the server's metrics set it once per process (web/lifespan.py).
+    observer: Callable[[int, float, bool], None] | None = None
+
     def __init__(
         self,
         write: WriteBatch[T],
@@ -130,10 +134,18 @@ class GroupCommitter(Generic[T]):
             target = min(target, len(batch) + self._in_progress())
 
     def _commit(self, items: list[T]) -> list[BaseException | None]:
+        started = time.perf_counter()
         try:
-            return self._write(items)
+            outcomes = self._write(items)
         except Exception as exc:
-            return [self._on_failure(exc, len(items)) for _ in items]
+            outcomes = [self._on_failure(exc, len(items)) for _ in items]
+            failed = True
+        else:
+            failed = False
+        observer = GroupCommitter.observer
+        if observer is not None:
+            observer(len(items), time.perf_counter() - started, failed)
+        return outcomes
 
 
 def _none() -> int:

@@ -61,6 +61,10 @@ class SoftKeyring:
     decrypt_keys: list[tuple[CertId, ExternalRsaKey]]
     previous_signers: list[tuple[CertId, ResponseSigner]]
 
+    @property
+    def crl_key(self) -> SigningKey:
+        return self.ca_key
+
     def check_certificates(self) -> None:
         """Nothing to check: every key was looked up by its certificate's public key."""
 

@@ -231,6 +231,7 @@ async def issue(request: Request) -> Response:
         san_pattern=document.get("san_pattern"),
     )
     audit.info(json.dumps(challenge_record(issued, f"admin:{_client(request)}")))
+    request.state.metrics.challenge("issued")
     return JSONResponse(
         {"challenge": value} | challenge_json(issued),
         status_code=201,

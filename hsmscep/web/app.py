@@ -19,7 +19,7 @@ from hsmscep.config.settings import Settings, load_settings
 from hsmscep.policy import crl
 from hsmscep.service.readiness import OK
 from hsmscep.service.scep import ScepService
-from hsmscep.web import admin, scep
+from hsmscep.web import admin, scep, scrape
 from hsmscep.web.errors import EXCEPTION_HANDLERS, RETRY_AFTER
 from hsmscep.web.lifespan import KeyBackend, Pkcs11Keys, lifespan
 from hsmscep.web.requestlog import RequestLog
@@ -38,6 +38,7 @@ def create_app(settings: Settings, keys: KeyBackend | None = None) -> Starlette:
         Route("/cgi-bin/pkiclient.exe", scep.scep_endpoint, methods=_ALL_METHODS),
         Route("/healthz", health, methods=["GET"]),
         Route("/readyz", ready, methods=["GET"]),
+        Route(settings.metrics.path, scrape.metrics_endpoint, methods=["GET"]),
         Route(crl.CRL_PATH, scep.crl_endpoint, methods=["GET", "HEAD"]),
         Route(crl.CA_CERT_PATH, scep.ca_cert_endpoint, methods=["GET", "HEAD"]),
         Route("/ca-cross.crt", scep.cross_cert_endpoint, methods=["GET", "HEAD"]),

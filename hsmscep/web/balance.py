@@ -36,7 +36,7 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import multiprocess
 
-from hsmscep.web import affinity, orphans
+from hsmscep.web import affinity, orphans, scrape
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +292,10 @@ class _BalancedProcess(multiprocess.Process):
         if self._server is None:
             self._server = BalancedServer(config=self.config)
         return self._server
+
+    def join(self) -> None:
+        super().join()
+        scrape.process_exited(self.pid)  # restarts and SIGHUP: its live gauges leave the sums
 
     def wait_until_ready(self, timeout: float, should_exit: threading.Event | None = None) -> bool:
         # A SIGHUP replacement logs into the HSM and warms its pool first: on a loaded host

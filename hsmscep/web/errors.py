@@ -78,6 +78,16 @@ def _client_error_for(kind: type[Exception]) -> ExceptionHandler:
     return handler
 
 
+def status_of(exc: BaseException) -> int:
+    """The HTTP status the handlers below answer `exc` with (500: none of them)."""
+    for kind in type(exc).__mro__:
+        if kind in _STATUS:
+            return _STATUS[kind]
+    if isinstance(exc, ClientDisconnect):
+        return 400
+    return 503 if isinstance(exc, HsmError | StoreError) else 500
+
+
 # Starlette picks the handler of the closest class in the exception's MRO, so HsmBusy wins
 # over HsmError.
 EXCEPTION_HANDLERS: Mapping[type[Exception], ExceptionHandler] = {

@@ -29,7 +29,9 @@ from hsmscep.policy.renewal import RenewalPolicy
 from hsmscep.service.ports import KeySet, Store
 from hsmscep.service.scep import ScepService, default_policy
 from hsmscep.store.backends import open_store
-from hsmscep.web import affinity
+from hsmscep.store.groupcommit import GroupCommitter
+from hsmscep.web import affinity, gauges
+from hsmscep.web.metrics import Metrics, NoMetrics
 from hsmscep.webhook.client import WebhookClient
 
 log = logging.getLogger(__name__)
@@ -108,10 +110,15 @@ def lifespan(settings: Settings, keys: KeyBackend) -> Lifespan:
     @asynccontextmanager
     async def run(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         profiles = settings.profiles
+        metrics = Metrics() if settings.metrics.enabled else NoMetrics()
+        if metrics.enabled:
+            GroupCommitter.observer = metrics.commit  # one per process: the series are too
+            metrics.build_info(settings.pkcs11.token.module)
         async with AsyncExitStack() as stack:
+            stack.callback(metrics.flush)  # last: the counts of the final requests
             webhooks: WebhookClient | None = None
             if any(p.webhook or p.notify for p in profiles.all()):
-                webhooks = WebhookClient()
+                webhooks = WebhookClient(observe=metrics.webhook if metrics.enabled else None)
                 stack.push_async_callback(webhooks.aclose)
             services: dict[str, ScepService] = {}
             for name in settings.ca_names:
@@ -121,9 +128,13 @@ def lifespan(settings: Settings, keys: KeyBackend) -> Lifespan:
                     log.warning("CA %r is configured but no profile uses it", name)
                     continue
                 services[name] = await stack.enter_async_context(
-                    _running_service(ca_settings, ca_profiles, webhooks, keys)
+                    _running_service(ca_settings, ca_profiles, webhooks, keys, metrics)
                 )
+            if metrics.enabled:
+                await stack.enter_async_context(gauges.sampling(metrics, services, keys.readiness))
             yield {
+                "metrics": metrics,
+                "metrics_settings": settings.metrics,
                 "services": services,
                 "profiles": profiles,
                 "max_body": settings.server.max_body,
@@ -136,7 +147,11 @@ def lifespan(settings: Settings, keys: KeyBackend) -> Lifespan:
 
 @asynccontextmanager
 async def _running_service(
-    settings: Settings, profiles: Profiles, webhooks: WebhookClient | None, keys: KeyBackend
+    settings: Settings,
+    profiles: Profiles,
+    webhooks: WebhookClient | None,
+    keys: KeyBackend,
+    metrics: Metrics,
 ) -> AsyncIterator[ScepService]:
     """The service of one CA (`settings.for_ca(name)`) and the profiles it issues for."""
     if settings.ca.name == DEFAULT_CA:
@@ -186,7 +201,12 @@ async def _running_service(
         ],
         previous_signers=previous_ra,
         replicas={settings.pkcs11.token: settings.pkcs11.replicas},
+        observe=metrics.hsm_operation if metrics.enabled else None,
     )
+    if metrics.enabled:
+        upcoming_ca = next_certs[0] if next_certs else None
+        roles = {"ca": ca_cert, "ra": ra_sign, "ra_decrypt": ra_decrypt, "next_ca": upcoming_ca}
+        gauges.certificates(settings.ca.name, roles)
     # SoftHSM2 is CPU-bound: with one process per core, one session per process keeps every
     # core busy with the least GIL contention (measured in bench/PROFILE.md). Network HSMs
     # are latency-bound: the default pool grows once the round trip is measured (below).
@@ -200,6 +220,8 @@ async def _running_service(
             max_pending=settings.server.max_pending,
             close_context=lambda worker_keys: worker_keys.close(),
             stale=lambda worker_keys: worker_keys.stale(),
+            wait_observer=metrics.wait_observer if metrics.enabled else None,
+            on_reject=metrics.rejected if metrics.enabled else None,
         )
         # Typed as the port: mypy proves here that the SQLite backend implements it.
         store: Store | None = None
@@ -228,6 +250,7 @@ async def _running_service(
                 ),
                 next_ca_certs=next_certs,
                 cross_cert=cross,
+                challenge_event=metrics.challenge if metrics.enabled else None,
             )
             async with service.crl_refresher():
                 yield service

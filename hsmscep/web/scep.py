@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
 from urllib.parse import unquote_to_bytes
 
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from hsmscep.errors import MessageError, PayloadTooLarge
+from hsmscep.errors import HsmBusy, MessageError, PayloadTooLarge, StoreError
 from hsmscep.policy.profiles import DEFAULT_CA, Profiles
 from hsmscep.service.audit import record_http_refusal
 from hsmscep.service.scep import NEXT_CA_CERT, ScepService
+from hsmscep.web.errors import status_of
+from hsmscep.web.metrics import Metrics
+from hsmscep.web.series import MESSAGE_TYPES, OPERATIONS
 
 PKI_MESSAGE = "application/x-pki-message"
 PKIX_CRL = "application/pkix-crl"  # RFC 5280 §4.2.1.13
@@ -55,9 +59,37 @@ async def cross_cert_endpoint(request: Request) -> Response:
     return Response(service.cross_cert_der, media_type=PKIX_CERT)
 
 
+class _Seen:
+    """What a request has shown of itself by the time it is answered (metric labels)."""
+
+    __slots__ = ("kind", "profile")
+
+    def __init__(self) -> None:
+        self.kind, self.profile = "unknown", ""
+
+
 async def scep_endpoint(request: Request) -> Response:
-    """/scep, /scep/<profile path> and /cgi-bin/pkiclient.exe."""
+    """/scep, /scep/<profile path> and /cgi-bin/pkiclient.exe, counted and timed."""
+    metrics: Metrics = request.state.metrics
+    started = time.perf_counter()
+    seen = _Seen()
+    try:
+        response = await _scep(request, seen, metrics)
+    except Exception as exc:
+        status = status_of(exc)
+        outcome = "overloaded" if isinstance(exc, HsmBusy) else "http_error"
+        if isinstance(exc, StoreError):
+            metrics.store_error("request")
+        metrics.answered(seen.kind, seen.profile, outcome, "", str(status))
+        metrics.latency(seen.kind, started)
+        raise
+    metrics.latency(seen.kind, started)
+    return response
+
+
+async def _scep(request: Request, seen: _Seen, metrics: Metrics) -> Response:
     if request.method not in ("GET", "POST"):
+        metrics.answered(seen.kind, seen.profile, "http_error", "", "405")
         return PlainTextResponse(
             "method not allowed\n", status_code=405, headers={"Allow": "GET, POST"}
         )
@@ -69,29 +101,38 @@ async def scep_endpoint(request: Request) -> Response:
     operation = unquote_to_bytes(operations[0]).decode("latin-1")
     profiles: Profiles = request.state.profiles
     profile = profiles.for_path(request.path_params.get("suffix", ""))
+    seen.profile = profile.name
     service: ScepService = request.state.services[profile.ca]
+    if operation in OPERATIONS:
+        seen.kind = operation
     if operation == "GetCACaps":
+        metrics.answered(operation, profile.name, "success", "", "200")
         return Response(service.ca_caps(profile), media_type="text/plain")
     if operation == "GetCACert":
         # Any message= value is fine: CA identifiers, "default", Apple instance names.
+        metrics.answered(operation, profile.name, "success", "", "200")
         return Response(service.ca_cert_body, media_type=service.ca_cert_type)
     if operation == "GetNextCACert":
         body = await service.next_ca_cert()
         if body is None:
+            metrics.answered(operation, profile.name, "http_error", "", "404")
             return PlainTextResponse("no next CA certificate\n", status_code=404)
+        metrics.answered(operation, profile.name, "success", "", "200")
         return Response(body, media_type=NEXT_CA_CERT)
     if operation != "PKIOperation":
         raise MessageError(f"unknown operation {operation[:40]!r}")
     client = request.client.host if request.client else "-"
     try:
         der = await _pki_message(request, params)
-        reply = await service.pki_operation(der, client, profile)
+        pki, outcome = await service.answer(der, client, profile)
     except (MessageError, PayloadTooLarge) as exc:
         # Refused before the signature verified (web/errors.py answers): still audited.
         status = 413 if isinstance(exc, PayloadTooLarge) else 400
         record_http_refusal(profile.name, client, status, str(exc))
         raise
-    return Response(reply, media_type=PKI_MESSAGE)
+    seen.kind = MESSAGE_TYPES.get(pki.message_type, "unknown")
+    metrics.pki(seen.kind, outcome.profile or profile.name, profile.ca, outcome)
+    return Response(outcome.response, media_type=PKI_MESSAGE)
 
 
 async def _pki_message(request: Request, params: dict[bytes, list[bytes]]) -> bytes:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,15 @@ class WebhookClient:
     Use inside the event loop (`async with WebhookClient() as hooks:`) and close with aclose().
     """
 
-    def __init__(self, *, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+    def __init__(
+        self,
+        *,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        observe: Callable[[str, float], None] | None = None,
+    ) -> None:
+        """`observe(result, seconds)`: each authorization call's result (allowed, denied,
+        error, timeout) and latency, for the metrics."""
+        self._observe = observe
         self._clients: dict[Path | None, httpx.AsyncClient] = {}
         self._in_flight: set[asyncio.Task[None]] = set()
         self._max_in_flight = max_in_flight
@@ -72,12 +80,21 @@ class WebhookClient:
         """Ask the webhook; a timeout, failure or invalid answer decides by config.on_error."""
         if self._closed:
             raise RuntimeError("WebhookClient is closed")
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(config.timeout):
                 status, body = await self._post(config, request.to_json(), read=True)
-            return parse_answer(status, body)
+            decision = parse_answer(status, body)
         except (TimeoutError, httpx.HTTPError, OSError, WebhookError) as exc:
             failure = _failure(exc)
+        else:
+            if self._observe is not None:
+                result = "allowed" if decision.allowed else "denied"
+                self._observe(result, time.perf_counter() - started)
+            return decision
+        if self._observe is not None:
+            result = "timeout" if failure == "timeout" else "error"
+            self._observe(result, time.perf_counter() - started)
         log.warning(
             _json(
                 {
