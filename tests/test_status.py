@@ -150,7 +150,6 @@ def test_text_report(enrolled: Server, status_ca: DevCa) -> None:
 def test_plot_is_a_real_image(
     enrolled: Server, status_ca: DevCa, tmp_path: Path, name: str
 ) -> None:
-    pytest.importorskip("matplotlib", reason="matplotlib is in the bench extras")
     out = tmp_path / name
     done = status(status_ca, "--plot", str(out), "--days", "2")
     assert done.returncode == 0, done.stderr
