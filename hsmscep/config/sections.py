@@ -13,6 +13,8 @@ from typing import ClassVar, Literal
 from urllib.parse import urlsplit
 
 from hsmscep.config.logsection import LogSettings as LogSettings
+from hsmscep.config.metricssection import MetricsSettings as MetricsSettings
+from hsmscep.config.metricssection import parse_listen as parse_listen
 from hsmscep.config.reader import TOKEN_KEYS, Reader
 from hsmscep.errors import ConfigError
 from hsmscep.hsm.refs import KeyRef, TokenRef
@@ -151,47 +153,6 @@ class AdminSettings:
         if token is not None and len(token) < 16:
             raise ConfigError("the admin token (admin.token_file / admin.token_env) is too short")
         return cls(token or None)
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsSettings:
-    """[metrics]: the Prometheus endpoint (docs/operations.md#metrics)."""
-
-    KEYS: ClassVar[frozenset[str]] = frozenset(
-        {"enabled", "path", "require_admin_token", "listen", "directory"}
-    )
-
-    enabled: bool = True
-    path: str = "/metrics"
-    require_admin_token: bool = False  # the admin API's bearer token, 401/404 as it answers
-    listen: tuple[str, int] | None = None  # served by the supervisor instead of the SCEP port
-    directory: Path | None = None  # multiprocess files; None: a private temporary directory
-
-    @classmethod
-    def read(cls, r: Reader, admin_token: str | None) -> MetricsSettings:
-        path = r.text("metrics", "path", "/metrics") or "/metrics"
-        if not path.startswith("/") or path.rstrip("/") in ("", "/scep", "/admin"):
-            raise ConfigError(f"metrics.path must be a path of its own like /metrics, not {path!r}")
-        require = r.boolean("metrics", "require_admin_token", False)
-        if require and admin_token is None:
-            raise ConfigError("metrics.require_admin_token needs an admin token ([admin])")
-        listen = r.text("metrics", "listen")
-        return cls(
-            enabled=r.boolean("metrics", "enabled", True),
-            path=path,
-            require_admin_token=require,
-            listen=None if listen is None else parse_listen(listen),
-            directory=r.file("metrics", "directory"),
-        )
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """ "127.0.0.1:9102" or "[::1]:9102" as (host, port)."""
-    host, sep, port = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"metrics.listen must be HOST:PORT (e.g. 127.0.0.1:9102), not {value!r}")
-    return host, int(port)
 
 
 @dataclass(frozen=True, slots=True)
