@@ -34,6 +34,7 @@ from hsmscep.protocol.algorithms import (
     ECDSA_SIGNATURE_DIGESTS,
     RSA_SIGNATURE_DIGESTS,
 )
+from hsmscep.protocol.certificate import constant_extension, encode_certificate, extension
 from hsmscep.protocol.codes import FailInfo
 from hsmscep.protocol.keys import SigningKey
 
@@ -70,6 +71,7 @@ class Issuer:
 
     certificate: x509.Certificate
     authority_key_id: x509.AuthorityKeyIdentifier
+    subject_der: bytes = b""  # the issuer name of every certificate, encoded once
 
     @classmethod
     def of(cls, certificate: x509.Certificate) -> Issuer:
@@ -80,7 +82,7 @@ class Issuer:
             aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(
                 certificate.public_key()  # type: ignore[arg-type]
             )
-        return cls(certificate, aki)
+        return cls(certificate, aki, certificate.subject.public_bytes())
 
 
 def load_csr(der: bytes) -> x509.CertificateSigningRequest:
@@ -261,28 +263,36 @@ def build_certificate(
         key_usage = _KU_RSA
     else:
         key_usage = _KU_EC
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(request.subject)
-        .issuer_name(issuer.certificate.subject)
-        .public_key(request.public_key)
-        .serial_number(serial)
-        .not_valid_before(now - policy.backdate)
-        .not_valid_after(not_after)
-        .add_extension(_BASIC_CONSTRAINTS, critical=True)
-        .add_extension(key_usage, critical=True)
-        .add_extension(request.extended_key_usage or template.extended_key_usage, False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(request.public_key), False)
-        .add_extension(issuer.authority_key_id, critical=False)
-    )
+    # What cryptography's CertificateBuilder would write, in its order, from encoded parts:
+    # the template's and policy's extensions are encoded once per CA (protocol.certificate).
+    extensions = [
+        constant_extension(_BASIC_CONSTRAINTS, True),
+        constant_extension(key_usage, True),
+        constant_extension(request.extended_key_usage or template.extended_key_usage, False),
+        extension(x509.SubjectKeyIdentifier.from_public_key(request.public_key), False),
+        constant_extension(issuer.authority_key_id, False),
+    ]
     if request.sans is not None:
         # RFC 5280 §4.2.1.6: the SAN is critical when the subject is empty.
-        builder = builder.add_extension(request.sans, critical=not len(request.subject))
+        extensions.append(extension(request.sans, not len(request.subject)))
     if policy.crl_distribution_points is not None:
-        builder = builder.add_extension(policy.crl_distribution_points, critical=False)
+        extensions.append(constant_extension(policy.crl_distribution_points, False))
     if policy.authority_information_access is not None:
-        builder = builder.add_extension(policy.authority_information_access, critical=False)
-    return builder.sign(issuer_key, _CERT_HASHES[template.signature_hash]())
+        extensions.append(constant_extension(policy.authority_information_access, False))
+    der = encode_certificate(
+        serial=serial,
+        issuer_der=issuer.subject_der or issuer.certificate.subject.public_bytes(),
+        not_before=now - policy.backdate,
+        not_after=not_after,
+        subject_der=request.subject.public_bytes(),
+        spki_der=request.public_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+        extensions=extensions,
+        key=issuer_key,
+        hash_algorithm=_CERT_HASHES[template.signature_hash](),
+    )
+    return x509.load_der_x509_certificate(der)
 
 
 def describe_sans(sans: x509.SubjectAlternativeName | None) -> tuple[str, ...]:
