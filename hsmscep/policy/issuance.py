@@ -85,8 +85,12 @@ class Issuer:
         return cls(certificate, aki, certificate.subject.public_bytes())
 
 
-def load_csr(der: bytes) -> x509.CertificateSigningRequest:
-    """Parse a PKCS#10 request and verify its self-signature; refuse with badMessageCheck."""
+def load_csr(der: bytes, signer_key: object = None) -> x509.CertificateSigningRequest:
+    """Parse a PKCS#10 request and verify its self-signature; refuse with badMessageCheck.
+
+    `signer_key`: the pkiMessage signer's public key object, which usually is the CSR's own
+    key; verifying with that object skips setting up the same key in OpenSSL a second time.
+    """
     try:
         csr = x509.load_der_x509_csr(der)
     except x509.InvalidVersion:
@@ -95,8 +99,11 @@ def load_csr(der: bytes) -> x509.CertificateSigningRequest:
         raise Rejected(FailInfo.BAD_MESSAGE_CHECK, "CSR does not parse") from None
     # Verified by hand rather than with is_signature_valid, which refuses SHA-1: old Cisco
     # IOS signs nothing else, and a SHA-1 self-signature only proves possession of the key.
+    public_key = csr.public_key()
+    if signer_key is not None and public_key == signer_key:
+        public_key = signer_key  # type: ignore[assignment]  # equal keys, set up once
     _verify_csr_signature(
-        csr.public_key(),
+        public_key,
         csr.signature_algorithm_oid.dotted_string,
         csr.tbs_certrequest_bytes,
         csr.signature,
