@@ -42,11 +42,25 @@ from hsmscep.cli.bootstrap import InitOptions, init
 from hsmscep.cli.dev import dev_config
 from hsmscep.config.settings import load_settings
 from hsmscep.hsm import devtoken, keyring
+from hsmscep.store import groupcommit
 from hsmscep.testing.requests import build_pkcs_req
 from hsmscep.web.app import create_app
 
 CLIENT_KEYS = 8
 MAX_SECONDS = 600.0  # a hard bound on the timed part, whatever --requests says
+
+# Rows per store commit: [commits, rows], counted on the committer thread.
+_commits = [0, 0]
+
+
+def _counted_commit(commit: Callable[..., Any]) -> Callable[..., Any]:
+    def counted(self: Any, items: list[Any]) -> Any:
+        _commits[0] += 1
+        _commits[1] += len(items)
+        return commit(self, items)
+
+    return counted
+
 
 # Thread CPU seconds spent inside private-key calls, per thread (each thread writes its own).
 _hsm_cpu: dict[int, float] = {}
@@ -152,6 +166,7 @@ async def _drive(app: Any, requests: list[bytes], warmup: int, concurrency: int)
 
         _hsm_cpu.clear()
         _hsm_calls.clear()
+        _commits[:] = [0, 0]
         threads0 = _thread_cpu()
         rusage0 = resource.getrusage(resource.RUSAGE_SELF)
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -180,6 +195,7 @@ async def _drive(app: Any, requests: list[bytes], warmup: int, concurrency: int)
             if ok and used > threads0.get(name, 0.0)
         },
         # Kernel time: GIL and queue hand-offs (futex), wake-ups, the store's writes and fsync.
+        "rows_per_commit": round(_commits[1] / _commits[0], 2) if _commits[0] else None,
         "system_cpu_us_per_enrollment": (
             round(1e6 * (rusage.ru_stime - rusage0.ru_stime) / ok) if ok else None
         ),
@@ -217,6 +233,7 @@ def _profile_threads(profiles: list[cProfile.Profile]) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Set up a dev CA in a temp dir, replay the requests, return the figures."""
     keyring._guard = _timed_guard(keyring._guard)
+    groupcommit.GroupCommitter._commit = _counted_commit(groupcommit.GroupCommitter._commit)  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory(prefix="hsmscep-cpu-") as tmp:
         directory = Path(tmp)
         token = devtoken.ensure_token(directory / "softhsm", label="hsmscep-cpu")
