@@ -117,3 +117,29 @@ def test_validity_time_switches_to_generalized_time_in_2050() -> None:
     # Another zone is written as the same instant in UTC.
     plus_two = datetime(2030, 6, 1, 2, 0, tzinfo=UTC).astimezone(timezone(timedelta(hours=2)))
     assert validity_time(plus_two) == b"\x17\x0d300601020000Z"
+
+
+def test_the_builders_refusals_are_kept() -> None:
+    # An expired CA bounds notAfter before notBefore: refused, never an inverted validity.
+    ca_key = rsa.generate_private_key(65537, 2048)
+    issuer = _ca(ca_key)
+    req = CertRequest(x509.Name.from_rfc4514_string("CN=late"), ca_key.public_key(), None)
+
+    def build(serial: int, now: datetime) -> x509.Certificate:
+        return build_certificate(
+            req,
+            issuer=issuer,
+            issuer_key=ca_key,  # type: ignore[arg-type]
+            serial=serial,
+            now=now,
+            policy=IssuancePolicy(challenge=None),
+        )
+
+    with pytest.raises(ValueError, match="not valid after"):
+        build(1, datetime(2071, 1, 1, tzinfo=UTC))  # after the CA's notAfter (2070)
+    for serial in (0, -5, 1 << 159):
+        with pytest.raises(ValueError, match="serial"):
+            build(serial, NOW)
+    assert build((1 << 159) - 1, NOW).serial_number == (1 << 159) - 1
+    # A naive time is UTC, as cryptography's builder takes it.
+    assert validity_time(datetime(2030, 6, 1)) == b"\x17\x0d300601000000Z"

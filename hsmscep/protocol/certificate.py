@@ -74,8 +74,9 @@ def signature_algorithm(key: PrivateKey, hash_name: str) -> bytes:
 
 
 def validity_time(moment: datetime) -> bytes:
-    """UTCTime for 1950-2049, GeneralizedTime otherwise (RFC 5280 §4.1.2.5), whole seconds."""
-    utc = moment.astimezone(UTC)
+    """UTCTime for 1950-2049, GeneralizedTime otherwise (RFC 5280 §4.1.2.5), whole seconds;
+    a naive time is taken as UTC, as the builder does."""
+    utc = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     if 1950 <= utc.year < 2050:
         return asn1.tlv(0x17, utc.strftime("%y%m%d%H%M%SZ").encode())
     return asn1.tlv(0x18, utc.strftime("%Y%m%d%H%M%SZ").encode())
@@ -95,6 +96,7 @@ def encode_certificate(
 ) -> bytes:
     """The signed certificate's DER; `issuer_der`, `subject_der` and `spki_der` are encoded
     Name and SubjectPublicKeyInfo, `extensions` encoded Extension values in order."""
+    _check(serial, not_before, not_after)
     algorithm = signature_algorithm(key, hash_algorithm.name)
     tbs = asn1.seq(
         _VERSION_3,
@@ -111,3 +113,20 @@ def encode_certificate(
     else:
         signature = key.sign(tbs, ec.ECDSA(hash_algorithm))
     return asn1.seq(tbs, algorithm, asn1.tlv(0x03, b"\x00" + signature))
+
+
+_EARLIEST = datetime(1950, 1, 1, tzinfo=UTC)
+
+
+def _check(serial: int, not_before: datetime, not_after: datetime) -> None:
+    # The builder's refusals, kept: an expired CA makes notAfter (bounded by the CA's) fall
+    # before notBefore, and that must fail the request, not issue an inverted validity.
+    if not 0 < serial < 1 << 159:
+        raise ValueError("the serial number must be positive and at most 159 bits")
+    before, after = (
+        t.replace(tzinfo=UTC) if t.tzinfo is None else t for t in (not_before, not_after)
+    )
+    if before < _EARLIEST or after < _EARLIEST:
+        raise ValueError("validity dates must be on or after 1950 January 1")
+    if after < before:
+        raise ValueError("the not valid after date must be after the not valid before date")
