@@ -45,6 +45,9 @@ class OpResult:
     processes: int
     threads_per_process: int
     seconds: float
+    # Thread CPU time per operation (SoftHSM2 runs in-process, so this is the token's CPU):
+    # what an enrollment's three calls cost the server's cores, load or not.
+    cpu_us_per_op: float = 0.0
 
 
 def _select_key(session: Any, op: str, label: str | None) -> Any:
@@ -88,12 +91,12 @@ def _process_main(
     barrier: Any,
     results: Any,
 ) -> None:
-    """One benchmark process: report (label, ops, ops/s), or ("error", message, 0)."""
+    """One benchmark process: report (label, ops, ops/s, CPU s), or ("error", message, 0, 0)."""
     try:
         results.put(_run_process(hsm, op, label, threads, seconds, setup_lock, barrier))
     except BaseException as exc:
         barrier.abort()  # release the other processes at once instead of after a timeout
-        results.put(("error", f"{type(exc).__name__}: {exc}", 0.0))
+        results.put(("error", f"{type(exc).__name__}: {exc}", 0.0, 0.0))
 
 
 def _run_process(
@@ -104,7 +107,7 @@ def _run_process(
     seconds: float,
     setup_lock: Any,
     barrier: Any,
-) -> tuple[str, int, float]:
+) -> tuple[str, int, float, float]:
     os.environ["SOFTHSM2_CONF"] = hsm.softhsm2_conf
     from pkcs11 import Attribute, Mechanism
 
@@ -121,11 +124,13 @@ def _run_process(
     mechanism = Mechanism.RSA_PKCS if op.startswith("rsa") else Mechanism.ECDSA
     counts = [0] * threads
     elapsed = [0.0] * threads
+    cpu = [0.0] * threads
 
     def loop(i: int) -> None:
         key = keys[i]
         run = key.decrypt if op == "rsa_decrypt" else key.sign
         start = time.perf_counter()
+        cpu_start = time.thread_time()
         deadline = start + seconds
         n = 0
         while n < MAX_OPS_PER_THREAD and time.perf_counter() < deadline:
@@ -133,6 +138,7 @@ def _run_process(
             n += 1
         counts[i] = n
         elapsed[i] = time.perf_counter() - start
+        cpu[i] = time.thread_time() - cpu_start
 
     barrier.wait(timeout=START_TIMEOUT)  # every process starts its loops at the same moment
     workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
@@ -143,7 +149,8 @@ def _run_process(
     key_label = str(keys[0][Attribute.LABEL])
     for s in reversed(sessions):  # the login session last: closing it logs the others out
         s.close()
-    return key_label, sum(counts), sum(c / e for c, e in zip(counts, elapsed, strict=True) if e)
+    rate = sum(c / e for c, e in zip(counts, elapsed, strict=True) if e)
+    return key_label, sum(counts), rate, sum(cpu)
 
 
 def measure(
@@ -175,7 +182,7 @@ def measure(
     try:
         for _ in procs:
             got.append(results.get(timeout=START_TIMEOUT + seconds + 60))
-        errors = {str(msg) for tag, msg, _ in got if tag == "error"}
+        errors = {str(msg) for tag, msg, _, _ in got if tag == "error"}
         if errors:
             raise RuntimeError(f"ceiling {op}: " + "; ".join(sorted(errors)))
     finally:
@@ -183,15 +190,17 @@ def measure(
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+    ops = sum(n for _, n, _, _ in got)
     return OpResult(
         role=role or op,
         op=op,
         key_label=got[0][0],
-        ops_per_s=sum(rate for _, _, rate in got),
-        ops=sum(n for _, n, _ in got),
+        ops_per_s=sum(rate for _, _, rate, _ in got),
+        ops=ops,
         processes=processes,
         threads_per_process=threads,
         seconds=seconds,
+        cpu_us_per_op=1e6 * sum(c for _, _, _, c in got) / ops if ops else 0.0,
     )
 
 
@@ -212,6 +221,8 @@ def measure_scenario(
         "operations": [asdict(r) for r in results],
         # One of each per enrollment, run back to back on all cores.
         "enrollments_per_s": 1.0 / sum(1.0 / r.ops_per_s for r in results),
+        # The token's CPU in one enrollment: what the server spends inside the HSM calls.
+        "hsm_cpu_ms_per_enrollment": sum(r.cpu_us_per_op for r in results) / 1000,
     }
 
 

@@ -35,7 +35,7 @@ from typing import Any
 if not __package__:  # `python bench/driver.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import ceiling, pgstore, report, variant_report, variants  # noqa: E402
+from bench import ceiling, cpusplit, pgstore, report, variant_report, variants  # noqa: E402
 from bench.scraper import Scraper  # noqa: E402
 from bench.servers import (  # noqa: E402
     RssSampler,
@@ -551,7 +551,7 @@ def run_compare(args: argparse.Namespace, bench: Bench, stamp: str) -> dict[str,
                 r.update(round=rnd, loadavg_before=load_before, loadavg_after=load_average())
                 print(report.phase_line(s.label, r) + f" round={rnd} load={load_before[0]:.2f}")
         measure_ceilings(series, ceilings, args.ceiling_seconds)
-    return {
+    result = {
         "mode": "compare",
         "prefilled_certificates": args.prefill,
         "levels": levels,
@@ -570,6 +570,8 @@ def run_compare(args: argparse.Namespace, bench: Bench, stamp: str) -> dict[str,
             for s in series
         },
     }
+    cpusplit.annotate(result)
+    return result
 
 
 def measure_ceilings(series: list[Series], ceilings: dict[str, Any], seconds: float) -> None:
@@ -587,6 +589,9 @@ def measure_ceilings(series: list[Series], ceilings: dict[str, Any], seconds: fl
         entry["runs"].append(run)
         best = max(entry["runs"], key=lambda r: r["enrollments_per_s"])
         entry.update(operations=best["operations"], enrollments_per_s=best["enrollments_per_s"])
+        entry["hsm_cpu_ms_per_enrollment"] = min(
+            r["hsm_cpu_ms_per_enrollment"] for r in entry["runs"]
+        )
 
 
 def _peak_from_results(label: str) -> float | None:

@@ -46,6 +46,7 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
             "peak_enrollments_per_s": best["enrollments_per_s"],
             "peak_at_concurrency": best["users"],
             "cpu_ms_per_enrollment_at_peak": best["cpu_ms_per_enrollment"],
+            "cpu_ms_outside_hsm_at_peak": best.get("cpu_ms_outside_hsm_per_enrollment"),
             "max_process_rss_mb": max(
                 (p["phase_peak_mb"] for lv in levels for p in lv["peak_rss_mb"]), default=None
             ),

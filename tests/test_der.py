@@ -347,3 +347,11 @@ def test_hand_picked_edges_agree() -> None:
     assert ours(b"\x1f\x81\x00\x00") is None and theirs(b"\x1f\x81\x00\x00") is not None
     five = b"\x04\x85\x00\x00\x00\x00\x01\xaa"
     assert ours(five) is None and theirs(five) is not None
+
+
+@pytest.mark.parametrize("size", [0, 1, 0x7F, 0x80, 0xFF, 0x100, 0xFFFF, 0x10000])
+def test_tlv_lengths_at_every_form_boundary(size: int) -> None:
+    # tlv writes short lengths inline; every form must equal der_length's encoding.
+    content = b"\x00" * size
+    assert asn1.tlv(0x04, content) == b"\x04" + asn1.der_length(size) + content
+    assert parser.parse(asn1.tlv(0x04, content))[4] == content

@@ -209,3 +209,30 @@ def test_new_arrivals_do_not_extend_the_wait_and_close_ends_it() -> None:
     closer.start()
     assert finished(waiting, closer)
     assert write.batches == [[1, 2], [3]]
+
+
+def test_a_gathering_batch_is_woken_once_when_its_items_are_all_there() -> None:
+    # Each wake-up of the committer is a GIL hand-off and a context switch: arrivals before
+    # the last expected one must not wake it (the committer re-reads in_progress() on wake).
+    write, committer, pipeline = lingering(3)
+    reads = 0
+
+    def counted() -> int:
+        nonlocal reads
+        reads += 1
+        return pipeline.count
+
+    committer.linger_for(counted)
+    threads = [put_in_thread(committer, 1)]
+    assert write.writing.wait(0.3) is False
+    reads_while_waiting = reads
+    for item in (2, 3):
+        pipeline.count -= 1
+        threads.append(put_in_thread(committer, item))
+        threads[-1].join(0.3)  # still waiting for item 4
+        assert threads[-1].is_alive() and reads == reads_while_waiting
+    pipeline.count -= 1
+    threads.append(put_in_thread(committer, 4))
+    assert finished(*threads)
+    committer.close()
+    assert write.batches == [[1, 2, 3, 4]]

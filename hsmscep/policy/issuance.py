@@ -34,6 +34,7 @@ from hsmscep.protocol.algorithms import (
     ECDSA_SIGNATURE_DIGESTS,
     RSA_SIGNATURE_DIGESTS,
 )
+from hsmscep.protocol.certificate import constant_extension, encode_certificate, extension
 from hsmscep.protocol.codes import FailInfo
 from hsmscep.protocol.keys import SigningKey
 
@@ -70,6 +71,7 @@ class Issuer:
 
     certificate: x509.Certificate
     authority_key_id: x509.AuthorityKeyIdentifier
+    subject_der: bytes = b""  # the issuer name of every certificate, encoded once
 
     @classmethod
     def of(cls, certificate: x509.Certificate) -> Issuer:
@@ -80,11 +82,15 @@ class Issuer:
             aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(
                 certificate.public_key()  # type: ignore[arg-type]
             )
-        return cls(certificate, aki)
+        return cls(certificate, aki, certificate.subject.public_bytes())
 
 
-def load_csr(der: bytes) -> x509.CertificateSigningRequest:
-    """Parse a PKCS#10 request and verify its self-signature; refuse with badMessageCheck."""
+def load_csr(der: bytes, signer_key: object = None) -> x509.CertificateSigningRequest:
+    """Parse a PKCS#10 request and verify its self-signature; refuse with badMessageCheck.
+
+    `signer_key`: the pkiMessage signer's public key object, which usually is the CSR's own
+    key; verifying with that object skips setting up the same key in OpenSSL a second time.
+    """
     try:
         csr = x509.load_der_x509_csr(der)
     except x509.InvalidVersion:
@@ -93,8 +99,11 @@ def load_csr(der: bytes) -> x509.CertificateSigningRequest:
         raise Rejected(FailInfo.BAD_MESSAGE_CHECK, "CSR does not parse") from None
     # Verified by hand rather than with is_signature_valid, which refuses SHA-1: old Cisco
     # IOS signs nothing else, and a SHA-1 self-signature only proves possession of the key.
+    public_key = csr.public_key()
+    if signer_key is not None and public_key == signer_key:
+        public_key = signer_key  # type: ignore[assignment]  # equal keys, set up once
     _verify_csr_signature(
-        csr.public_key(),
+        public_key,
         csr.signature_algorithm_oid.dotted_string,
         csr.tbs_certrequest_bytes,
         csr.signature,
@@ -261,28 +270,36 @@ def build_certificate(
         key_usage = _KU_RSA
     else:
         key_usage = _KU_EC
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(request.subject)
-        .issuer_name(issuer.certificate.subject)
-        .public_key(request.public_key)
-        .serial_number(serial)
-        .not_valid_before(now - policy.backdate)
-        .not_valid_after(not_after)
-        .add_extension(_BASIC_CONSTRAINTS, critical=True)
-        .add_extension(key_usage, critical=True)
-        .add_extension(request.extended_key_usage or template.extended_key_usage, False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(request.public_key), False)
-        .add_extension(issuer.authority_key_id, critical=False)
-    )
+    # What cryptography's CertificateBuilder would write, in its order, from encoded parts:
+    # the template's and policy's extensions are encoded once per CA (protocol.certificate).
+    extensions = [
+        constant_extension(_BASIC_CONSTRAINTS, True),
+        constant_extension(key_usage, True),
+        constant_extension(request.extended_key_usage or template.extended_key_usage, False),
+        extension(x509.SubjectKeyIdentifier.from_public_key(request.public_key), False),
+        constant_extension(issuer.authority_key_id, False),
+    ]
     if request.sans is not None:
         # RFC 5280 §4.2.1.6: the SAN is critical when the subject is empty.
-        builder = builder.add_extension(request.sans, critical=not len(request.subject))
+        extensions.append(extension(request.sans, not len(request.subject)))
     if policy.crl_distribution_points is not None:
-        builder = builder.add_extension(policy.crl_distribution_points, critical=False)
+        extensions.append(constant_extension(policy.crl_distribution_points, False))
     if policy.authority_information_access is not None:
-        builder = builder.add_extension(policy.authority_information_access, critical=False)
-    return builder.sign(issuer_key, _CERT_HASHES[template.signature_hash]())
+        extensions.append(constant_extension(policy.authority_information_access, False))
+    der = encode_certificate(
+        serial=serial,
+        issuer_der=issuer.subject_der or issuer.certificate.subject.public_bytes(),
+        not_before=now - policy.backdate,
+        not_after=not_after,
+        subject_der=request.subject.public_bytes(),
+        spki_der=request.public_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+        extensions=extensions,
+        key=issuer_key,
+        hash_algorithm=_CERT_HASHES[template.signature_hash](),
+    )
+    return x509.load_der_x509_certificate(der)
 
 
 def describe_sans(sans: x509.SubjectAlternativeName | None) -> tuple[str, ...]:

@@ -69,7 +69,15 @@ def der_length(n: int) -> bytes:
 
 def tlv(tag: int, content: bytes) -> bytes:
     """Encode one tag-length-value with a single-byte tag."""
-    return bytes((tag,)) + der_length(len(content)) + content
+    # The one- and two-byte lengths inline: a CertRep and a certificate take ~60 of these.
+    n = len(content)
+    if n < 0x80:
+        return bytes((tag, n)) + content
+    if n < 0x100:
+        return bytes((tag, 0x81, n)) + content
+    if n < 0x10000:
+        return bytes((tag, 0x82, n >> 8, n & 0xFF)) + content
+    return bytes((tag,)) + der_length(n) + content
 
 
 def seq(*parts: bytes) -> bytes:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from hsmscep.service.refusal import Refusal
 
@@ -30,7 +29,8 @@ def check_key_binding(
     if _issued_by(signer, ca_cert):
         return
     csr_key = csr.public_key()
-    if isinstance(csr_key, rsa.RSAPublicKey) and _spki(signer.public_key()) != _spki(csr_key):
+    # Key objects compare their public numbers: the same test as comparing the SPKI DER.
+    if isinstance(csr_key, rsa.RSAPublicKey) and signer.public_key() != csr_key:
         raise Refusal.SIGNER_KEY_MISMATCH()
     try:
         if signer.issuer != signer.subject:
@@ -53,11 +53,3 @@ def _issued_by(signer: x509.Certificate, ca_cert: x509.Certificate) -> bool:
     except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
         return False
     return True
-
-
-def _spki(key: object) -> bytes:
-    public_bytes = getattr(key, "public_bytes", None)
-    if public_bytes is None:  # a key type the library cannot serialize never matches
-        return b""
-    spki: bytes = public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    return spki

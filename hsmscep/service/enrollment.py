@@ -146,7 +146,7 @@ class Enrollment:
             envelope = decode_envelope(request.content)
             cek, oaep = decrypt_key(envelope, keys)
             csr_der = envelope.open(cek)
-            csr = load_csr(csr_der)
+            csr = load_csr(csr_der, request.signer_cert.public_key())
             csr_subject = csr.subject
             profile = self.profiles.for_template(endpoint, ms_template_name(csr))
             chain = self._chains[profile.name]

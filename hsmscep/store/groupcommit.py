@@ -67,6 +67,10 @@ class GroupCommitter(Generic[T]):
         self._in_progress: Callable[[], int] = _none
         self._on_failure = on_failure  # the error each item of a failed batch gets
         self._queue: deque[tuple[T, Done]] = deque()
+        # Queued items that wake the committer: one while it idles; while a batch gathers, the
+        # rest of its target (a wake-up per arrival cost a GIL hand-off and a context switch
+        # per row on a core the signing worker needs).
+        self._wanted = 1
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -89,7 +93,7 @@ class GroupCommitter(Generic[T]):
             if self._closed:
                 raise StoreError("store is closed")
             self._queue.append((item, done))
-            if len(self._queue) == 1:
+            if len(self._queue) == self._wanted:
                 self._cond.notify()
 
     def close(self) -> None:
@@ -128,7 +132,9 @@ class GroupCommitter(Generic[T]):
             if remaining <= 0:
                 return
             if not self._queue:
+                self._wanted = target - len(batch)
                 self._cond.wait(remaining)
+                self._wanted = 1
             batch += self._take(self._max_batch - len(batch))
             # Work that ended without an item lowers the count; new arrivals do not raise it.
             target = min(target, len(batch) + self._in_progress())
