@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from hsmscep.errors import Rejected
-from hsmscep.policy.issuance import IssuancePolicy, check_csr, describe_sans, load_csr
+from hsmscep.policy.csr import load_csr
+from hsmscep.policy.issuance import IssuancePolicy, check_csr, describe_sans
 from hsmscep.policy.profiles import Profile
 from hsmscep.policy.renewal import RenewalPolicy
 from hsmscep.protocol import cms

@@ -19,7 +19,8 @@ from cryptography import x509
 
 from hsmscep.errors import ConfigError, Rejected
 from hsmscep.policy.challenges import binding_mismatch, challenge_hash
-from hsmscep.policy.issuance import challenge_password, describe_sans
+from hsmscep.policy.csr import challenge_password
+from hsmscep.policy.issuance import describe_sans
 from hsmscep.policy.profiles import Profile
 from hsmscep.policy.request import CertRequest
 from hsmscep.policy.template import with_overrides

@@ -18,8 +18,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hsmscep.errors import Rejected
-from hsmscep.policy.issuance import IssuancePolicy, check_csr, load_csr
-from hsmscep.policy.issuance import challenge_password as csr_challenge
+from hsmscep.policy.csr import challenge_password as csr_challenge
+from hsmscep.policy.csr import load_csr
+from hsmscep.policy.issuance import IssuancePolicy, check_csr
 from hsmscep.policy.profiles import Profile, Profiles
 from hsmscep.policy.renewal import (
     RenewalPolicy,

@@ -16,7 +16,8 @@ from typing import Literal
 
 from hsmscep.errors import DuplicateSerial, DuplicateTransaction, StoreError
 from hsmscep.hsm.pool import SigningPool
-from hsmscep.policy.issuance import IssuancePolicy, check_csr, describe_sans, load_csr
+from hsmscep.policy.csr import load_csr
+from hsmscep.policy.issuance import IssuancePolicy, check_csr, describe_sans
 from hsmscep.policy.profiles import Profile, Profiles
 from hsmscep.policy.template import apply_template
 from hsmscep.protocol.cms import decode_envelope
