@@ -7,9 +7,10 @@ hot path without instantiating asn1crypto object trees. No I/O.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import cache
 
-from asn1crypto import cms, core
+from asn1crypto import algos, cms, core, crl, csr, keys, x509  # noqa: F401  # set up below
 
 OID_MESSAGE_TYPE = "2.16.840.1.113733.1.9.2"
 OID_PKI_STATUS = "2.16.840.1.113733.1.9.3"
@@ -54,6 +55,35 @@ def _register() -> None:
 
 
 _register()
+
+
+def _subclasses(cls: type) -> Iterator[type]:
+    sub: type
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def set_up_asn1crypto() -> int:
+    """Set up every asn1crypto class now, in this thread; returns how many were left to do.
+
+    asn1crypto builds a class's field maps (and reverse OID maps) on its first instance, and
+    not thread-safely: two signing threads parsing their first certificate at once can read
+    each other's half-built field list and misparse valid DER ("tag should have been 1, but 6
+    was found"). Done once at import, nothing is left lazy for the threads.
+    """
+    done = 0
+    for cls in dict.fromkeys(_subclasses(core.Asn1Value)):
+        if cls not in core._SETUP_CLASSES:
+            try:
+                cls()
+                done += 1
+            except Exception:  # abstract bases (core.Choice) cannot be built; nothing uses them
+                pass
+    return done
+
+
+set_up_asn1crypto()
 
 
 # ---- DER encoding (definite lengths, X.690 §10) -----------------------------------------
