@@ -3,13 +3,16 @@ a private-key operation (Little's law); pool_size overrides it."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from hsmscep.hsm.pool import latency_hiding_size
+from hsmscep.hsm.autosize import keep_sized, next_size
+from hsmscep.hsm.pool import SigningPool, latency_hiding_size
 from hsmscep.web import affinity
 from tests.conftest import DevCa, Server, start_server
 from tests.hsmfaults import build_shim, copy_ca
@@ -34,6 +37,37 @@ def test_round_trips_grow_the_pool_by_littles_law_up_to_the_cap() -> None:
     # A network HSM: almost no CPU per operation, the cap bounds sessions and memory.
     assert latency_hiding_size(1, cpu_op=0.00002, wait_op=0.05, cap=40) == 40
     assert latency_hiding_size(8, cpu_op=0.0004, wait_op=0.002, cap=4) == 8  # never below base
+
+
+def test_the_controller_grows_only_when_threads_not_the_cpu_are_the_limit() -> None:
+    assert next_size(4, cap=64, queued_share=0.9, cpu_share=0.3) == 5  # at least one more
+    assert next_size(16, cap=64, queued_share=0.6, cpu_share=0.5) == 20  # a quarter more
+    assert next_size(62, cap=64, queued_share=1.0, cpu_share=0.1) == 64  # never past the cap
+    assert next_size(64, cap=64, queued_share=1.0, cpu_share=0.1) == 64
+    assert next_size(4, cap=64, queued_share=0.2, cpu_share=0.1) == 4  # threads were free
+    assert next_size(4, cap=64, queued_share=1.0, cpu_share=0.95) == 4  # the CPU is the limit
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_jobs_that_wait_on_the_hsm_grow_the_pool_at_run_time(anyio_backend: str) -> None:
+    """Jobs that sleep (a round trip, no CPU) queue behind two threads: the pool grows."""
+    pool: SigningPool[object] = SigningPool(object, size=2, max_pending=64)
+    await pool.start()
+    sizer = asyncio.create_task(keep_sized(pool, cap=6, window=0.2))
+    stop = time.monotonic() + 10
+
+    async def client() -> None:
+        while pool.size < 6 and time.monotonic() < stop:
+            await pool.run(lambda _: time.sleep(0.005))
+
+    try:
+        await asyncio.gather(*(client() for _ in range(16)))
+        assert pool.size == 6  # grown to the cap, not past it
+        await asyncio.wait_for(sizer, 5)  # at the cap the controller ends
+    finally:
+        sizer.cancel()
+        await pool.aclose()
 
 
 def test_a_server_on_a_slow_hsm_starts_more_signing_threads(
