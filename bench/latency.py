@@ -106,6 +106,8 @@ def run(args: argparse.Namespace, bench: Bench, stamp: str) -> dict[str, Any]:
                 "errors": r["errors"],
                 "http_503": r["http_503"],
                 "cpu_ms_per_enrollment": r.get("cpu_ms_per_enrollment"),
+                # Server CPU seconds per second: with the CPU per enrollment, what the rate is.
+                "server_cpu_util": r.get("server_cpu_util"),
                 "peak_rss_total_mb": r.get("peak_rss_total_mb"),
                 "peak_rss_mb": r.get("peak_rss_mb"),
                 "signing_threads": threads,
@@ -114,8 +116,9 @@ def run(args: argparse.Namespace, bench: Bench, stamp: str) -> dict[str, Any]:
             phases.append(row)
             print(
                 f"r{rnd} {name:>8} delay={delay:>4g} ms {row['enrollments_per_s']:>8.1f}/s  "
-                f"p99 {row['p99_ms']} ms  cpu {row['cpu_ms_per_enrollment']} ms/enr  "
-                f"rss {row['peak_rss_total_mb']} MB  threads {threads}  "
+                f"p99 {row['p99_ms']} ms  cpu {row['cpu_ms_per_enrollment']} ms/enr "
+                f"util {row['server_cpu_util']}  "
+                f"rss {row['peak_rss_total_mb']} MB  threads {threads_text(threads)}  "
                 f"errors {row['errors']}  load {load:.2f}"
             )
     series = summarise(phases)
@@ -167,7 +170,7 @@ def summarise(phases: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any
             runs = cell.pop("runs")
 
             def median(field: str, rows: list[dict[str, Any]] = runs) -> float | None:
-                values = [r[field] for r in rows if r[field] is not None]
+                values = [r[field] for r in rows if r.get(field) is not None]
                 return round(statistics.median(values), 3) if values else None
 
             cell.update(
@@ -175,6 +178,7 @@ def summarise(phases: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any
                 enrollments_per_s=median("enrollments_per_s"),
                 p99_ms=median("p99_ms"),
                 cpu_ms_per_enrollment=median("cpu_ms_per_enrollment"),
+                server_cpu_util=median("server_cpu_util"),
                 peak_rss_total_mb=max((r["peak_rss_total_mb"] or 0 for r in runs), default=0),
                 errors=sum(r["errors"] for r in runs),
                 http_503=sum(r["http_503"] for r in runs),
@@ -213,14 +217,15 @@ def ratios(series: dict[str, dict[str, dict[str, Any]]], names: list[str]) -> li
 
 def table(data: dict[str, Any]) -> str:
     lines = [f"{'series':>8} {'delay':>6} {'enr/s':>8} {'ratio':>6} {'p99 ms':>8} "
-             f"{'cpu ms':>7} {'RSS MB':>7} {'err':>4}  threads"]  # fmt: skip
+             f"{'cpu ms':>7} {'util':>5} {'RSS MB':>7} {'err':>4}  threads"]  # fmt: skip
     for name, delays in data["series"].items():
         for cell in delays.values():
             lines.append(
                 f"{name:>8} {cell['delay_ms']:>6g} {cell['enrollments_per_s'] or 0:>8.1f} "
                 f"{cell['ratio_to_zero_delay'] or 0:>6.3f} {cell['p99_ms'] or 0:>8.1f} "
-                f"{cell['cpu_ms_per_enrollment'] or 0:>7.3f} {cell['peak_rss_total_mb']:>7.1f} "
-                f"{cell['errors']:>4}  {cell['signing_threads']}"
+                f"{cell['cpu_ms_per_enrollment'] or 0:>7.3f} {cell['server_cpu_util'] or 0:>5.2f} "
+                f"{cell['peak_rss_total_mb']:>7.1f} "
+                f"{cell['errors']:>4}  {threads_text(cell['signing_threads'])}"
             )
     for r in data["ratios"]:
         verdict = "holds" if r["holds"] else "FAILS"
@@ -229,6 +234,11 @@ def table(data: dict[str, Any]) -> str:
             f"CPU/enrollment ratio {r['cpu_ratio']}"
         )
     return "\n".join(lines)
+
+
+def threads_text(threads: dict[str, Any]) -> str:
+    """`[8, 8] -> 20`: per process at start, all at the end; `-` for a fixed pool_size."""
+    return f"{threads['start']} -> {threads['end_total']}" if threads["start"] else "-"
 
 
 def plot(data: dict[str, Any], path: Path) -> Path | None:
