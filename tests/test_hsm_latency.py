@@ -10,12 +10,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.hashes import SHA256
 
 from hsmscep.hsm.autosize import keep_sized, next_size
+from hsmscep.hsm.keyring import Keyring
+from hsmscep.hsm.login import TokenLogin
 from hsmscep.hsm.pool import SigningPool, latency_hiding_size
+from hsmscep.hsm.refs import KeyRef
 from hsmscep.web import affinity
-from tests.conftest import DevCa, Server, start_server
-from tests.hsmfaults import build_shim, copy_ca
+from tests.conftest import DevCa, Server, key_source, start_server
+from tests.hsmfaults import build_shim, copy_ca, private_module
 
 pytestmark = pytest.mark.hsm
 
@@ -68,6 +73,56 @@ async def test_jobs_that_wait_on_the_hsm_grow_the_pool_at_run_time(anyio_backend
     finally:
         sizer.cancel()
         await pool.aclose()
+
+
+def test_signing_threads_waiting_on_a_slow_token_grow_the_pool_at_run_time(
+    dev_ca: DevCa, shim: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real SoftHSM2 behind the pass-through module, 3 ms per signature: one thread cannot
+    keep up with 12 callers and leaves the CPU idle, so the controller adds threads."""
+    monkeypatch.setenv("P11SHIM_MODULE", private_module(dev_ca.token.module, tmp_path, "s.so"))
+    monkeypatch.setenv("P11SHIM_DELAY_US", "3000")
+    source = key_source(dev_ca)
+    ref = source.ca_key.token
+    token = type(ref)(private_module(shim, tmp_path, "shim-slow.so"), ref.label, pin=ref.pin)
+    moved = [KeyRef(token, k.label, k.id) for k in (source.ca_key, source.ra_sign_key)]
+    source = type(source)(
+        moved[0], source.ca_cert, moved[1], source.ra_sign_cert, [(moved[1], source.ra_sign_cert)]
+    )
+    ca_public = source.ca_cert.public_key()
+
+    def sign(keys: Keyring) -> bytes:
+        return keys.ca_key.sign(b"probe", padding.PKCS1v15(), SHA256())  # type: ignore[call-arg, arg-type]
+
+    async def run() -> tuple[int, list[bytes]]:
+        logins = TokenLogin()
+        pool: SigningPool[Keyring] = SigningPool(
+            lambda: Keyring.open(source, logins),
+            size=1,
+            max_pending=64,
+            close_context=Keyring.close,
+        )
+        await pool.start()
+        sizer = asyncio.create_task(keep_sized(pool, cap=4, window=0.3))
+        stop = time.monotonic() + 20
+        signatures: list[bytes] = []
+
+        async def caller() -> None:
+            while not sizer.done() and time.monotonic() < stop:
+                signatures.append(await pool.run(sign))
+
+        try:
+            await asyncio.gather(*(caller() for _ in range(12)))
+            return pool.size, signatures
+        finally:
+            sizer.cancel()
+            await pool.aclose()
+            logins.close()
+
+    size, signatures = asyncio.run(run())
+    assert size == 4  # grown to the cap
+    for signature in signatures[-4:]:  # the threads added sign with the token's key
+        ca_public.verify(signature, b"probe", padding.PKCS1v15(), SHA256())  # type: ignore[union-attr, call-arg, arg-type]
 
 
 def test_a_server_on_a_slow_hsm_starts_more_signing_threads(
