@@ -45,12 +45,17 @@ def test_round_trips_grow_the_pool_by_littles_law_up_to_the_cap() -> None:
 
 
 def test_the_controller_grows_only_when_threads_not_the_cpu_are_the_limit() -> None:
-    assert next_size(4, cap=64, queued_share=0.9, cpu_share=0.3) == 5  # at least one more
-    assert next_size(16, cap=64, queued_share=0.6, cpu_share=0.5) == 20  # a quarter more
-    assert next_size(62, cap=64, queued_share=1.0, cpu_share=0.1) == 64  # never past the cap
-    assert next_size(64, cap=64, queued_share=1.0, cpu_share=0.1) == 64
-    assert next_size(4, cap=64, queued_share=0.2, cpu_share=0.1) == 4  # threads were free
-    assert next_size(4, cap=64, queued_share=1.0, cpu_share=0.95) == 4  # the CPU is the limit
+    def grow(size: int, queued: float, cpu: float, demand: int = 100, cap: int = 64) -> int:
+        return next_size(size, cap, queued_share=queued, cpu_share=cpu, demand=demand)
+
+    assert grow(8, queued=0.9, cpu=0.6) == 12  # 8 threads at 60 %: 12 fill 85 % of a core
+    assert grow(8, queued=0.9, cpu=0.8) == 9  # at least one more
+    assert grow(4, queued=0.9, cpu=0.1) == 8  # at most twice per step
+    assert grow(4, queued=0.9, cpu=0.1, demand=6) == 6  # never more than jobs in flight
+    assert grow(40, queued=1.0, cpu=0.1) == 64  # never past the cap
+    assert grow(64, queued=1.0, cpu=0.1) == 64
+    assert grow(4, queued=0.2, cpu=0.1) == 4  # threads were free
+    assert grow(4, queued=1.0, cpu=0.95) == 4  # the CPU is the limit
 
 
 @pytest.mark.anyio
