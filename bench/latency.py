@@ -207,7 +207,7 @@ def ratios(series: dict[str, dict[str, dict[str, Any]]], names: list[str]) -> li
                 "what": f"{a} at {da:g} ms / {b} at {db:g} ms",
                 "ratio": value,
                 "at_least": floor,
-                "holds": value is not None and value >= floor,
+                "holds": None if value is None else value >= floor,  # None: not measured
                 # CPU per enrollment is robust on a loaded box where rates are not.
                 "cpu_ratio": round(ca / cb, 3) if ca and cb else None,
             }
@@ -228,7 +228,7 @@ def table(data: dict[str, Any]) -> str:
                 f"{cell['errors']:>4}  {threads_text(cell['signing_threads'])}"
             )
     for r in data["ratios"]:
-        verdict = "holds" if r["holds"] else "FAILS"
+        verdict = {True: "holds", False: "FAILS", None: "not measured"}[r["holds"]]
         lines.append(
             f"{r['what']}: {r['ratio']} (at least {r['at_least']}) {verdict}; "
             f"CPU/enrollment ratio {r['cpu_ratio']}"
