@@ -20,6 +20,7 @@ from starlette.applications import Starlette
 
 from hsmscep.config.settings import Settings
 from hsmscep.errors import ConfigError
+from hsmscep.hsm.autosize import keep_sized
 from hsmscep.hsm.keyring import Keyring, KeySource
 from hsmscep.hsm.login import TokenLogin, describe
 from hsmscep.hsm.pool import SigningPool, latency_hiding_size
@@ -225,11 +226,14 @@ async def _running_service(
         )
         # Typed as the port: mypy proves here that the SQLite backend implements it.
         store: Store | None = None
+        sizer: asyncio.Task[None] | None = None
         try:
             await pool.start()
             await pool.run(lambda worker_keys: worker_keys.check_certificates())
             if not settings.server.pool_size:
-                await _hide_latency(pool, size, processes, settings.server.max_pending)
+                cap = await _hide_latency(pool, size, processes, settings.server.max_pending)
+                if cap is not None:
+                    sizer = asyncio.create_task(keep_sized(pool, cap), name="pool-autosize")
             store = await _open_store(settings)
             ra_certs = [ra_sign] if ra_decrypt == ra_sign else [ra_sign, ra_decrypt]
             service = ScepService(
@@ -255,6 +259,9 @@ async def _running_service(
             async with service.crl_refresher():
                 yield service
         finally:
+            if sizer is not None:
+                sizer.cancel()
+                await asyncio.gather(sizer, return_exceptions=True)
             await pool.aclose()
             if store is not None:
                 await store.close()
@@ -278,8 +285,9 @@ async def _open_store(settings: Settings) -> Store:
 
 async def _hide_latency(
     pool: SigningPool[WorkerKeys], base: int, processes: int, max_pending: int
-) -> None:
-    """Grow the default pool so that HSM round trips do not leave the CPU idle."""
+) -> int | None:
+    """Grow the default pool so that HSM round trips do not leave the CPU idle; the cap for
+    growing it further at run time, None for a local token (all CPU: the pool stays)."""
     cpu_op, wait_op = await pool.run(lambda worker_keys: worker_keys.latency())
     # At most 128 sessions per HSM from all processes together, and never more threads
     # than jobs admitted.
@@ -293,6 +301,7 @@ async def _hide_latency(
     )
     if wanted > base:
         await pool.grow(wanted)
+    return cap if wanted > base else None
 
 
 def settings_tokens(settings: Settings) -> list[TokenRef]:
