@@ -177,9 +177,11 @@ def _key_usage(*, ca: bool) -> x509.KeyUsage:
     )
 
 
-def ca_certificate(key: PrivateKey, subject: x509.Name) -> x509.Certificate:
-    """A self-signed CA certificate like `hsmscep init` writes."""
-    now = datetime.now(UTC)
+def ca_certificate(
+    key: PrivateKey, subject: x509.Name, now: datetime | None = None
+) -> x509.Certificate:
+    """A self-signed CA certificate like `hsmscep init` writes (at `now`, default the clock)."""
+    now = now or datetime.now(UTC)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)

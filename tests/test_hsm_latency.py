@@ -125,7 +125,9 @@ def test_signing_threads_waiting_on_a_slow_token_grow_the_pool_at_run_time(
             logins.close()
 
     size, signatures = asyncio.run(run())
-    assert size == 4  # grown to the cap
+    # Grown, within the cap; how far depends on the CPU this (shared) box leaves the process:
+    # the controller stops where the threads' CPU nears a core.
+    assert 1 < size <= 4
     for signature in signatures[-4:]:  # the threads added sign with the token's key
         ca_public.verify(signature, b"probe", padding.PKCS1v15(), SHA256())  # type: ignore[union-attr, call-arg, arg-type]
 

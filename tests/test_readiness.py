@@ -26,7 +26,9 @@ NOW = datetime.now(UTC)
 @pytest.fixture(scope="module")
 def ca_cert() -> x509.Certificate:
     key = rsa.generate_private_key(65537, 2048)
-    return ca_certificate(key, x509.Name.from_rfc4514_string("CN=readiness CA"))
+    # Made as of NOW, not of when the fixture runs: a long suite reaches this module minutes
+    # after NOW was taken, and the CA would not be valid yet "now".
+    return ca_certificate(key, x509.Name.from_rfc4514_string("CN=readiness CA"), NOW)
 
 
 def checks_at(db: Path, cert: x509.Certificate, at: datetime, crl: bool = True) -> dict[str, str]:
