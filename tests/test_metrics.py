@@ -495,7 +495,7 @@ async def test_pool_reports_queue_waits_rejections_and_depth() -> None:
 
 def test_sampled_gauges_sum_pools_and_take_any_ready_member() -> None:
     def service(pending: int, queued: int) -> Any:
-        pool = SimpleNamespace(pending=pending, queued=lambda: queued)
+        pool = SimpleNamespace(pending=pending, queued=lambda: queued, size=4)
         return SimpleNamespace(pool=pool)
 
     rows = [
@@ -506,6 +506,7 @@ def test_sampled_gauges_sum_pools_and_take_any_ready_member() -> None:
     gauges.sample_pools({"x": service(3, 1), "y": service(2, 0)}, lambda: rows)
     assert REGISTRY.get_sample_value("hsmscep_pool_in_flight") == 5
     assert REGISTRY.get_sample_value("hsmscep_pool_queue_depth") == 1
+    assert REGISTRY.get_sample_value("hsmscep_pool_threads") == 8
     assert REGISTRY.get_sample_value("hsmscep_hsm_token_up", {"token": "token-a"}) == 1
     assert REGISTRY.get_sample_value("hsmscep_hsm_token_up", {"token": "token-b"}) == 0
 

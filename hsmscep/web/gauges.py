@@ -71,6 +71,7 @@ def sample_pools(services: Mapping[str, ScepService], readiness: Readiness) -> N
     """Pool depth summed over this process's CAs, and each token's state."""
     m.IN_FLIGHT.set(sum(s.pool.pending for s in services.values()))
     m.QUEUE_DEPTH.set(sum(s.pool.queued() for s in services.values()))
+    m.POOL_THREADS.set(sum(s.pool.size for s in services.values()))
     up: dict[str, bool] = {}
     for row in readiness():
         token = str(row["token"])

@@ -52,6 +52,12 @@ QUEUE_DEPTH = Gauge(
     "Signing jobs waiting for a signing worker (sampled every few seconds).",
     multiprocess_mode="livesum",
 )
+POOL_THREADS = Gauge(
+    "hsmscep_pool_threads",
+    "Signing worker threads (HSM sessions), all processes: the default pool grows at run "
+    "time for a slow HSM (sampled every few seconds).",
+    multiprocess_mode="livesum",
+)
 REJECTIONS = Counter(
     "hsmscep_pool_rejections",
     "Signing jobs refused at admission because the queue was full (answered 503).",
