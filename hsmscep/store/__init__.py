@@ -5,7 +5,8 @@ one module per table (`certificates` with its group-commit thread `groupcommit`,
 `revocations`, `pending`, `challenges`) over the connections of `database`. `postgres` is
 the shared backend for several nodes (asyncpg): PgStore over `pgcertificates` (the same group
 commit), `pgtables`, `pgdatabase` and the PostgreSQL spelling of the history, `pgschema`.
-`backends.open_store` picks one by the location: a postgresql:// URL or an SQLite path.
+Both stores' table methods are `facade`'s. `backends.open_store` picks one by the location:
+a postgresql:// URL or an SQLite path.
 
 Backends implement hsmscep.service.ports.Store; they may import only hsmscep.errors, the
 store's own modules, and service.ports for a type-only proof that they conform.
