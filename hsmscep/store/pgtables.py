@@ -10,12 +10,13 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Literal
 
-from hsmscep.errors import RequestConflict, UnknownCertificate, UnknownRequest
+from hsmscep.errors import UnknownCertificate, UnknownRequest
 from hsmscep.store.challenges import _COLUMNS as _CHALLENGE_COLUMNS
 from hsmscep.store.challenges import _from_row as _challenge_from_row
 from hsmscep.store.pending import _COLUMNS as _PENDING_COLUMNS
 from hsmscep.store.pending import _from_row as _pending_from_row
 from hsmscep.store.pending import _to_row as _pending_to_row
+from hsmscep.store.pending import decided
 from hsmscep.store.pgdatabase import PgDatabase
 from hsmscep.store.records import (
     MAX_SERIAL,
@@ -161,13 +162,9 @@ class PgPendingRequests:
             if row is None:
                 raise UnknownRequest(f"no pending request with id {request_id}")
             current = _pending_from_row(tuple(row))
-            done = "approved" if decision == "approved" else "rejected"
-            if current.status == done or (done == "approved" and current.status == "issued"):
+            done = decided(current, decision, at, ttl)
+            if done is None:
                 return current, False
-            if current.status != "pending":
-                raise RequestConflict(f"request {request_id} is already {current.status}")
-            if current.expired(at, ttl(current.profile)):
-                raise RequestConflict(f"request {request_id} has expired")
             row = await db.fetchrow(
                 f"UPDATE pending_requests SET status = $1, decided_at = $2 WHERE id = $3"
                 f" RETURNING {_PENDING_COLUMNS}",
