@@ -205,6 +205,8 @@ class Bench:
         procs = series.handle.processes()
         sampler = RssSampler([series.handle], interval=1.0 if timeline else 0.25)
         cpu_before = cpu_seconds(procs)
+        db_cpu = series.handle.database_cpu
+        db_before = db_cpu() if db_cpu else 0.0
         host_before = host_cpu_seconds()
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         sampler.start()
@@ -225,6 +227,7 @@ class Bench:
         scrapes = scraper.stop() if scraper is not None else None
         sampler.stop()
         cpu_used = cpu_seconds(series.handle.processes()) - cpu_before
+        db_used = db_cpu() - db_before if db_cpu else 0.0
         host_after = host_cpu_seconds()
         children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         # Reaped children since `before` are exactly the locust process: the load generator.
@@ -254,10 +257,15 @@ class Bench:
             server_cpu_util=round(cpu_used / wall, 3) if wall else None,
             loadgen_cpu_s=round(loadgen_cpu, 3),
             # CPU that neither the server nor locust used: other work on the box skews results.
-            other_cpu_s=round(host_after[0] - host_before[0] - cpu_used - loadgen_cpu, 2),
+            other_cpu_s=round(host_after[0] - host_before[0] - cpu_used - db_used - loadgen_cpu, 2),
             steal_cpu_s=round(host_after[1] - host_before[1], 2),
             cpu_ms_per_enrollment=(
                 round(1000 * cpu_used / result["enrollments"], 3) if result["enrollments"] else None
+            ),
+            # The PostgreSQL server's CPU in the phase (it shares the box; 0 for SQLite).
+            database_cpu_s=round(db_used, 3),
+            database_cpu_ms_per_enrollment=(
+                round(1000 * db_used / result["enrollments"], 3) if result["enrollments"] else None
             ),
             peak_rss_mb=_rss_by_process(series.handle, sampler.peak[series.label]),
             peak_rss_total_mb=round(
@@ -503,24 +511,31 @@ def run_compare(args: argparse.Namespace, bench: Bench, stamp: str) -> dict[str,
         )
         built.append(variants.build(spec, bench.workdir))
     stores = args.stores.split(",")
+    prefills = [int(n) for n in args.prefill.split(",")]
     with ExitStack() as stack:
         pg = stack.enter_context(pgstore.postgres()) if "postgresql" in stores else None
         stack.callback(lambda: [s.handle.stop() for s in series])
-        for scenario in scenarios if "hsmscep" in servers else []:
-            for store in stores:
-                tag = "pg" if store == "postgresql" else ""
-                workdir = bench.workdir / f"hsmscep-{tag}{scenario}"
-                env = None
-                if store == "postgresql":
-                    if pg is None:
-                        continue
-                    env = pg.database(f"bench_{scenario}", args.prefill)
-                elif args.prefill:
-                    pgstore.prefill_sqlite(workdir, args.prefill)
-                handle = start_hsmscep(
-                    scenario, workdir, free_port(), CHALLENGE, args.workers, store_env=env
-                )
-                series.append(Series(handle, f"{stamp}-h{tag}{scenario}"))
+        plan = ((sc, st, n) for sc in scenarios for st in stores for n in prefills)
+        for scenario, store, rows in plan if "hsmscep" in servers else []:
+            # One series per store and pre-fill: `--prefill 0,1000000` puts the empty and the
+            # full store of each backend in the same interleaved phases.
+            tag = ("pg" if store == "postgresql" else "") + (
+                f"{rows}r" if len(prefills) > 1 else ""
+            )
+            workdir = bench.workdir / f"hsmscep-{tag}{scenario}"
+            env = None
+            if store == "postgresql":
+                if pg is None:
+                    continue
+                env = pg.database(f"bench_{tag}{scenario}", rows)
+            elif rows:
+                pgstore.prefill_sqlite(workdir, rows)
+            handle = start_hsmscep(
+                scenario, workdir, free_port(), CHALLENGE, args.workers, store_env=env
+            )
+            handle.prefill = rows
+            handle.database_cpu = pg.cpu_seconds if env is not None and pg is not None else None
+            series.append(Series(handle, f"{stamp}-h{tag}{scenario}"))
         # Variants run on SQLite: they compare code, not stores.
         for v, scenario in ((v, sc) for v in built for sc in scenarios):
             handle = start_hsmscep(
@@ -553,7 +568,7 @@ def run_compare(args: argparse.Namespace, bench: Bench, stamp: str) -> dict[str,
         measure_ceilings(series, ceilings, args.ceiling_seconds)
     result = {
         "mode": "compare",
-        "prefilled_certificates": args.prefill,
+        "prefilled_certificates": prefills if len(prefills) > 1 else prefills[0],
         "levels": levels,
         "duration_s": duration,
         "warmup_s": warmup,
@@ -565,6 +580,8 @@ def run_compare(args: argparse.Namespace, bench: Bench, stamp: str) -> dict[str,
                 "server": s.handle.name,
                 "variant": s.handle.variant,
                 "scenario": s.handle.scenario,
+                "store": s.handle.store,
+                "prefill": s.handle.prefill,
                 "levels": s.phases,
             }
             for s in series
@@ -672,7 +689,9 @@ def main(argv: list[str] | None = None) -> int:
         "--stores", default="sqlite,postgresql", help="hsmscep's store backends: sqlite,postgresql"
     )
     parser.add_argument(
-        "--prefill", type=int, default=0, help="certificates already in every store (1000000)"
+        "--prefill",
+        default="0",
+        help="certificates already in every store (1000000); a list (0,1000000) runs each",
     )
     parser.add_argument("--workers", default="auto", help="hsmscep serve --workers")
     parser.add_argument("--keys", type=int, default=256, help="cached client keys to use")

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
+
 from bench import prefill
 from tests import pgcluster
 
@@ -21,6 +23,10 @@ class BenchPostgres:
 
     def __init__(self, cluster: pgcluster.Cluster) -> None:
         self._cluster = cluster
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the database server has used so far (see server_cpu_seconds)."""
+        return server_cpu_seconds(self._cluster)
 
     def database(self, name: str, prefill_count: int = 0) -> dict[str, str]:
         """A fresh database `name`, pre-filled with `prefill_count` certificates; the
@@ -48,3 +54,20 @@ def prefill_sqlite(workdir: Path, count: int) -> None:
     """Pre-fill the SQLite store `hsmscep dev --dir workdir` will open."""
     workdir.mkdir(parents=True, exist_ok=True)
     asyncio.run(prefill.prefill_sqlite(workdir / "hsmscep.db", count))
+
+
+def server_cpu_seconds(cluster: pgcluster.Cluster) -> float:
+    """CPU seconds of a PostgreSQL server: the postmaster, its live children and its reaped ones
+    (backends of closed connections). It shares the box with hsmscep, so a PostgreSQL series
+    costs this CPU too."""
+    pid = int((cluster.directory / "data" / "postmaster.pid").read_text().split()[0])
+    main = psutil.Process(pid)
+    t = main.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in main.children():
+        try:
+            c = child.cpu_times()
+            total += c.user + c.system
+        except psutil.NoSuchProcess:
+            pass  # reaped meanwhile: counted in children_* from now on
+    return total

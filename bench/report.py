@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ def phase_line(label: str, r: dict[str, Any]) -> str:
         f"  {label:<20} c={r['users']:<4} {r['enrollments_per_s']:>8.1f}/s "
         f"p50={_ms(lat['p50'])} p99={_ms(lat['p99'])} errors={r['errors']} "
         f"503={r['http_503']} cpu={_num(r['cpu_ms_per_enrollment'])} ms/enr"
+        + (f" +db {_num(r['database_cpu_ms_per_enrollment'])}" if r.get("database_cpu_s") else "")
     )
 
 
@@ -87,20 +89,55 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
                 entry["fraction_of_hsm_ceiling"] = round(
                     best["enrollments_per_s"] / ceiling["enrollments_per_s"], 3
                 )
-        sqlite = data["series"].get(f"hsmscep-{s['scenario']}")
-        if label.startswith("hsmscep-pg-") and sqlite is not None:
-            # The same run, the same CA key: PostgreSQL's rate over SQLite's, per concurrency.
-            base = {p["users"]: p["enrollments_per_s"] for p in sqlite["levels"]}
-            entry["ratio_vs_sqlite"] = {
-                str(p["users"]): round(p["enrollments_per_s"] / base[p["users"]], 2)
-                for p in levels
-                if base.get(p["users"])
-            }
+        rows = s.get("prefill", 0)
+        filled = f"-{rows}" if rows else ""
+        if s["server"] == "hsmscep" and s.get("store") == "postgresql" and not s["variant"]:
+            # The same run, the same CA key and pre-fill: PostgreSQL's rate over SQLite's.
+            sqlite = data["series"].get(f"hsmscep{filled}-{s['scenario']}")
+            if sqlite is not None:
+                entry["ratio_vs_sqlite"] = _ratios(levels, sqlite["levels"])
+        if s["server"] == "hsmscep" and rows and not s["variant"]:
+            # The same backend empty in the same run: the cost of a large store.
+            pg = "-pg" if s.get("store") == "postgresql" else ""
+            empty = data["series"].get(f"hsmscep{pg}-{s['scenario']}")
+            if empty is not None:
+                entry["ratio_vs_empty_store"] = _ratios(levels, empty["levels"])
+                full_p99, empty_p99 = _medians(levels, _p99), _medians(empty["levels"], _p99)
+                entry["p99_ms_full_and_empty_store"] = {
+                    str(u): [full_p99[u], empty_p99.get(u)] for u in full_p99
+                }
         out["series"][label] = entry
     out["passed"] = all(
         e["errors"] == 0 for label, e in out["series"].items() if label.startswith("hsmscep")
     )
     return out
+
+
+def _ratios(levels: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, float]:
+    """Per concurrency, the median rate of `levels` over that of `base` (rounds pooled)."""
+    mine, theirs = _medians(levels), _medians(base)
+    return {str(u): round(r / theirs[u], 3) for u, r in mine.items() if theirs.get(u)}
+
+
+def _rate(phase: dict[str, Any]) -> float | None:
+    return float(phase["enrollments_per_s"])
+
+
+def _p99(phase: dict[str, Any]) -> float | None:
+    p99 = phase.get("latency_ms", {}).get("p99")
+    return None if p99 is None else float(p99)
+
+
+def _medians(
+    levels: list[dict[str, Any]], value: Callable[[dict[str, Any]], float | None] = _rate
+) -> dict[int, float]:
+    """Per concurrency, the median of `value` over the rounds."""
+    by_users: dict[int, list[float]] = {}
+    for p in levels:
+        v = value(p)
+        if v is not None:
+            by_users.setdefault(p["users"], []).append(v)
+    return {u: round(statistics.median(vs), 2) for u, vs in by_users.items()}
 
 
 def passed(data: dict[str, Any]) -> bool:

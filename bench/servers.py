@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,14 +58,18 @@ class ServerHandle:
     ca_certs: list[x509.Certificate] = field(default_factory=list)  # GetCACert, once up
     variant: str | None = None  # hsmscep built from another tree (bench/variants.py)
     store: str = "sqlite"  # hsmscep's store backend: "sqlite" or "postgresql"
+    prefill: int = 0  # certificates in the store before the run (bench/prefill.py)
+    # CPU seconds so far of a database server the instance uses (PostgreSQL), or None.
+    database_cpu: Callable[[], float] | None = None
 
     @property
     def label(self) -> str:
-        """Series name: server, variant, store (PostgreSQL only), CA key type, e.g.
-        "hsmscep-p256", "hsmscep@before-p256", "hsmscep-pg-p256"."""
+        """Series name: server, variant, store (PostgreSQL only), pre-filled rows, CA key type,
+        e.g. "hsmscep-p256", "hsmscep@before-p256", "hsmscep-pg-p256", "hsmscep-pg-1000000-p256"."""
         name = f"{self.name}@{self.variant}" if self.variant else self.name
         store = "-pg" if self.store == "postgresql" else ""
-        return f"{name}{store}-{self.scenario}"
+        rows = f"-{self.prefill}" if self.prefill else ""
+        return f"{name}{store}{rows}-{self.scenario}"
 
     @property
     def url(self) -> str:

@@ -15,10 +15,11 @@ from typing import Any
 def summarise(data: dict[str, Any]) -> dict[str, Any]:
     """Per level and series: the rounds' numbers, their medians, and ratios to the baseline."""
     hsmscep = {lb: s for lb, s in data["series"].items() if s["server"] == "hsmscep"}
-    # The driver's own tree per scenario; without one (--servers scepserver), the first variant.
+    # The driver's own tree per scenario, on an empty SQLite store (the PostgreSQL and pre-filled
+    # series are set against it too); without one (--servers scepserver), the first variant.
     baselines: dict[str, str] = {}
     for label, s in hsmscep.items():
-        if not s.get("variant"):
+        if not s.get("variant") and s.get("store", "sqlite") == "sqlite" and not s.get("prefill"):
             baselines[s["scenario"]] = label
     for label, s in hsmscep.items():
         baselines.setdefault(s["scenario"], label)

@@ -5,9 +5,10 @@ one module per table (`certificates` with its group-commit thread `groupcommit`,
 `revocations`, `pending`, `challenges`) over the connections of `database`. `postgres` is
 the shared backend for several nodes (asyncpg): PgStore over `pgcertificates` (the same group
 commit), `pgtables`, `pgdatabase` and the PostgreSQL spelling of the history, `pgschema`.
-`backends.open_store` picks one by the location: a postgresql:// URL or an SQLite path.
-`stats` holds the statements behind `hsmscep status` (pure, both dialects); `readonly` reads
-them from either backend without writing, migrating or starting a commit thread.
+Both stores' table methods are `facade`'s. `backends.open_store` picks one by the location:
+a postgresql:// URL or an SQLite path. `stats` holds the statements behind `hsmscep status`
+(pure, both dialects); `readonly` reads them from either backend without writing, migrating
+or starting a commit thread.
 
 Backends implement hsmscep.service.ports.Store; they may import only hsmscep.errors, the
 store's own modules, and service.ports for a type-only proof that they conform.

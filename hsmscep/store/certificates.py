@@ -11,13 +11,12 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from hsmscep.errors import DuplicateSerial, DuplicateTransaction, StoreError
 from hsmscep.store.database import BUSY_TIMEOUT_MS, Database
-from hsmscep.store.groupcommit import GroupCommitter
+from hsmscep.store.groupcommit import CommitQueue
 from hsmscep.store.records import MAX_SERIAL, IssuedCert
 from hsmscep.store.schema import iso, serial_from_key, serial_key
 
@@ -150,16 +149,7 @@ def _insert_batch(conn: sqlite3.Connection, certs: list[IssuedCert]) -> list[Bas
     return outcomes
 
 
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.cancelled():
-        return  # the caller gave up; the row is stored (or not) all the same
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
-
-
-class Certificates:
+class Certificates(CommitQueue[IssuedCert]):
     """Issued certificates: group-committed inserts on `writer`, reads on the shared reader."""
 
     def __init__(
@@ -167,39 +157,13 @@ class Certificates:
     ) -> None:
         self._db = database
         self._writer = writer
-        self._committer: GroupCommitter[IssuedCert] = GroupCommitter(
+        super().__init__(
             self._write_batch,
+            lambda: database.closed,
             max_batch=max_batch,
             on_failure=_batch_failed,
-            name="store-commit",
             linger=linger,
         )
-
-    async def put(self, cert: IssuedCert) -> None:
-        """Store cert; return once the transaction holding it has committed."""
-        if self._db.closed:
-            raise StoreError("store is closed")
-        loop = asyncio.get_running_loop()
-        stored: asyncio.Future[None] = loop.create_future()
-
-        def done(error: BaseException | None) -> None:
-            loop.call_soon_threadsafe(_settle, stored, error)
-
-        self._committer.submit(cert, done)
-        await stored
-
-    def batch_with(self, working: Callable[[], int]) -> Callable[[], None]:
-        """Let a batch wait (up to the store's linger) for the `working()` rows being signed
-        when it started. Returns what to call when some of that work ends without a row."""
-        self._committer.linger_for(working)
-        return self._committer.wake
-
-    def submit(self, cert: IssuedCert, done: Callable[[BaseException | None], None]) -> None:
-        """Queue cert from any thread; `done(None)` runs on the commit thread once it is
-        committed, `done(error)` (DuplicateSerial, DuplicateTransaction, StoreError) if not."""
-        if self._db.closed:
-            raise StoreError("store is closed")
-        self._committer.submit(cert, done)
 
     async def get_by_transaction(self, transaction_id: str) -> IssuedCert | None:
         """The certificate issued for this transactionID, if any."""

@@ -22,6 +22,7 @@ request once, when its answer is ready (bench/PROFILE.md).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -156,3 +157,57 @@ class GroupCommitter(Generic[T]):
 
 def _none() -> int:
     return 0
+
+
+class CommitQueue(Generic[T]):
+    """What a backend's issued-certificates part offers the service (put, submit, batch_with)
+    over a GroupCommitter; the backend supplies `write` and says when it is `closed()`."""
+
+    def __init__(
+        self,
+        write: WriteBatch[T],
+        closed: Callable[[], bool],
+        *,
+        max_batch: int,
+        on_failure: Callable[[BaseException, int], BaseException],
+        linger: float,
+    ) -> None:
+        self._is_closed = closed
+        self._committer: GroupCommitter[T] = GroupCommitter(
+            write, max_batch=max_batch, on_failure=on_failure, name="store-commit", linger=linger
+        )
+
+    async def put(self, item: T) -> None:
+        """Store item; return once the transaction holding it has committed."""
+        if self._is_closed():
+            raise StoreError("store is closed")
+        loop = asyncio.get_running_loop()
+        stored: asyncio.Future[None] = loop.create_future()
+
+        def done(error: BaseException | None) -> None:
+            loop.call_soon_threadsafe(_settle, stored, error)
+
+        self._committer.submit(item, done)
+        await stored
+
+    def batch_with(self, working: Callable[[], int]) -> Callable[[], None]:
+        """Let a batch wait (up to the store's linger) for the `working()` rows being signed
+        when it started. Returns what to call when some of that work ends without a row."""
+        self._committer.linger_for(working)
+        return self._committer.wake
+
+    def submit(self, item: T, done: Done) -> None:
+        """Queue item from any thread; `done(None)` runs on the commit thread once it is
+        committed, `done(error)` (DuplicateSerial, DuplicateTransaction, StoreError) if not."""
+        if self._is_closed():
+            raise StoreError("store is closed")
+        self._committer.submit(item, done)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.cancelled():
+        return  # the caller gave up; the row is stored (or not) all the same
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

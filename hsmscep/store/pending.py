@@ -64,6 +64,25 @@ def _from_row(row: Any) -> PendingRequest:
     )
 
 
+def decided(
+    current: PendingRequest,
+    decision: Literal["approved", "rejected"],
+    at: datetime,
+    ttl: Callable[[str], timedelta],
+) -> str | None:
+    """The status `decision` gives the stored request, or None if it already has it (an
+    approval of an issued request included). RequestConflict if it was decided otherwise or
+    has expired. Both backends decide by this, on the row read in their write transaction."""
+    done = "approved" if decision == "approved" else "rejected"
+    if current.status == done or (done == "approved" and current.status == "issued"):
+        return None
+    if current.status != "pending":
+        raise RequestConflict(f"request {current.id} is already {current.status}")
+    if current.expired(at, ttl(current.profile)):
+        raise RequestConflict(f"request {current.id} has expired")
+    return done
+
+
 class PendingRequests:
     """Requests waiting for an operator's decision, and what was decided."""
 
@@ -112,13 +131,9 @@ class PendingRequests:
             if not rows:
                 raise UnknownRequest(f"no pending request with id {request_id}")
             current = _from_row(rows[0])
-            done = "approved" if decision == "approved" else "rejected"
-            if current.status == done or (done == "approved" and current.status == "issued"):
+            done = decided(current, decision, at, ttl)
+            if done is None:
                 return current, False
-            if current.status != "pending":
-                raise RequestConflict(f"request {request_id} is already {current.status}")
-            if current.expired(at, ttl(current.profile)):
-                raise RequestConflict(f"request {request_id} has expired")
             await fetch(
                 db,
                 "UPDATE pending_requests SET status = ?, decided_at = ? WHERE id = ?",

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 
 from hsmscep.errors import DuplicateSerial, DuplicateTransaction, StoreError
-from hsmscep.store.certificates import _COLUMNS, _from_row, _settle, _store_error, _to_row
-from hsmscep.store.groupcommit import GroupCommitter
+from hsmscep.store.certificates import _COLUMNS, _from_row, _store_error, _to_row
+from hsmscep.store.groupcommit import CommitQueue
 from hsmscep.store.pgdatabase import CONNECTION_ERRORS, PgDatabase, connect, store_error
 from hsmscep.store.records import MAX_SERIAL, IssuedCert
 from hsmscep.store.schema import serial_from_key, serial_key
@@ -76,7 +75,7 @@ async def _insert_batch(conn: Any, certs: list[IssuedCert]) -> list[BaseExceptio
     return outcomes
 
 
-class PgCertificates:
+class PgCertificates(CommitQueue[IssuedCert]):
     """Issued certificates: group-committed inserts on the commit thread, reads on the pool."""
 
     def __init__(
@@ -86,37 +85,13 @@ class PgCertificates:
         self._url, self._password = url, password
         self._loop: asyncio.AbstractEventLoop | None = None  # the commit thread's own
         self._conn: Any = None
-        self._committer: GroupCommitter[IssuedCert] = GroupCommitter(
+        super().__init__(
             self._write_batch,
+            lambda: database.closed,
             max_batch=max_batch,
             on_failure=_batch_failed,
-            name="store-commit",
             linger=linger,
         )
-
-    async def put(self, cert: IssuedCert) -> None:
-        """Store cert; return once the transaction holding it has committed."""
-        if self._db.closed:
-            raise StoreError("store is closed")
-        loop = asyncio.get_running_loop()
-        stored: asyncio.Future[None] = loop.create_future()
-
-        def done(error: BaseException | None) -> None:
-            loop.call_soon_threadsafe(_settle, stored, error)
-
-        self._committer.submit(cert, done)
-        await stored
-
-    def batch_with(self, working: Callable[[], int]) -> Callable[[], None]:
-        """Let a batch wait (up to the store's linger) for the `working()` rows being signed."""
-        self._committer.linger_for(working)
-        return self._committer.wake
-
-    def submit(self, cert: IssuedCert, done: Callable[[BaseException | None], None]) -> None:
-        """Queue cert from any thread; `done` runs on the commit thread with its outcome."""
-        if self._db.closed:
-            raise StoreError("store is closed")
-        self._committer.submit(cert, done)
 
     async def get_by_transaction(self, transaction_id: str) -> IssuedCert | None:
         """The certificate issued for this transactionID, if any."""

@@ -10,23 +10,28 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Literal
 
-from hsmscep.errors import RequestConflict, UnknownCertificate, UnknownRequest
+from hsmscep.errors import UnknownRequest
 from hsmscep.store.challenges import _COLUMNS as _CHALLENGE_COLUMNS
 from hsmscep.store.challenges import _from_row as _challenge_from_row
 from hsmscep.store.pending import _COLUMNS as _PENDING_COLUMNS
 from hsmscep.store.pending import _from_row as _pending_from_row
 from hsmscep.store.pending import _to_row as _pending_to_row
+from hsmscep.store.pending import decided
 from hsmscep.store.pgdatabase import PgDatabase
 from hsmscep.store.records import (
-    MAX_SERIAL,
     CrlInfo,
     CrlStatus,
     OneTimeChallenge,
     PendingRequest,
     Revocation,
 )
-from hsmscep.store.revocations import _KEEP_CRLS, _revocation_from_row
-from hsmscep.store.schema import iso, iso_fixed, serial_key
+from hsmscep.store.revocations import (
+    _KEEP_CRLS,
+    _revocation_from_row,
+    prior_revocation,
+    revocation_key,
+)
+from hsmscep.store.schema import iso, iso_fixed
 
 _PENDING = f"SELECT {_PENDING_COLUMNS} FROM pending_requests"
 _PENDING_INSERT = (
@@ -46,9 +51,7 @@ class PgRevocations:
 
     async def revoke(self, serial: int, reason: str, at: datetime) -> tuple[Revocation, bool]:
         """Mark a certificate revoked; (revocation, False) if it already was (idempotent)."""
-        if at.utcoffset() is None:
-            raise ValueError("at must be timezone-aware")
-        key = serial_key(serial) if 0 < serial <= MAX_SERIAL else None
+        key = revocation_key(serial, at)
         async with self._db.transaction() as db:
             # FOR UPDATE: of two nodes revoking one certificate, the second sees the first.
             row = await db.fetchrow(
@@ -56,10 +59,9 @@ class PgRevocations:
                 " WHERE serial = $1 FOR UPDATE",
                 key,
             )
-            if row is None:
-                raise UnknownCertificate(f"no certificate with serial {serial:x} was issued here")
-            if row[0] is not None:
-                return Revocation(serial, datetime.fromisoformat(row[0]), row[1]), False
+            prior = prior_revocation(serial, None if row is None else tuple(row))
+            if prior is not None:
+                return prior, False
             await db.execute(
                 "UPDATE certificates SET status = 'revoked', revoked_at = $1,"
                 " revocation_reason = $2 WHERE serial = $3",
@@ -161,13 +163,9 @@ class PgPendingRequests:
             if row is None:
                 raise UnknownRequest(f"no pending request with id {request_id}")
             current = _pending_from_row(tuple(row))
-            done = "approved" if decision == "approved" else "rejected"
-            if current.status == done or (done == "approved" and current.status == "issued"):
+            done = decided(current, decision, at, ttl)
+            if done is None:
                 return current, False
-            if current.status != "pending":
-                raise RequestConflict(f"request {request_id} is already {current.status}")
-            if current.expired(at, ttl(current.profile)):
-                raise RequestConflict(f"request {request_id} has expired")
             row = await db.fetchrow(
                 f"UPDATE pending_requests SET status = $1, decided_at = $2 WHERE id = $3"
                 f" RETURNING {_PENDING_COLUMNS}",

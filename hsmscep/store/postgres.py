@@ -8,14 +8,15 @@ primary key and one node at a time signs a CRL (an advisory lock, crl_signing())
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta
-from typing import Any, Literal
+from datetime import datetime
+from typing import Any
 
 import asyncpg
 
-from hsmscep.errors import ConfigError, StoreError
+from hsmscep.errors import ConfigError
+from hsmscep.store.facade import StoreFacade
 from hsmscep.store.pgcertificates import PgCertificates
 from hsmscep.store.pgdatabase import (
     CONNECTION_ERRORS,
@@ -28,21 +29,13 @@ from hsmscep.store.pgdatabase import (
 )
 from hsmscep.store.pgschema import CRL_LOCK
 from hsmscep.store.pgtables import PgChallenges, PgPendingRequests, PgRevocations
-from hsmscep.store.records import (
-    CrlInfo,
-    CrlStatus,
-    IssuedCert,
-    OneTimeChallenge,
-    PendingRequest,
-    Revocation,
-    StoreStats,
-)
+from hsmscep.store.records import StoreStats
 from hsmscep.store.stats import fold, queries
 
 POOL_SIZE = 8  # reads and rare writes; the group commit has a connection of its own
 
 
-class PgStore:
+class PgStore(StoreFacade):
     """Everything the service keeps, in one PostgreSQL database; put() returns only once the
     row is committed. Each method is the matching table part's."""
 
@@ -108,20 +101,6 @@ class PgStore:
         async with self._db.session_lock(CRL_LOCK):
             yield
 
-    # ---- issued certificates (pgcertificates.py): the hot path ------------------------------
-
-    async def put(self, cert: IssuedCert) -> None:
-        """Store cert; return once the transaction holding it has committed."""
-        await self._certificates.put(cert)
-
-    def submit(self, cert: IssuedCert, done: Callable[[BaseException | None], None]) -> None:
-        """Queue cert from any thread; `done` runs on the commit thread with its outcome."""
-        self._certificates.submit(cert, done)
-
-    def batch_with(self, working: Callable[[], int]) -> Callable[[], None]:
-        """Let a batch wait (up to the linger) for the `working()` rows being signed."""
-        return self._certificates.batch_with(working)
-
     async def probe(self) -> None:
         async with self._db.transaction() as conn:
             # A real row write (the revision rewritten as it is) that a database refusing
@@ -129,96 +108,7 @@ class PgStore:
             await conn.execute("UPDATE revocation_state SET revision = revision WHERE id = 1")
             await conn.execute("DELETE FROM certificates WHERE serial = 'probe'")
 
-    async def get_by_transaction(self, transaction_id: str) -> IssuedCert | None:
-        """The certificate issued for this transactionID, if any."""
-        return await self._certificates.get_by_transaction(transaction_id)
-
-    async def get_by_serial(self, serial: int) -> IssuedCert | None:
-        """The certificate with this serial number, if any."""
-        return await self._certificates.get_by_serial(serial)
-
-    async def count(self) -> int:
-        """Number of stored certificates."""
-        return await self._certificates.count()
-
-    async def serials(self) -> list[int]:
-        """All stored serial numbers, ascending."""
-        return await self._certificates.serials()
-
     async def stats(self, now: datetime, days: int) -> StoreStats:
         """The counts `hsmscep status` shows, issuance per hour over the last `days`."""
         rows = [await self._db.read(sql, *p) for sql, p in queries("postgresql", now, days)]
         return fold(rows, now, days)
-
-    # ---- revocation and CRLs ----------------------------------------------------------------
-
-    async def revoke(self, serial: int, reason: str, at: datetime) -> tuple[Revocation, bool]:
-        """Mark a certificate revoked; (revocation, False) if it already was (idempotent)."""
-        return await self._revocations.revoke(serial, reason, at)
-
-    async def revocations(self) -> list[Revocation]:
-        """Every revoked certificate, by serial."""
-        return await self._revocations.revocations()
-
-    async def crl_status(self) -> CrlStatus:
-        """The revocation revision and the newest CRL's metadata, in one read."""
-        return await self._revocations.crl_status()
-
-    async def get_crl(self, number: int) -> bytes | None:
-        """The DER of CRL `number`, if stored."""
-        return await self._revocations.get_crl(number)
-
-    async def put_crl(self, info: CrlInfo, der: bytes) -> bool:
-        """Publish a CRL; False if another node already published this number."""
-        return await self._revocations.put_crl(info, der)
-
-    # ---- pending requests, manual approval --------------------------------------------------
-
-    async def add_pending(self, request: PendingRequest) -> PendingRequest:
-        """Store a request for approval; a transactionID already stored returns that row."""
-        return await self._pending.add_pending(request)
-
-    async def get_pending(self, transaction_id: str) -> PendingRequest | None:
-        """The request stored for approval under this transactionID, if any."""
-        return await self._pending.get_pending(transaction_id)
-
-    async def get_pending_by_id(self, request_id: int) -> PendingRequest | None:
-        """The request stored under this id, if any."""
-        return await self._pending.get_pending_by_id(request_id)
-
-    async def pending_requests(self) -> list[PendingRequest]:
-        """Every request still waiting for a decision (expired ones included), oldest first."""
-        return await self._pending.pending_requests()
-
-    async def decide_pending(
-        self,
-        request_id: int,
-        decision: Literal["approved", "rejected"],
-        at: datetime,
-        ttl: Callable[[str], timedelta],
-    ) -> tuple[PendingRequest, bool]:
-        """Approve or reject; see PgPendingRequests.decide_pending."""
-        return await self._pending.decide_pending(request_id, decision, at, ttl)
-
-    async def mark_pending_issued(self, request_id: int) -> None:
-        """Record that the approved request's certificate is in the certificates table."""
-        await self._pending.mark_pending_issued(request_id)
-
-    # ---- one-time challenges ----------------------------------------------------------------
-
-    async def add_challenge(self, challenge: OneTimeChallenge) -> None:
-        """Store a freshly issued challenge (by its hash; the value itself is never stored)."""
-        await self._challenges.add_challenge(challenge)
-
-    async def get_challenge(self, digest: str, profile: str = "") -> OneTimeChallenge | None:
-        """The stored challenge with this SHA-256 hex digest, used or not, if any."""
-        return await self._challenges.get_challenge(digest, profile)
-
-    async def consume_challenge(
-        self, digest: str, at: datetime, used_by: str, profile: str = ""
-    ) -> bool:
-        """Mark the challenge used; True for exactly one caller across every node."""
-        return await self._challenges.consume_challenge(digest, at, used_by, profile)
-
-
-__all__ = ["PgStore", "StoreError"]

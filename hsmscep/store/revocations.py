@@ -20,6 +20,26 @@ def _revocation_from_row(row: Any) -> Revocation:
     return Revocation(serial_from_key(serial), datetime.fromisoformat(at), reason)
 
 
+def revocation_key(serial: int, at: datetime) -> str | None:
+    """The stored key of the certificate to revoke (None: no valid serial, so none is stored)."""
+    if at.utcoffset() is None:
+        raise ValueError("at must be timezone-aware")
+    return serial_key(serial) if 0 < serial <= MAX_SERIAL else None
+
+
+def prior_revocation(serial: int, row: Any) -> Revocation | None:
+    """The revocation the stored (revoked_at, reason) row already holds, if any; both backends
+    read it in the transaction that revokes. UnknownCertificate for no row."""
+    if row is None:
+        raise UnknownCertificate(f"no certificate with serial {serial:x} was issued here")
+    revoked_at, reason = row
+    return (
+        None
+        if revoked_at is None
+        else Revocation(serial, datetime.fromisoformat(revoked_at), reason)
+    )
+
+
 class Revocations:
     """Revoked certificates, the revocation revision and the published CRLs."""
 
@@ -28,20 +48,16 @@ class Revocations:
 
     async def revoke(self, serial: int, reason: str, at: datetime) -> tuple[Revocation, bool]:
         """Mark a certificate revoked; (revocation, False) if it already was (idempotent)."""
-        if at.utcoffset() is None:
-            raise ValueError("at must be timezone-aware")
-        key = serial_key(serial) if 0 < serial <= MAX_SERIAL else None
+        key = revocation_key(serial, at)
         async with self._db.transaction() as db:
             rows = await fetch(
                 db,
                 "SELECT revoked_at, revocation_reason FROM certificates WHERE serial = ?",
                 (key,),
             )
-            if not rows:
-                raise UnknownCertificate(f"no certificate with serial {serial:x} was issued here")
-            (revoked_at, old_reason), *_ = rows
-            if revoked_at is not None:
-                return Revocation(serial, datetime.fromisoformat(revoked_at), old_reason), False
+            prior = prior_revocation(serial, rows[0] if rows else None)
+            if prior is not None:
+                return prior, False
             await fetch(
                 db,
                 "UPDATE certificates SET status = 'revoked', revoked_at = ?,"
