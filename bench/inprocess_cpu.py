@@ -38,6 +38,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from bench import prefill
 from hsmscep.cli.bootstrap import InitOptions, init
 from hsmscep.cli.dev import dev_config
 from hsmscep.config.settings import load_settings
@@ -243,6 +244,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         config.write_text(dev_config(token.module, token.label, "pin", "challenge"))
         settings = load_settings(config)
         init(settings, InitOptions(ca_key=args.ca_key, subject="CN=hsmscep cpu bench CA"))
+        if args.prefill:
+            asyncio.run(prefill.prefill_sqlite(Path(settings.store.path), args.prefill))
         settings = replace(settings, server=replace(settings.server, pool_size=args.pool_size))
         requests = _build_requests(directory, "bench-challenge", args.warmup + args.requests)
         profiles: list[cProfile.Profile] = []
@@ -266,7 +269,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 stats.add(p)
             stats.dump_stats(args.profile)
             stats.sort_stats("tottime").print_stats(args.top)
-    result.update(ca_key=args.ca_key, pool_size=args.pool_size, profiled=bool(args.profile))
+    result.update(
+        ca_key=args.ca_key,
+        pool_size=args.pool_size,
+        prefill=args.prefill,
+        profiled=bool(args.profile),
+    )
     return result
 
 
@@ -277,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--pool-size", type=int, default=1, help="signing threads (default 1)")
     parser.add_argument("--ca-key", choices=["rsa2048", "p256"], default="rsa2048")
+    parser.add_argument("--prefill", type=int, default=0, help="certificates stored beforehand")
     parser.add_argument("--profile", default=None, help="write a cProfile of all threads here")
     parser.add_argument("--top", type=int, default=40, help="functions printed with --profile")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
