@@ -301,6 +301,13 @@ def _settle(fut: asyncio.Future[T], result: T | None, error: BaseException | Non
         fut.set_result(result)  # type: ignore[arg-type]
 
 
+# Below this share of a job spent waiting on the HSM, extra threads cost more in GIL hand-offs
+# than the idle CPU they fill (one vs two sessions per process on SoftHSM2: bench/PROFILE.md).
+# A fixed ratio to one operation's CPU misjudged slow boxes: 1 ms of round trip against 2.2 ms
+# of CPU per operation was called local and left 30 % of the CPU idle (-25 % enrollments/s).
+LOCAL_IDLE_SHARE = 0.1
+
+
 def latency_hiding_size(
     base: int, cpu_op: float, wait_op: float, *, cap: int, outside: float = 0.001
 ) -> int:
@@ -310,8 +317,10 @@ def latency_hiding_size(
     about three operations' CPU plus `outside` (HTTP, CMS, the store hand-off) and waits three
     round trips, so by Little's law base * (cpu + wait) / cpu threads keep the same CPU busy;
     twice that absorbs the spread of round trips. Capped at `cap` (sessions are finite).
+    The pool stays at `base` while the round trips would idle the CPU for less than
+    LOCAL_IDLE_SHARE of a job: a local token, where more threads only contend for the GIL.
     """
-    if wait_op < 0.5 * cpu_op:
-        return base  # a local token: more threads only contend for the GIL
     job_cpu = 3 * cpu_op + outside
+    if 3 * wait_op < LOCAL_IDLE_SHARE * (job_cpu + 3 * wait_op):
+        return base
     return min(max(cap, base), max(base, math.ceil(2 * base * (job_cpu + 3 * wait_op) / job_cpu)))
