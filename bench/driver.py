@@ -536,17 +536,23 @@ def run_compare(args: argparse.Namespace, bench: Bench, stamp: str) -> dict[str,
             handle.prefill = rows
             handle.database_cpu = pg.cpu_seconds if env is not None and pg is not None else None
             series.append(Series(handle, f"{stamp}-h{tag}{scenario}"))
-        # Variants run on SQLite: they compare code, not stores.
+        # Variants run on SQLite: they compare code, not stores. With one --prefill count
+        # they get it too, so that code for large stores can be compared.
+        variant_rows = prefills[0] if len(prefills) == 1 else 0
         for v, scenario in ((v, sc) for v in built for sc in scenarios):
+            workdir = bench.workdir / f"hsmscep-{v.spec.name}-{scenario}"
+            if variant_rows:
+                pgstore.prefill_sqlite(workdir, variant_rows)
             handle = start_hsmscep(
                 scenario,
-                bench.workdir / f"hsmscep-{v.spec.name}-{scenario}",
+                workdir,
                 free_port(),
                 CHALLENGE,
                 args.workers,
                 binary=v.binary,
                 variant=v.spec.name,
             )
+            handle.prefill = variant_rows
             series.append(Series(handle, f"{stamp}-{v.spec.name}-h{scenario}"))
         if "scepserver" in servers:
             handle = start_scepserver(bench.workdir / "scepserver", free_port(), CHALLENGE)
