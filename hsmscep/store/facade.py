@@ -2,11 +2,13 @@
 table (issued certificates, revocations and CRLs, held requests, one-time challenges).
 
 CertStore (sqlite.py) and PgStore (postgres.py) compose their own parts and keep only what
-differs: opening, closing, the write probe and the CRL signing lock.
+differs: opening, the write probe and the CRL signing lock. Closing is shared: the part
+that commits certificates first, then the database.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Literal, Protocol
@@ -65,13 +67,37 @@ class _Challenges(Protocol):
     ) -> bool: ...
 
 
-class StoreFacade:
-    """The table parts' methods, one call each; a backend sets the four parts."""
+class _Database(Protocol):
+    closed: bool  # set: the backend's reads and writes are refused
 
+    async def close(self) -> None: ...
+
+
+class StoreFacade:
+    """The table parts' methods, one call each; a backend sets the four parts and its
+    database, then calls _opened()."""
+
+    _db: _Database
     _certificates: _Certificates
     _revocations: _Revocations
     _pending: _Pending
     _challenges: _Challenges
+
+    def _opened(self) -> None:
+        self._close_lock = asyncio.Lock()
+        self._open = True
+
+    async def close(self) -> None:
+        """Refuse new puts, commit everything queued, close the database. Idempotent."""
+        self._db.closed = True
+        async with self._close_lock:
+            if not self._open:
+                return
+            self._open = False
+            try:
+                await self._certificates.close()
+            finally:
+                await self._db.close()
 
     # ---- issued certificates: the hot path -------------------------------------------------
 

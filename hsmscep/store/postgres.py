@@ -7,7 +7,6 @@ primary key and one node at a time signs a CRL (an advisory lock, crl_signing())
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -39,6 +38,8 @@ class PgStore(StoreFacade):
     """Everything the service keeps, in one PostgreSQL database; put() returns only once the
     row is committed. Each method is the matching table part's."""
 
+    _db: PgDatabase
+
     def __init__(
         self, database: PgDatabase, url: str, password: str | None, *, max_batch: int, linger: float
     ) -> None:
@@ -49,8 +50,7 @@ class PgStore(StoreFacade):
         self._revocations = PgRevocations(database)
         self._pending = PgPendingRequests(database)
         self._challenges = PgChallenges(database)
-        self._close_lock = asyncio.Lock()
-        self._open = True
+        self._opened()
 
     @classmethod
     async def open(
@@ -82,18 +82,6 @@ class PgStore(StoreFacade):
                 await pool.close()
             raise store_error(f"cannot open certificate store {where}", exc) from exc
         return cls(PgDatabase(where, pool), url, password, max_batch=max_batch, linger=linger)
-
-    async def close(self) -> None:
-        """Refuse new puts, commit everything queued, close the connections. Idempotent."""
-        self._db.closed = True
-        async with self._close_lock:
-            if not self._open:
-                return
-            self._open = False
-            try:
-                await self._certificates.close()
-            finally:
-                await self._db.close()
 
     @asynccontextmanager
     async def crl_signing(self) -> AsyncIterator[None]:

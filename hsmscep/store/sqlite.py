@@ -37,6 +37,8 @@ class CertStore(StoreFacade):
     """Everything the service keeps, in one SQLite file; put() returns only once the row is
     committed. Each method is the matching table part's."""
 
+    _db: Database
+
     def __init__(
         self,
         database: Database,
@@ -50,8 +52,7 @@ class CertStore(StoreFacade):
         self._revocations = Revocations(database)
         self._pending = PendingRequests(database)
         self._challenges = Challenges(database)
-        self._close_lock = asyncio.Lock()
-        self._open = True
+        self._opened()
 
     @classmethod
     async def open(
@@ -86,18 +87,6 @@ class CertStore(StoreFacade):
                 raise StoreError(f"cannot open certificate store {where}: {exc}") from exc
             raise
         return cls(Database(where, reader), writer, max_batch=max_batch, linger=linger)
-
-    async def close(self) -> None:
-        """Refuse new puts, commit everything queued, close the database. Idempotent."""
-        self._db.closed = True
-        async with self._close_lock:
-            if not self._open:
-                return
-            self._open = False
-            try:
-                await self._certificates.close()
-            finally:
-                await self._db.close()
 
     async def probe(self) -> None:
         async with self._db.transaction() as db:
