@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.variant_report import paired_ratios
+
 PEER = "scepserver-rsa2048"
 
 
@@ -96,14 +98,14 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
             sqlite = data["series"].get(f"hsmscep{filled}-{s['scenario']}")
             if sqlite is not None:
                 entry["ratio_vs_sqlite"] = _ratios(levels, sqlite["levels"])
-                entry["ratio_vs_sqlite_paired"] = _paired_ratios(levels, sqlite["levels"])
+                entry["ratio_vs_sqlite_paired"] = paired_ratios(levels, sqlite["levels"])
         if s["server"] == "hsmscep" and rows and not s["variant"]:
             # The same backend empty in the same run: the cost of a large store.
             pg = "-pg" if s.get("store") == "postgresql" else ""
             empty = data["series"].get(f"hsmscep{pg}-{s['scenario']}")
             if empty is not None:
                 entry["ratio_vs_empty_store"] = _ratios(levels, empty["levels"])
-                entry["ratio_vs_empty_store_paired"] = _paired_ratios(levels, empty["levels"])
+                entry["ratio_vs_empty_store_paired"] = paired_ratios(levels, empty["levels"])
                 full_p99, empty_p99 = _medians(levels, _p99), _medians(empty["levels"], _p99)
                 entry["p99_ms_full_and_empty_store"] = {
                     str(u): [full_p99[u], empty_p99.get(u)] for u in full_p99
@@ -119,24 +121,6 @@ def _ratios(levels: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[st
     """Per concurrency, the median rate of `levels` over that of `base` (rounds pooled)."""
     mine, theirs = _medians(levels), _medians(base)
     return {str(u): round(r / theirs[u], 3) for u, r in mine.items() if theirs.get(u)}
-
-
-def _paired_ratios(
-    levels: list[dict[str, Any]], base: list[dict[str, Any]]
-) -> dict[str, dict[str, Any]]:
-    """Per concurrency, the ratio of each round's rate to `base`'s in the same round, and
-    their median. The phases of one round run back to back, so this cancels the box's
-    drift between rounds (on a shared host it moves a CPU-bound server by 10 % or more)."""
-    theirs = {(p["users"], p.get("round", 0)): p["enrollments_per_s"] for p in base}
-    rounds: dict[int, list[float]] = {}
-    for p in levels:
-        other = theirs.get((p["users"], p.get("round", 0)))
-        if other:
-            rounds.setdefault(p["users"], []).append(round(p["enrollments_per_s"] / other, 3))
-    return {
-        str(u): {"median": round(statistics.median(rs), 3), "per_round": rs}
-        for u, rs in rounds.items()
-    }
 
 
 def _rate(phase: dict[str, Any]) -> float | None:

@@ -36,6 +36,21 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
     return {"baseline": baselines, "levels": levels}
 
 
+def paired_ratios(
+    phases: list[dict[str, Any]], base_phases: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per concurrency, each round's rate over the base's in the same round, and their median
+    (for series that are not variants, e.g. a store against another)."""
+    out: dict[str, dict[str, Any]] = {}
+    for users in sorted({p["users"] for p in phases}):
+        ratios = _ratios(_runs(phases, users), _runs(base_phases, users))
+        per_round = ratios["paired_enrollments_per_s"]
+        known = [r for r in per_round if r is not None]
+        if known:
+            out[str(users)] = {"median": round(statistics.median(known), 3), "per_round": per_round}
+    return out
+
+
 def _runs(phases: list[dict[str, Any]], users: int) -> dict[str, Any]:
     runs = sorted((p for p in phases if p["users"] == users), key=lambda p: p.get("round", 0))
     rates = [p["enrollments_per_s"] for p in runs]

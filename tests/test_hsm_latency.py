@@ -39,7 +39,7 @@ def test_a_round_trip_shorter_than_the_cpu_still_grows_the_pool() -> None:
     # Measured on a slow box with 1 ms added: 2.2 ms CPU and 1.06 ms waiting per operation.
     # The job waits ~30 % of its time; one thread per process left that share of the CPU idle.
     assert latency_hiding_size(1, cpu_op=0.0022, wait_op=0.00106, cap=64) >= 3
-    # Just under a tenth of the job waiting: the GIL hand-offs would cost more.
+    # Under a tenth of the job waiting (about 7 %): the GIL hand-offs would cost more.
     assert latency_hiding_size(1, cpu_op=0.0022, wait_op=0.0002, cap=64) == 1
 
 

@@ -321,6 +321,7 @@ def latency_hiding_size(
     LOCAL_IDLE_SHARE of a job: a local token, where more threads only contend for the GIL.
     """
     job_cpu = 3 * cpu_op + outside
-    if 3 * wait_op < LOCAL_IDLE_SHARE * (job_cpu + 3 * wait_op):
+    job_wall = job_cpu + 3 * wait_op
+    if 3 * wait_op < LOCAL_IDLE_SHARE * job_wall:
         return base
-    return min(max(cap, base), max(base, math.ceil(2 * base * (job_cpu + 3 * wait_op) / job_cpu)))
+    return min(max(cap, base), max(base, math.ceil(2 * base * job_wall / job_cpu)))
