@@ -21,6 +21,7 @@ from hsmscep.policy import crl
 from hsmscep.policy.issuance import IssuancePolicy, Issuer
 from hsmscep.policy.profiles import DEFAULT_CA, Profile, Profiles
 from hsmscep.policy.renewal import DEFAULT_RENEWAL, RenewalPolicy
+from hsmscep.policy.serials import ordered_serial
 from hsmscep.protocol import cms
 from hsmscep.protocol.codes import MessageType
 from hsmscep.protocol.message import PkiRequest, decode_pki_message
@@ -60,7 +61,7 @@ class ScepService:
         policy: IssuancePolicy,
         profiles: Profiles,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        random_serial: Callable[[], int] = x509.random_serial_number,
+        random_serial: Callable[[], int] | None = None,
         nonce: Callable[[], bytes] = cms.random_nonce,
         crl_lifetime: timedelta = timedelta(hours=24),
         renewal: RenewalPolicy = DEFAULT_RENEWAL,
@@ -82,7 +83,11 @@ class ScepService:
         # The profiles' chains decide who may enroll; the CSR policy checks no challenge.
         unchallenged = replace(policy, challenge=None)
         replies = Replies(
-            issuer=self.issuer, policy=policy, clock=clock, random_serial=random_serial, nonce=nonce
+            issuer=self.issuer,
+            policy=policy,
+            clock=clock,
+            random_serial=random_serial or (lambda: ordered_serial(clock())),
+            nonce=nonce,
         )
         issuing = Issuing(pool, store, replies)
         self._publication = publication = Publication(

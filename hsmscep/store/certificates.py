@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from hsmscep.errors import DuplicateSerial, DuplicateTransaction, StoreError
+from hsmscep.store.checkpoint import WRITER_AUTOCHECKPOINT, WalCheckpointer
 from hsmscep.store.database import BUSY_TIMEOUT_MS, Database
 from hsmscep.store.groupcommit import CommitQueue
 from hsmscep.store.records import MAX_SERIAL, IssuedCert
@@ -95,6 +96,8 @@ def connect_writer(path: str, synchronous: str) -> sqlite3.Connection:
         # nothing it runs can be busy.
         conn.execute("PRAGMA busy_timeout = 0")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
+        # Checkpoints are the WalCheckpointer's, off this connection's COMMITs.
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT}")
         conn.execute("PRAGMA foreign_keys = ON")
     except BaseException:
         conn.close()
@@ -150,13 +153,15 @@ def _insert_batch(conn: sqlite3.Connection, certs: list[IssuedCert]) -> list[Bas
 
 
 class Certificates(CommitQueue[IssuedCert]):
-    """Issued certificates: group-committed inserts on `writer`, reads on the shared reader."""
+    """Issued certificates: group-committed inserts on `writer`, reads on the shared reader;
+    the WAL the inserts fill is checkpointed by a thread of its own."""
 
     def __init__(
         self, database: Database, writer: sqlite3.Connection, *, max_batch: int, linger: float
     ) -> None:
         self._db = database
         self._writer = writer
+        self._checkpointer = WalCheckpointer(database.path)
         super().__init__(
             self._write_batch,
             lambda: database.closed,
@@ -188,8 +193,10 @@ class Certificates(CommitQueue[IssuedCert]):
         return [serial_from_key(serial) for (serial,) in rows]
 
     async def close(self) -> None:
-        """Commit everything queued, stop the commit thread, close the writer's connection."""
+        """Commit everything queued, stop the commit and checkpoint threads, close the writer's
+        connection."""
         await asyncio.to_thread(self._committer.close)
+        await asyncio.to_thread(self._checkpointer.close)
         try:
             self._writer.close()
         except sqlite3.Error as exc:

@@ -109,7 +109,7 @@ class Database:
     their own. `closed` set refuses both (the facade sets it when it starts closing)."""
 
     def __init__(self, path: str, reader: aiosqlite.Connection) -> None:
-        self._path = path
+        self.path = path
         self._reader = reader
         self.closed = False
 
@@ -130,9 +130,9 @@ class Database:
         if self.closed:
             raise StoreError("store is closed")
         try:
-            db = await connect(self._path, "FULL")
+            db = await connect(self.path, "FULL")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open certificate store {self._path}: {exc}") from exc
+            raise StoreError(f"cannot open certificate store {self.path}: {exc}") from exc
         try:
             await fetch(db, "BEGIN IMMEDIATE")
             try:
