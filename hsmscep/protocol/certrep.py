@@ -147,7 +147,7 @@ def seal_reply(
     oaep: cms.OaepParams | None,
 ) -> bytes:
     """Encrypt a reply's degenerate PKCS#7 (certificates or CRLs) to the requester."""
-    public_key = request.signer_cert.public_key()
+    public_key = request.signer_key
     if not isinstance(public_key, rsa.RSAPublicKey):
         raise TypeError("the requester's key cannot receive an RSA key transport")
     recipient = cms.issuer_and_serial(request.signer_issuer_der, request.signer_serial)

@@ -44,6 +44,10 @@ class PkiRequest:
     signer_issuer_der: bytes  # as encoded in the certificate, for the reply's RecipientInfo
     signer_serial: int
     content: bytes  # the encapsulated pkcsPKIEnvelope (ContentInfo DER), may be empty
+    # signer_cert's key, the object that verified the signature: cryptography builds a new
+    # OpenSSL key on every public_key() call, and a key object reused for the CSR's signature
+    # and the reply's key transport keeps its set-up (bench/PROFILE.md).
+    signer_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
     @property
     def signer_fingerprint(self) -> str:
@@ -104,7 +108,7 @@ def _decode(data: bytes) -> PkiRequest:
     except ValueError:
         raise MessageError("signer certificate does not parse") from None
     signature_value = der.value(data, der.expect(data, signature, der.OCTET_STRING, "signature"))
-    _verify_signature(cert, data, signed_attrs, signature_alg, signature_value, digest)
+    signer_key = _verify_signature(cert, data, signed_attrs, signature_alg, signature_value, digest)
 
     message_type = _text(_required(attrs, "messageType"), "messageType")
     transaction_id = _text(_required(attrs, "transactionID"), "transactionID")
@@ -122,6 +126,7 @@ def _decode(data: bytes) -> PkiRequest:
         signer_issuer_der=issuer_der,
         signer_serial=serial,
         content=content,
+        signer_key=signer_key,
     )
 
 
@@ -225,7 +230,8 @@ def _verify_signature(
     signature_alg: der.Tlv,
     signature: bytes,
     digest: Digest,
-) -> None:
+) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+    """Verify the signature over the signed attributes; the signer's key object back."""
     alg_parts = der.children(data, der.expect(data, signature_alg, der.SEQUENCE, "signature alg"))
     sig_oid = der.dotted(der.oid_bytes(data, alg_parts[0], "signatureAlgorithm"))
     # The signature covers the SET OF encoding of the attributes as the client sent them
@@ -267,7 +273,7 @@ def _verify_signature(
         raise MessageError("unsupported signer key type")
     try:
         verify(received)
-        return
+        return public_key
     except InvalidSignature:
         pass
     attrs = [der.raw(data, a) for a in der.children(data, signed_attrs)]
@@ -275,7 +281,7 @@ def _verify_signature(
     if canonical != received:
         try:
             verify(canonical)
-            return
+            return public_key
         except InvalidSignature:
             pass
     raise MessageError("signature does not verify")

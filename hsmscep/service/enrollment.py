@@ -142,18 +142,20 @@ class Enrollment:
         csr_subject: x509.Name | None = None  # for the refusal's audit line
         profile = endpoint
         try:
-            if not isinstance(request.signer_cert.public_key(), rsa.RSAPublicKey):
+            if not isinstance(request.signer_key, rsa.RSAPublicKey):
                 raise Refusal.REPLY_KEY_NOT_RSA()
             envelope = decode_envelope(request.content)
             cek, oaep = decrypt_key(envelope, keys)
             csr_der = envelope.open(cek)
-            csr = load_csr(csr_der, request.signer_cert.public_key())
+            csr = load_csr(csr_der, request.signer_key)
             csr_subject = csr.subject
             profile = self.profiles.for_template(endpoint, ms_template_name(csr))
             chain = self._chains[profile.name]
             if not renewing:
                 # Before the challenge is looked at: a lifted envelope must not burn it.
-                check_key_binding(request.signer_cert, csr, self.replies.issuer.certificate)
+                check_key_binding(
+                    request.signer_cert, request.signer_key, csr, self.replies.issuer.certificate
+                )
                 verdict = chain.check.authorize(csr)
                 if isinstance(verdict, Rejected):
                     raise verdict

@@ -242,9 +242,7 @@ def spki_sha256(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> str:
 
 def requester_key_sha256(request: PkiRequest) -> str:
     """SHA-256 of the signer's SubjectPublicKeyInfo: who may poll for a transaction."""
-    spki = request.signer_cert.public_key().public_bytes(
-        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
-    )
+    spki = request.signer_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(spki).hexdigest()
 
 
