@@ -139,7 +139,7 @@ class Enrollment:
     ) -> Outcome | Candidate:
         """Decrypt and check a request against its profile, and issue at once unless the
         profile's chain has decisions to make first (then: the Candidate)."""
-        csr_subject: x509.Name | None = None  # for the refusal's audit line
+        csr: x509.CertificateSigningRequest | None = None  # its subject: the refusal's audit line
         profile = endpoint
         try:
             if not isinstance(request.signer_key, rsa.RSAPublicKey):
@@ -148,7 +148,6 @@ class Enrollment:
             cek, oaep = decrypt_key(envelope, keys)
             csr_der = envelope.open(cek)
             csr = load_csr(csr_der, request.signer_key)
-            csr_subject = csr.subject
             profile = self.profiles.for_template(endpoint, ms_template_name(csr))
             chain = self._chains[profile.name]
             if not renewing:
@@ -191,7 +190,8 @@ class Enrollment:
                 return candidate
             return self._issue(candidate, keys)
         except Exception as exc:
-            subject = csr_subject.rfc4514_string() if csr_subject is not None else None
+            # Read only here: cryptography builds a new Name on every access to csr.subject.
+            subject = csr.subject.rfc4514_string() if csr is not None else None
             outcome = self.replies.refused(request, exc, keys)
             return replace(outcome, profile=profile.name, subject=subject)
 
