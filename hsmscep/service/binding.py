@@ -23,16 +23,16 @@ from hsmscep.service.refusal import Refusal
 def check_key_binding(
     signer: x509.Certificate,
     signer_key: object,
-    csr: x509.CertificateSigningRequest,
+    csr_key: object,
     ca_cert: x509.Certificate,
 ) -> None:
     """Refuse (badMessageCheck) unless `signer` is self-signed and carries the CSR's key
     (any RSA key when the CSR's key is not RSA), or was issued by `ca_cert` (with renewal
     disabled, such a request is a plain enrollment authenticated by that certificate).
-    `signer_key`: the signer certificate's public key, as the request's decoder loaded it."""
+    `signer_key`: the signer certificate's public key, as the request's decoder loaded it;
+    `csr_key`: the CSR's, as read_csr loaded it."""
     if _issued_by(signer, ca_cert):
         return
-    csr_key = csr.public_key()
     # Key objects compare their public numbers: the same test as comparing the SPKI DER.
     bound = isinstance(csr_key, rsa.RSAPublicKey)
     if bound and signer_key != csr_key:

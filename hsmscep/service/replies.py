@@ -91,7 +91,7 @@ class Replies:
         response = self.success(request, [cert_der], envelope, oaep, keys)
         record = IssuedCert(
             serial=cert.serial_number,
-            subject=cert_request.subject.rfc4514_string(),  # the builder's, not parsed back
+            subject=cert_request.subject_text(),  # the builder's, not parsed back
             sans=describe_sans(cert_request.sans),
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
