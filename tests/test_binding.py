@@ -54,8 +54,7 @@ def test_binding(keys: list[rsa.RSAPrivateKey]) -> None:
 
 
 def test_names_equal_in_other_encodings_are_self_issued(keys: list[rsa.RSAPrivateKey]) -> None:
-    """Issuer and subject compared as names when their encodings differ (the fast path only
-    compares the DER)."""
+    """Issuer and subject are compared as names, not as encodings."""
     ca_cert = self_signed_signer(keys[2], _name("CA"))
     signer = _cert(
         _name("device"), _name("device", x509.name._ASN1Type.PrintableString), keys[0], keys[0]
