@@ -11,8 +11,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from hsmscep.errors import Rejected
+from hsmscep.protocol.message import decode_pki_message
 from hsmscep.service.binding import check_key_binding
-from hsmscep.testing.requests import self_signed_signer
+from hsmscep.testing.requests import build_pkcs_req, self_signed_signer
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +73,29 @@ def test_an_ec_csr_keeps_the_self_signature_check(keys: list[rsa.RSAPrivateKey])
     forged = _cert(_name("device"), _name("device"), keys[0], keys[1])
     with pytest.raises(Rejected, match="must be self-signed"):
         check_key_binding(forged, forged.public_key(), ec_key, ca_cert)
+
+
+def test_names_as_encoded(keys: list[rsa.RSAPrivateKey]) -> None:
+    """The decoder's issuer and subject DER: the same bytes need no Name comparison, other
+    bytes fall back to it."""
+    ca_cert = self_signed_signer(keys[2], _name("CA"))
+    recipient = self_signed_signer(keys[1], _name("RA"))
+    signer = self_signed_signer(keys[0], _name("device"))
+    request = decode_pki_message(
+        build_pkcs_req(
+            key=keys[0], ca_certs=[ca_cert, recipient], challenge="x", subject=_name("device")
+        ).der
+    )
+    assert request.signer_issuer_der == request.signer_subject_der
+    assert request.signer_subject_der == request.signer_cert.subject.public_bytes()
+    names = (request.signer_issuer_der, request.signer_subject_der)
+    check_key_binding(signer, signer.public_key(), keys[0].public_key(), ca_cert, names)
+    mixed = _cert(
+        _name("device"), _name("device", x509.name._ASN1Type.PrintableString), keys[0], keys[0]
+    )
+    differ = (mixed.issuer.public_bytes(), mixed.subject.public_bytes())
+    check_key_binding(mixed, mixed.public_key(), keys[0].public_key(), ca_cert, differ)
+    foreign = _cert(_name("device"), _name("other CA"), keys[0], keys[1])
+    differ = (foreign.issuer.public_bytes(), foreign.subject.public_bytes())
+    with pytest.raises(Rejected, match="must be self-signed"):
+        check_key_binding(foreign, foreign.public_key(), keys[0].public_key(), ca_cert, differ)

@@ -42,6 +42,7 @@ class PkiRequest:
     digest: Digest
     signer_cert: x509.Certificate
     signer_issuer_der: bytes  # as encoded in the certificate, for the reply's RecipientInfo
+    signer_subject_der: bytes  # as encoded: the same bytes as the issuer's are the same name
     signer_serial: int
     content: bytes  # the encapsulated pkcsPKIEnvelope (ContentInfo DER), may be empty
     # signer_cert's key, the object that verified the signature: cryptography builds a new
@@ -102,7 +103,8 @@ def _decode(data: bytes) -> PkiRequest:
     if attrs.get("contentType", _OID_DATA) != _OID_DATA:
         raise MessageError("signed contentType is not id-data")
 
-    cert_der, issuer_der, serial = _signer_certificate(data, certs[0] if certs else [], sid)
+    found = _signer_certificate(data, certs[0] if certs else [], sid)
+    cert_der, issuer_der, serial, subject_der = found
     try:
         cert = x509.load_der_x509_certificate(cert_der)
     except ValueError:
@@ -124,6 +126,7 @@ def _decode(data: bytes) -> PkiRequest:
         digest=digest,
         signer_cert=cert,
         signer_issuer_der=issuer_der,
+        signer_subject_der=subject_der,
         signer_serial=serial,
         content=content,
         signer_key=signer_key,
@@ -186,8 +189,8 @@ def _encapsulated_content(data: bytes, encap: der.Tlv) -> bytes:
 
 def _signer_certificate(
     data: bytes, certs: list[der.Tlv], sid: der.Tlv
-) -> tuple[bytes, bytes, int]:
-    """(certificate DER, its issuer DER, its serial) for the SignerInfo's sid."""
+) -> tuple[bytes, bytes, int, bytes]:
+    """(certificate DER, its issuer DER, its serial, its subject DER) for the SignerInfo's sid."""
     if not certs:
         raise MessageError("no signer certificate in the message")
     if sid.tag == der.SEQUENCE:  # IssuerAndSerialNumber
@@ -195,32 +198,42 @@ def _signer_certificate(
         issuer_raw = der.raw(data, want_issuer)
         serial_raw = der.value(data, want_serial)
         for cert in certs:
-            issuer, serial = _issuer_and_serial(data, cert)
+            issuer, serial, subject = _names_and_serial(data, cert)
             if der.value(data, serial) == serial_raw and der.raw(data, issuer) == issuer_raw:
-                return der.raw(data, cert), issuer_raw, int.from_bytes(serial_raw, "big")
+                serial_int = int.from_bytes(serial_raw, "big")
+                return der.raw(data, cert), issuer_raw, serial_int, der.raw(data, subject)
         # Clients re-encode names (interop-quirks #12): fall back to the RFC 5280 comparison.
         want = asn1_x509.Name.load(issuer_raw)
         for cert in certs:
-            issuer, serial = _issuer_and_serial(data, cert)
+            issuer, serial, subject = _names_and_serial(data, cert)
             if (
                 der.value(data, serial) == serial_raw
                 and asn1_x509.Name.load(der.raw(data, issuer)) == want
             ):
-                return der.raw(data, cert), der.raw(data, issuer), int.from_bytes(serial_raw, "big")
+                found = (
+                    der.raw(data, cert),
+                    der.raw(data, issuer),
+                    int.from_bytes(serial_raw, "big"),
+                )
+                return (*found, der.raw(data, subject))
     elif sid.tag == 0x80:  # [0] SubjectKeyIdentifier
         ski = der.value(data, sid)
         for cert in certs:
             parsed = asn1_x509.Certificate.load(der.raw(data, cert))
             if parsed.key_identifier == ski:
-                issuer, serial = _issuer_and_serial(data, cert)
-                return der.raw(data, cert), der.raw(data, issuer), parsed.serial_number
+                issuer, _, subject = _names_and_serial(data, cert)
+                names = der.raw(data, issuer), der.raw(data, subject)
+                return der.raw(data, cert), names[0], parsed.serial_number, names[1]
     raise MessageError("signer certificate not found in the message")
 
 
-def _issuer_and_serial(data: bytes, cert: der.Tlv) -> tuple[der.Tlv, der.Tlv]:
+def _names_and_serial(data: bytes, cert: der.Tlv) -> tuple[der.Tlv, der.Tlv, der.Tlv]:
+    """A certificate's (issuer, serialNumber, subject); a TBS too short for a subject is left
+    to the certificate parser to refuse (an empty element stands in)."""
     tbs = der.children(data, der.children(data, cert)[0])
     offset = 1 if tbs[0].tag == 0xA0 else 0  # [0] version is optional
-    return tbs[offset + 2], tbs[offset]
+    subject = tbs[offset + 4] if len(tbs) > offset + 4 else der.Tlv(0, 0, 0, 0, 0)
+    return tbs[offset + 2], tbs[offset], subject
 
 
 def _verify_signature(

@@ -156,6 +156,7 @@ class Enrollment:
                     request.signer_key,
                     parts.public_key,
                     self.replies.issuer.certificate,
+                    (request.signer_issuer_der, request.signer_subject_der),
                 )
                 verdict = chain.check.authorize(csr)
                 if isinstance(verdict, Rejected):
