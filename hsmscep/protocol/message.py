@@ -200,8 +200,7 @@ def _signer_certificate(
         for cert in certs:
             issuer, serial, subject = _names_and_serial(data, cert)
             if der.value(data, serial) == serial_raw and der.raw(data, issuer) == issuer_raw:
-                serial_int = int.from_bytes(serial_raw, "big")
-                return der.raw(data, cert), issuer_raw, serial_int, der.raw(data, subject)
+                return _found(data, cert, issuer, int.from_bytes(serial_raw, "big"), subject)
         # Clients re-encode names (interop-quirks #12): fall back to the RFC 5280 comparison.
         want = asn1_x509.Name.load(issuer_raw)
         for cert in certs:
@@ -210,21 +209,21 @@ def _signer_certificate(
                 der.value(data, serial) == serial_raw
                 and asn1_x509.Name.load(der.raw(data, issuer)) == want
             ):
-                found = (
-                    der.raw(data, cert),
-                    der.raw(data, issuer),
-                    int.from_bytes(serial_raw, "big"),
-                )
-                return (*found, der.raw(data, subject))
+                return _found(data, cert, issuer, int.from_bytes(serial_raw, "big"), subject)
     elif sid.tag == 0x80:  # [0] SubjectKeyIdentifier
         ski = der.value(data, sid)
         for cert in certs:
             parsed = asn1_x509.Certificate.load(der.raw(data, cert))
             if parsed.key_identifier == ski:
                 issuer, _, subject = _names_and_serial(data, cert)
-                names = der.raw(data, issuer), der.raw(data, subject)
-                return der.raw(data, cert), names[0], parsed.serial_number, names[1]
+                return _found(data, cert, issuer, parsed.serial_number, subject)
     raise MessageError("signer certificate not found in the message")
+
+
+def _found(
+    data: bytes, cert: der.Tlv, issuer: der.Tlv, serial: int, subject: der.Tlv
+) -> tuple[bytes, bytes, int, bytes]:
+    return der.raw(data, cert), der.raw(data, issuer), serial, der.raw(data, subject)
 
 
 def _names_and_serial(data: bytes, cert: der.Tlv) -> tuple[der.Tlv, der.Tlv, der.Tlv]:
