@@ -5,11 +5,14 @@ challengePassword values. No I/O; the policy that follows lives in hsmscep.polic
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from asn1crypto import csr as asn1_csr
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from hsmscep.errors import Rejected
 from hsmscep.protocol import asn1
@@ -21,16 +24,34 @@ from hsmscep.protocol.algorithms import (
 from hsmscep.protocol.codes import FailInfo
 
 
+@dataclass(frozen=True, slots=True)
+class CsrParts:
+    """What the checks after load_csr read of a CSR, read once: cryptography builds a new key
+    or Name object (and escapes the name again) on every access."""
+
+    public_key: CertificatePublicKeyTypes  # the pkiMessage signer's object when it is equal
+    subject: x509.Name
+    subject_text: str  # RFC 4514
+
+
 def load_csr(der: bytes, signer_key: object = None) -> x509.CertificateSigningRequest:
     """Parse a PKCS#10 request and verify its self-signature; refuse with badMessageCheck.
 
     `signer_key`: the pkiMessage signer's public key object, which usually is the CSR's own
     key; verifying with that object skips setting up the same key in OpenSSL a second time.
     """
+    return read_csr(der, signer_key)[0]
+
+
+def read_csr(
+    der: bytes, signer_key: object = None
+) -> tuple[x509.CertificateSigningRequest, CsrParts]:
+    """load_csr, and the parts of the CSR the checks after it read."""
     try:
         csr = x509.load_der_x509_csr(der)
     except x509.InvalidVersion:
-        return _with_subject(_load_csr_with_bad_version(der))
+        csr = _load_csr_with_bad_version(der)
+        return csr, _parts(csr, csr.public_key())
     except ValueError:
         raise Rejected(FailInfo.BAD_MESSAGE_CHECK, "CSR does not parse") from None
     # Verified by hand rather than with is_signature_valid, which refuses SHA-1: old Cisco
@@ -44,19 +65,20 @@ def load_csr(der: bytes, signer_key: object = None) -> x509.CertificateSigningRe
         csr.tbs_certrequest_bytes,
         csr.signature,
     )
-    return _with_subject(csr)
+    return csr, _parts(csr, public_key)
 
 
-def _with_subject(csr: x509.CertificateSigningRequest) -> x509.CertificateSigningRequest:
+def _parts(csr: x509.CertificateSigningRequest, public_key: CertificatePublicKeyTypes) -> CsrParts:
     # cryptography parses the subject lazily: an empty RDN or a value of the wrong type would
     # otherwise surface as a ValueError deep in the policy checks.
     try:
-        csr.subject.rfc4514_string()
+        subject = csr.subject
+        text = subject.rfc4514_string()
     except (ValueError, KeyError):  # KeyError: cryptography 47, for an unknown string tag
         raise Rejected(
             FailInfo.BAD_REQUEST, "CSR subject is not a valid distinguished name"
         ) from None
-    return csr
+    return CsrParts(public_key, subject, text)
 
 
 def _verify_csr_signature(

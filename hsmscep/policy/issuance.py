@@ -9,6 +9,7 @@ worker thread.
 from __future__ import annotations
 
 import hmac
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtensionOID
 
 from hsmscep.errors import Rejected
-from hsmscep.policy.csr import challenge_values
+from hsmscep.policy.csr import CsrParts, challenge_values
 from hsmscep.policy.names import describe_name
 from hsmscep.policy.request import CertRequest
 from hsmscep.policy.template import (
@@ -33,6 +34,8 @@ from hsmscep.protocol.codes import FailInfo
 from hsmscep.protocol.keys import SigningKey
 
 _CURVES = {"secp256r1": 256, "secp384r1": 384}
+# C0 controls and DEL; one regex search instead of a Python loop over every character.
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 # Extensions a CSR may ask for that we either copy (SAN) or knowingly replace with our own.
 _KNOWN_EXTENSIONS = {
     ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
@@ -79,10 +82,13 @@ class Issuer:
         return cls(certificate, aki, certificate.subject.public_bytes())
 
 
-def check_csr(csr: x509.CertificateSigningRequest, policy: IssuancePolicy) -> CertRequest:
-    """Apply the policy to a verified CSR; raise Rejected with the fitting failInfo."""
+def check_csr(
+    csr: x509.CertificateSigningRequest, policy: IssuancePolicy, parts: CsrParts | None = None
+) -> CertRequest:
+    """Apply the policy to a verified CSR; raise Rejected with the fitting failInfo.
+    `parts`: what read_csr already read of it."""
     _check_challenge(csr, policy.challenge)
-    public_key = csr.public_key()
+    public_key = parts.public_key if parts is not None else csr.public_key()
     if isinstance(public_key, rsa.RSAPublicKey):
         if public_key.key_size < policy.min_rsa_bits:
             raise Rejected(
@@ -116,16 +122,17 @@ def check_csr(csr: x509.CertificateSigningRequest, policy: IssuancePolicy) -> Ce
     if sans is not None and len(sans) > MAX_SANS:
         raise Rejected(FailInfo.BAD_REQUEST, f"more than {MAX_SANS} subject alternative names")
 
-    subject = csr.subject
+    subject = parts.subject if parts is not None else csr.subject
     if len(subject.public_bytes()) > MAX_SUBJECT_BYTES:
         raise Rejected(FailInfo.BAD_REQUEST, "subject too long")
     for rdn_attr in subject:
         value = rdn_attr.value
-        if isinstance(value, str) and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        if isinstance(value, str) and _CONTROL.search(value):
             raise Rejected(FailInfo.BAD_REQUEST, "control characters in the subject")
     if not len(subject) and sans is None:
         raise Rejected(FailInfo.BAD_REQUEST, "empty subject and no subject alternative name")
-    return CertRequest(subject, public_key, sans)
+    known = (subject, parts.subject_text) if parts is not None else None
+    return CertRequest(subject, public_key, sans, subject_rfc4514=known)
 
 
 def _check_challenge(csr: x509.CertificateSigningRequest, expected: bytes | None) -> None:

@@ -8,6 +8,7 @@ Windows and iOS each fail on a missing one (interop-quirks #8).
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -122,12 +123,13 @@ def sign_next_ca_certs(certs_der: list[bytes], signer: ResponseSigner) -> bytes:
 def _transaction_id(value: str) -> bytes:
     # RFC 8894 says PrintableString, but clients send hex, base64 ('+', '/', '=') and more;
     # echo the exact value, as UTF8String when PrintableString cannot carry it.
-    if all(c in _PRINTABLE for c in value):
+    if _PRINTABLE.fullmatch(value):
         return asn1.printable_string(value)
     return asn1.tlv(0x0C, value.encode())
 
 
-_PRINTABLE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?")
+# PrintableString's characters (X.680): one regex match, not a generator step per character.
+_PRINTABLE = re.compile(r"[A-Za-z0-9 '()+,\-./:=?]*")
 
 
 def seal_certificates(
@@ -147,7 +149,7 @@ def seal_reply(
     oaep: cms.OaepParams | None,
 ) -> bytes:
     """Encrypt a reply's degenerate PKCS#7 (certificates or CRLs) to the requester."""
-    public_key = request.signer_cert.public_key()
+    public_key = request.signer_key
     if not isinstance(public_key, rsa.RSAPublicKey):
         raise TypeError("the requester's key cannot receive an RSA key transport")
     recipient = cms.issuer_and_serial(request.signer_issuer_der, request.signer_serial)

@@ -42,8 +42,13 @@ class PkiRequest:
     digest: Digest
     signer_cert: x509.Certificate
     signer_issuer_der: bytes  # as encoded in the certificate, for the reply's RecipientInfo
+    signer_subject_der: bytes  # as encoded: the same bytes as the issuer's are the same name
     signer_serial: int
     content: bytes  # the encapsulated pkcsPKIEnvelope (ContentInfo DER), may be empty
+    # signer_cert's key, the object that verified the signature: cryptography builds a new
+    # OpenSSL key on every public_key() call, and a key object reused for the CSR's signature
+    # and the reply's key transport keeps its set-up (bench/PROFILE.md).
+    signer_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
     @property
     def signer_fingerprint(self) -> str:
@@ -98,13 +103,14 @@ def _decode(data: bytes) -> PkiRequest:
     if attrs.get("contentType", _OID_DATA) != _OID_DATA:
         raise MessageError("signed contentType is not id-data")
 
-    cert_der, issuer_der, serial = _signer_certificate(data, certs[0] if certs else [], sid)
+    found = _signer_certificate(data, certs[0] if certs else [], sid)
+    cert_der, issuer_der, serial, subject_der = found
     try:
         cert = x509.load_der_x509_certificate(cert_der)
     except ValueError:
         raise MessageError("signer certificate does not parse") from None
     signature_value = der.value(data, der.expect(data, signature, der.OCTET_STRING, "signature"))
-    _verify_signature(cert, data, signed_attrs, signature_alg, signature_value, digest)
+    signer_key = _verify_signature(cert, data, signed_attrs, signature_alg, signature_value, digest)
 
     message_type = _text(_required(attrs, "messageType"), "messageType")
     transaction_id = _text(_required(attrs, "transactionID"), "transactionID")
@@ -120,8 +126,10 @@ def _decode(data: bytes) -> PkiRequest:
         digest=digest,
         signer_cert=cert,
         signer_issuer_der=issuer_der,
+        signer_subject_der=subject_der,
         signer_serial=serial,
         content=content,
+        signer_key=signer_key,
     )
 
 
@@ -181,8 +189,8 @@ def _encapsulated_content(data: bytes, encap: der.Tlv) -> bytes:
 
 def _signer_certificate(
     data: bytes, certs: list[der.Tlv], sid: der.Tlv
-) -> tuple[bytes, bytes, int]:
-    """(certificate DER, its issuer DER, its serial) for the SignerInfo's sid."""
+) -> tuple[bytes, bytes, int, bytes]:
+    """(certificate DER, its issuer DER, its serial, its subject DER) for the SignerInfo's sid."""
     if not certs:
         raise MessageError("no signer certificate in the message")
     if sid.tag == der.SEQUENCE:  # IssuerAndSerialNumber
@@ -190,32 +198,41 @@ def _signer_certificate(
         issuer_raw = der.raw(data, want_issuer)
         serial_raw = der.value(data, want_serial)
         for cert in certs:
-            issuer, serial = _issuer_and_serial(data, cert)
+            issuer, serial, subject = _names_and_serial(data, cert)
             if der.value(data, serial) == serial_raw and der.raw(data, issuer) == issuer_raw:
-                return der.raw(data, cert), issuer_raw, int.from_bytes(serial_raw, "big")
+                return _found(data, cert, issuer, int.from_bytes(serial_raw, "big"), subject)
         # Clients re-encode names (interop-quirks #12): fall back to the RFC 5280 comparison.
         want = asn1_x509.Name.load(issuer_raw)
         for cert in certs:
-            issuer, serial = _issuer_and_serial(data, cert)
+            issuer, serial, subject = _names_and_serial(data, cert)
             if (
                 der.value(data, serial) == serial_raw
                 and asn1_x509.Name.load(der.raw(data, issuer)) == want
             ):
-                return der.raw(data, cert), der.raw(data, issuer), int.from_bytes(serial_raw, "big")
+                return _found(data, cert, issuer, int.from_bytes(serial_raw, "big"), subject)
     elif sid.tag == 0x80:  # [0] SubjectKeyIdentifier
         ski = der.value(data, sid)
         for cert in certs:
             parsed = asn1_x509.Certificate.load(der.raw(data, cert))
             if parsed.key_identifier == ski:
-                issuer, serial = _issuer_and_serial(data, cert)
-                return der.raw(data, cert), der.raw(data, issuer), parsed.serial_number
+                issuer, _, subject = _names_and_serial(data, cert)
+                return _found(data, cert, issuer, parsed.serial_number, subject)
     raise MessageError("signer certificate not found in the message")
 
 
-def _issuer_and_serial(data: bytes, cert: der.Tlv) -> tuple[der.Tlv, der.Tlv]:
+def _found(
+    data: bytes, cert: der.Tlv, issuer: der.Tlv, serial: int, subject: der.Tlv
+) -> tuple[bytes, bytes, int, bytes]:
+    return der.raw(data, cert), der.raw(data, issuer), serial, der.raw(data, subject)
+
+
+def _names_and_serial(data: bytes, cert: der.Tlv) -> tuple[der.Tlv, der.Tlv, der.Tlv]:
+    """A certificate's (issuer, serialNumber, subject); a TBS too short for a subject is left
+    to the certificate parser to refuse (an empty element stands in)."""
     tbs = der.children(data, der.children(data, cert)[0])
     offset = 1 if tbs[0].tag == 0xA0 else 0  # [0] version is optional
-    return tbs[offset + 2], tbs[offset]
+    subject = tbs[offset + 4] if len(tbs) > offset + 4 else der.Tlv(0, 0, 0, 0, 0)
+    return tbs[offset + 2], tbs[offset], subject
 
 
 def _verify_signature(
@@ -225,7 +242,8 @@ def _verify_signature(
     signature_alg: der.Tlv,
     signature: bytes,
     digest: Digest,
-) -> None:
+) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+    """Verify the signature over the signed attributes; the signer's key object back."""
     alg_parts = der.children(data, der.expect(data, signature_alg, der.SEQUENCE, "signature alg"))
     sig_oid = der.dotted(der.oid_bytes(data, alg_parts[0], "signatureAlgorithm"))
     # The signature covers the SET OF encoding of the attributes as the client sent them
@@ -267,7 +285,7 @@ def _verify_signature(
         raise MessageError("unsupported signer key type")
     try:
         verify(received)
-        return
+        return public_key
     except InvalidSignature:
         pass
     attrs = [der.raw(data, a) for a in der.children(data, signed_attrs)]
@@ -275,7 +293,7 @@ def _verify_signature(
     if canonical != received:
         try:
             verify(canonical)
-            return
+            return public_key
         except InvalidSignature:
             pass
     raise MessageError("signature does not verify")

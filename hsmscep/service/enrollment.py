@@ -14,12 +14,11 @@ from dataclasses import replace
 from datetime import datetime
 from functools import partial
 
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hsmscep.errors import Rejected
+from hsmscep.policy.csr import CsrParts, read_csr
 from hsmscep.policy.csr import challenge_password as csr_challenge
-from hsmscep.policy.csr import load_csr
 from hsmscep.policy.issuance import IssuancePolicy, check_csr
 from hsmscep.policy.profiles import Profile, Profiles
 from hsmscep.policy.renewal import (
@@ -139,30 +138,35 @@ class Enrollment:
     ) -> Outcome | Candidate:
         """Decrypt and check a request against its profile, and issue at once unless the
         profile's chain has decisions to make first (then: the Candidate)."""
-        csr_subject: x509.Name | None = None  # for the refusal's audit line
+        parts: CsrParts | None = None  # its subject_text: the refusal's audit line
         profile = endpoint
         try:
-            if not isinstance(request.signer_cert.public_key(), rsa.RSAPublicKey):
+            if not isinstance(request.signer_key, rsa.RSAPublicKey):
                 raise Refusal.REPLY_KEY_NOT_RSA()
             envelope = decode_envelope(request.content)
             cek, oaep = decrypt_key(envelope, keys)
             csr_der = envelope.open(cek)
-            csr = load_csr(csr_der, request.signer_cert.public_key())
-            csr_subject = csr.subject
+            csr, parts = read_csr(csr_der, request.signer_key)
             profile = self.profiles.for_template(endpoint, ms_template_name(csr))
             chain = self._chains[profile.name]
             if not renewing:
                 # Before the challenge is looked at: a lifted envelope must not burn it.
-                check_key_binding(request.signer_cert, csr, self.replies.issuer.certificate)
+                check_key_binding(
+                    request.signer_cert,
+                    request.signer_key,
+                    parts.public_key,
+                    self.replies.issuer.certificate,
+                    (request.signer_issuer_der, request.signer_subject_der),
+                )
                 verdict = chain.check.authorize(csr)
                 if isinstance(verdict, Rejected):
                     raise verdict
-                cert_request = apply_template(check_csr(csr, self._policy), profile.template)
+                cert_request = apply_template(check_csr(csr, self._policy, parts), profile.template)
                 transaction_id = request.transaction_id
             else:
                 # A renewal is authenticated by the signer certificate, not by the challenge,
                 # and keeps the old subject and SANs: of the template, only the key rules apply.
-                checked_csr = check_csr(csr, self._policy)
+                checked_csr = check_csr(csr, self._policy, parts)
                 check_key(checked_csr.public_key, profile.template)
                 cert_request = renewed_request(
                     request.signer_cert,
@@ -189,7 +193,7 @@ class Enrollment:
                 return candidate
             return self._issue(candidate, keys)
         except Exception as exc:
-            subject = csr_subject.rfc4514_string() if csr_subject is not None else None
+            subject = parts.subject_text if parts is not None else None
             outcome = self.replies.refused(request, exc, keys)
             return replace(outcome, profile=profile.name, subject=subject)
 

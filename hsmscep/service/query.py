@@ -65,7 +65,7 @@ class Queries:
     def _open(self, request: PkiRequest, keys: KeySet) -> _Query | Outcome:
         """Decrypt the query and check it names our CA (a job)."""
         try:
-            if not isinstance(request.signer_cert.public_key(), rsa.RSAPublicKey):
+            if not isinstance(request.signer_key, rsa.RSAPublicKey):
                 raise Refusal.REPLY_KEY_NOT_RSA()
             envelope = cms.decode_envelope(request.content)
             cek, oaep = decrypt_key(envelope, keys)

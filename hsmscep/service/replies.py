@@ -91,7 +91,7 @@ class Replies:
         response = self.success(request, [cert_der], envelope, oaep, keys)
         record = IssuedCert(
             serial=cert.serial_number,
-            subject=cert_request.subject.rfc4514_string(),  # the builder's, not parsed back
+            subject=cert_request.subject_text(),  # the builder's, not parsed back
             sans=describe_sans(cert_request.sans),
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
@@ -242,9 +242,7 @@ def spki_sha256(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> str:
 
 def requester_key_sha256(request: PkiRequest) -> str:
     """SHA-256 of the signer's SubjectPublicKeyInfo: who may poll for a transaction."""
-    spki = request.signer_cert.public_key().public_bytes(
-        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
-    )
+    spki = request.signer_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(spki).hexdigest()
 
 
