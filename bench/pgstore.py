@@ -35,6 +35,8 @@ class BenchPostgres:
         url = self._cluster.tcp_url(name)
         if prefill_count:
             asyncio.run(prefill.prefill_postgresql(url, pgcluster.PASSWORD, prefill_count))
+            self._cluster.sql("CHECKPOINT")  # the load's dirty buffers out before measuring
+            prefill.settle()
         return {"HSMSCEP_STORE_URL": url, "HSMSCEP_STORE_PASSWORD": pgcluster.PASSWORD}
 
 

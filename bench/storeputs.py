@@ -3,8 +3,9 @@ in one run (no HSM, no HTTP). A throwaway PostgreSQL cluster (fsync on) is start
 
     python -m bench.storeputs [--puts 3000] [--levels 1,32] [--rounds 3] [--prefill 1000000]
 
-Rows carry random serials and transactionIDs, as real ones do (sequential keys would make every
-index insert an append and hide what a large store costs). CPU per put is given for the hsmscep
+Rows carry serials as the server makes them (time-ordered, policy/serials.py) and random
+transactionIDs, as clients send them (sequential IDs would make every index insert an append
+and hide what a large store costs). CPU per put is given for the hsmscep
 process and, for PostgreSQL, for the database server's processes too (it shares the box).
 With --prefill both stores are filled once (bench/prefill.py) and every round adds to them.
 """
@@ -22,6 +23,7 @@ from functools import partial
 from pathlib import Path
 
 from bench import pgstore, prefill
+from hsmscep.policy.serials import ordered_serial
 from hsmscep.store.postgres import PgStore
 from hsmscep.store.records import IssuedCert
 from hsmscep.store.sqlite import CertStore
@@ -32,7 +34,7 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 def _cert(i: int) -> IssuedCert:
     return IssuedCert(
-        serial=secrets.randbits(159) | 1,
+        serial=ordered_serial(datetime.now(UTC)),
         subject=f"CN=put-{i}",
         sans=(),
         not_before=NOW,
