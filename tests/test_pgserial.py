@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +53,14 @@ def test_serial_taken_by_the_other_node_is_retried(pg_cluster: Cluster, tmp_path
         taken = enroll(a, ca, "first")
         # Node B's next serial is the one node A just stored, then fresh ones.
         replies = b_state["services"]["default"]._pending.issuing.replies
-        fresh = replies._random_serial
+        fresh = replies._new_serial
         drawn: list[int] = []
 
-        def colliding() -> int:
-            drawn.append(taken if not drawn else fresh())
+        def colliding(now: datetime) -> int:
+            drawn.append(taken if not drawn else fresh(now))
             return drawn[-1]
 
-        replies._random_serial = colliding
+        replies._new_serial = colliding
         second = enroll(b, ca, "second")
     assert drawn[0] == taken and len(drawn) == 2  # one collision, one retry
     assert second == drawn[1] != taken

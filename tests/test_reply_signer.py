@@ -53,7 +53,7 @@ def replies(ca: x509.Certificate, now: datetime) -> Replies:
         issuer=Issuer.of(ca),
         policy=IssuancePolicy(challenge=None),
         clock=lambda: now,
-        random_serial=x509.random_serial_number,
+        new_serial=lambda now: x509.random_serial_number(),
         nonce=lambda: b"n" * 16,
     )
 

@@ -16,14 +16,15 @@ from __future__ import annotations
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from hsmscep.service.refusal import Refusal
 
 
 def check_key_binding(
     signer: x509.Certificate,
-    signer_key: object,
-    csr_key: object,
+    signer_key: CertificatePublicKeyTypes,
+    csr_key: CertificatePublicKeyTypes,
     ca_cert: x509.Certificate,
     names_der: tuple[bytes, bytes] | None = None,
 ) -> None:

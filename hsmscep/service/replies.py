@@ -58,11 +58,11 @@ class Replies:
         issuer: Issuer,
         policy: IssuancePolicy,
         clock: Callable[[], datetime],
-        random_serial: Callable[[], int],
+        new_serial: Callable[[datetime], int],
         nonce: Callable[[], bytes],
     ) -> None:
         self.issuer, self.policy = issuer, policy
-        self.clock, self._random_serial, self._nonce = clock, random_serial, nonce
+        self.clock, self._new_serial, self._nonce = clock, new_serial, nonce
 
     def issue(
         self,
@@ -82,7 +82,7 @@ class Replies:
             cert_request,
             issuer=self.issuer,
             issuer_key=keys.ca_key,
-            serial=self._random_serial(),
+            serial=self._new_serial(now),  # its time part is the notBefore's
             now=now,
             policy=self.policy,
             template=template,

@@ -61,7 +61,7 @@ class ScepService:
         policy: IssuancePolicy,
         profiles: Profiles,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        random_serial: Callable[[], int] | None = None,
+        new_serial: Callable[[datetime], int] = ordered_serial,
         nonce: Callable[[], bytes] = cms.random_nonce,
         crl_lifetime: timedelta = timedelta(hours=24),
         renewal: RenewalPolicy = DEFAULT_RENEWAL,
@@ -86,7 +86,7 @@ class ScepService:
             issuer=self.issuer,
             policy=policy,
             clock=clock,
-            random_serial=random_serial or (lambda: ordered_serial(clock())),
+            new_serial=new_serial,
             nonce=nonce,
         )
         issuing = Issuing(pool, store, replies)
