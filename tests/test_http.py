@@ -370,13 +370,15 @@ def test_pki_operation_over_get_accepts_base64_variant(
 def test_long_get_url_enrolls(
     server: Server, dev_ca: DevCa, server_certs: list[x509.Certificate]
 ) -> None:
-    """A PKCSReq with 60 long DNS SANs: a URL of tens of kilobytes still works over GET."""
-    sans = [x509.DNSName(f"{i:02d}-" + "a" * 60 + ".example.com") for i in range(60)]
+    """A PKCSReq with 60 long DNS SANs: a URL of about 20 KB still works over GET."""
+    labels = ".".join(["a" * 60] * 3)  # labels stay within 63 octets, the name within 253
+    sans = [x509.DNSName(f"{i:02d}-{labels}.example.com") for i in range(60)]
     request = new_request(server_certs, dev_ca.challenge, cn="long-get", sans=sans)
     target = "/scep?operation=PKIOperation&message=" + encode_message(
         "percent-encoded", request.der
     )
-    assert len(target) > 10_000
+    # The length varies with how many base64 characters need percent-encoding.
+    assert len(target) > 16_384
     cert = expect_success(raw_request(server.url, "GET", target), request, server_certs)
     assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value == (
         x509.SubjectAlternativeName(sans)
