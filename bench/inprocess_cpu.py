@@ -9,6 +9,7 @@ uvicorn/httptools (~20-30 us a request) and plus the small cost of this driver.
 
   python -m bench.inprocess_cpu --requests 3000 --concurrency 32
   python -m bench.inprocess_cpu --profile /tmp/enroll.prof   # cProfile of every thread
+  python -m bench.inprocess_cpu --pin 1   # one CPU, as each server process of the driver runs
 
 Numbers are CPU time, so they hold on a loaded box better than throughput does; with
 --profile they include cProfile's own overhead (use them for shares, not for totals); the
@@ -274,6 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pool_size=args.pool_size,
         prefill=args.prefill,
         profiled=bool(args.profile),
+        pinned_cpu=args.pin,
     )
     return result
 
@@ -289,7 +291,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default=None, help="write a cProfile of all threads here")
     parser.add_argument("--top", type=int, default=40, help="functions printed with --profile")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument(
+        "--pin",
+        type=int,
+        default=None,
+        metavar="CPU",
+        help="run on this CPU only, as each `--workers auto` server process is (web/affinity.py)",
+    )
     args = parser.parse_args(argv)
+    if args.pin is not None:
+        # Set before any thread starts: threads inherit the mask.
+        os.sched_setaffinity(0, {args.pin})
     result = run(args)
     text = json.dumps(result, indent=2)
     print(text)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import NamedTuple
 
 from hsmscep.errors import MessageError
@@ -177,8 +178,9 @@ def oid_bytes(data: bytes, tlv: Tlv, what: str) -> bytes:
     return value(data, expect(data, tlv, OID, what))
 
 
+@lru_cache(maxsize=256)  # four per request, nearly always the same few; bounded for strangers
 def dotted(oid_content: bytes) -> str:
-    """OID content octets to dotted form (for messages only)."""
+    """OID content octets to dotted form."""
     arcs: list[int] = []
     current = 0
     for byte in oid_content:
