@@ -7,7 +7,9 @@ scepclient and old devices send nothing else) but answered with DES3; RC2 is ref
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
@@ -25,6 +27,20 @@ class Digest:
 
     def hash(self) -> hashes.HashAlgorithm:
         return _HASH_CLASSES[self.name]()
+
+    def compute(self, data: bytes) -> bytes:
+        """The digest of `data` (hashlib's named constructor: hashlib.new looks it up anew)."""
+        return HASH_FUNCTIONS[self.name](data).digest()
+
+
+# hashlib's constructors by name; every name of _HASH_CLASSES, each a fixed-output hash.
+HASH_FUNCTIONS: dict[str, Callable[[bytes], hashlib._Hash]] = {
+    "sha1": hashlib.sha1,
+    "sha224": hashlib.sha224,
+    "sha256": hashlib.sha256,
+    "sha384": hashlib.sha384,
+    "sha512": hashlib.sha512,
+}
 
 
 _HASH_CLASSES: dict[str, type[hashes.HashAlgorithm]] = {

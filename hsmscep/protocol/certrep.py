@@ -67,9 +67,7 @@ def build_cert_rep(
     content = envelope or b""
     attrs = [
         _CONTENT_TYPE_DATA,
-        asn1.attribute(
-            asn1.OID_MESSAGE_DIGEST, asn1.octet_string(hashlib.new(digest.name, content).digest())
-        ),
+        asn1.attribute(asn1.OID_MESSAGE_DIGEST, asn1.octet_string(digest.compute(content))),
         _MESSAGE_TYPE_CERT_REP,
         _PKI_STATUS[status],
         asn1.attribute(asn1.OID_TRANSACTION_ID, _transaction_id(request.transaction_id)),
@@ -82,7 +80,7 @@ def build_cert_rep(
     if fail_info is not None:
         attrs.append(_FAIL_INFO[fail_info])
     signed_attrs = asn1.set_of(*attrs)
-    to_sign = digest.digest_info_prefix + hashlib.new(digest.name, signed_attrs).digest()
+    to_sign = digest.digest_info_prefix + digest.compute(signed_attrs)
     return cms.signed_data(
         # FAILURE and PENDING carry an empty eContent rather than none: OpenSSL's PKCS7_verify
         # (certmonger, sscep) refuses a SignedData without content ("no content"), and the

@@ -17,7 +17,6 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from hsmscep.errors import MessageError
 from hsmscep.protocol import asn1, der
@@ -49,10 +48,11 @@ class PkiRequest:
     # OpenSSL key on every public_key() call, and a key object reused for the CSR's signature
     # and the reply's key transport keeps its set-up (bench/PROFILE.md).
     signer_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+    signer_cert_der: bytes  # signer_cert as it came: public_bytes() would copy it out again
 
     @property
     def signer_fingerprint(self) -> str:
-        return hashlib.sha256(self.signer_cert.public_bytes(Encoding.DER)).hexdigest()
+        return hashlib.sha256(self.signer_cert_der).hexdigest()
 
 
 def decode_pki_message(data: bytes) -> PkiRequest:
@@ -97,7 +97,7 @@ def _decode(data: bytes) -> PkiRequest:
     )
     attrs = _signed_attributes(data, signed_attrs)
     message_digest = _required(attrs, "messageDigest")
-    computed = hashlib.new(digest.name, content).digest()
+    computed = digest.compute(content)
     if not hmac.compare_digest(computed, message_digest):
         raise MessageError("messageDigest does not match the content")
     if attrs.get("contentType", _OID_DATA) != _OID_DATA:
@@ -130,6 +130,7 @@ def _decode(data: bytes) -> PkiRequest:
         signer_serial=serial,
         content=content,
         signer_key=signer_key,
+        signer_cert_der=cert_der,
     )
 
 
@@ -270,7 +271,7 @@ def _verify_signature(
             raise MessageError(f"unsupported signature algorithm {sig_oid}")
 
         def verify(signed: bytes) -> None:
-            pre = hashlib.new(digest.name, signed).digest()
+            pre = digest.compute(signed)
             public_key.verify(signature, pre, pad, Prehashed(hashed))
 
     elif isinstance(public_key, ec.EllipticCurvePublicKey):
@@ -278,7 +279,7 @@ def _verify_signature(
             raise MessageError(f"unsupported signature algorithm {sig_oid}")
 
         def verify(signed: bytes) -> None:
-            pre = hashlib.new(digest.name, signed).digest()
+            pre = digest.compute(signed)
             public_key.verify(signature, pre, ec.ECDSA(Prehashed(hashed)))
 
     else:
