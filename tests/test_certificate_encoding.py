@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from hsmscep.policy import crl
-from hsmscep.policy.issuance import IssuancePolicy, Issuer, build_certificate
+from hsmscep.policy.issuance import IssuancePolicy, Issuer, build_certificate, sign_certificate
 from hsmscep.policy.request import CertRequest
 from hsmscep.policy.template import DEFAULT_TEMPLATE, CertTemplate
 from hsmscep.protocol.certificate import validity_time
@@ -107,6 +107,44 @@ def test_encoded_certificate_matches_the_builder(ca_type: str, subject: str) -> 
         assert ours.public_bytes(Encoding.DER) == theirs.public_bytes(Encoding.DER)
     ours.verify_directly_issued_by(issuer.certificate)
     assert ours.not_valid_after_utc.year == 2050  # GeneralizedTime from 2050 on
+
+
+@pytest.mark.parametrize(
+    ("now", "validity"),
+    [
+        (NOW, timedelta(days=365)),  # notAfter capped by the CA's, in GeneralizedTime
+        (datetime(2030, 6, 1, 12, 0, 0, 999_999, tzinfo=UTC), timedelta(days=30)),
+        (
+            datetime(2030, 6, 1, 1, 30, 5, 500, tzinfo=timezone(timedelta(hours=5))),
+            timedelta(hours=1, microseconds=700_000),
+        ),
+    ],
+    ids=["capped", "fraction", "other-zone"],
+)
+def test_signed_certificate_reports_the_validity_it_encoded(
+    now: datetime, validity: timedelta
+) -> None:
+    """The store records sign_certificate's dates without parsing the certificate back: they
+    must be the very instants the DER holds."""
+    ca_key = rsa.generate_private_key(65537, 2048)
+    issuer = _ca(ca_key)
+    req = CertRequest(
+        x509.Name.from_rfc4514_string("CN=dates"), ca_key.public_key(), None, validity=validity
+    )
+    signed = sign_certificate(
+        req,
+        issuer=issuer,
+        issuer_key=ca_key,  # type: ignore[arg-type]  # a software key signs as the HSM's does
+        serial=12345,
+        now=now,
+        policy=IssuancePolicy(challenge=None),
+    )
+    parsed = x509.load_der_x509_certificate(signed.der)
+    assert (signed.not_before, signed.not_after) == (
+        parsed.not_valid_before_utc,
+        parsed.not_valid_after_utc,
+    )
+    assert parsed.serial_number == 12345
 
 
 def test_validity_time_switches_to_generalized_time_in_2050() -> None:

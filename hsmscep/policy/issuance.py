@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -146,6 +146,16 @@ def _check_challenge(csr: x509.CertificateSigningRequest, expected: bytes | None
         raise Rejected(FailInfo.BAD_REQUEST, "challengePassword does not match")
 
 
+@dataclass(frozen=True, slots=True)
+class SignedCertificate:
+    """A certificate as signed, with the fields the store records, as they are encoded
+    (UTC, whole seconds): no need to parse the certificate back to read them."""
+
+    der: bytes
+    not_before: datetime
+    not_after: datetime
+
+
 def build_certificate(
     request: CertRequest,
     *,
@@ -161,8 +171,32 @@ def build_certificate(
     The request's EKU (a renewal's) and validity (a webhook's) win over the template's; the
     CA's notAfter bounds the validity.
     """
+    signed = sign_certificate(
+        request,
+        issuer=issuer,
+        issuer_key=issuer_key,
+        serial=serial,
+        now=now,
+        policy=policy,
+        template=template,
+    )
+    return x509.load_der_x509_certificate(signed.der)
+
+
+def sign_certificate(
+    request: CertRequest,
+    *,
+    issuer: Issuer,
+    issuer_key: SigningKey,
+    serial: int,
+    now: datetime,
+    policy: IssuancePolicy,
+    template: CertTemplate = DEFAULT_TEMPLATE,
+) -> SignedCertificate:
+    """build_certificate, as DER and the validity it encoded (the issuing hot path)."""
     validity = request.validity if request.validity is not None else template.validity
     not_after = min(now + validity, issuer.certificate.not_valid_after_utc)
+    not_before = now - policy.backdate
     if template.key_usage is not None:
         key_usage = template.key_usage
     elif isinstance(request.public_key, rsa.RSAPublicKey):
@@ -188,7 +222,7 @@ def build_certificate(
     der = encode_certificate(
         serial=serial,
         issuer_der=issuer.subject_der or issuer.certificate.subject.public_bytes(),
-        not_before=now - policy.backdate,
+        not_before=not_before,
         not_after=not_after,
         subject_der=request.subject.public_bytes(),
         spki_der=request.public_key.public_bytes(
@@ -198,7 +232,14 @@ def build_certificate(
         key=issuer_key,
         hash_algorithm=_CERT_HASHES[template.signature_hash](),
     )
-    return x509.load_der_x509_certificate(der)
+    return SignedCertificate(der, _as_encoded(not_before), _as_encoded(not_after))
+
+
+def _as_encoded(moment: datetime) -> datetime:
+    # What protocol.certificate.validity_time writes: UTC (a naive time taken as UTC), whole
+    # seconds.
+    utc = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return utc.replace(microsecond=0)
 
 
 def describe_sans(sans: x509.SubjectAlternativeName | None) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from hsmscep.errors import HsmError, MessageError, Rejected
-from hsmscep.policy.issuance import IssuancePolicy, Issuer, build_certificate, describe_sans
+from hsmscep.policy.issuance import IssuancePolicy, Issuer, describe_sans, sign_certificate
 from hsmscep.policy.request import CertRequest
 from hsmscep.policy.template import CertTemplate
 from hsmscep.protocol import cms
@@ -78,27 +78,28 @@ class Replies:
         """Sign the certificate with the CA key and the SUCCESS CertRep carrying it; the
         reply is sealed in the cipher of the request's `envelope`."""
         now = self.clock()
-        cert = build_certificate(
+        serial = self._new_serial(now)  # its time part is the notBefore's
+        cert = sign_certificate(
             cert_request,
             issuer=self.issuer,
             issuer_key=keys.ca_key,
-            serial=self._new_serial(now),  # its time part is the notBefore's
+            serial=serial,
             now=now,
             policy=self.policy,
             template=template,
         )
-        cert_der = cert.public_bytes(Encoding.DER)
-        response = self.success(request, [cert_der], envelope, oaep, keys)
+        response = self.success(request, [cert.der], envelope, oaep, keys)
+        # From what was encoded, not parsed back (tests/test_certificate_encoding.py).
         record = IssuedCert(
-            serial=cert.serial_number,
-            subject=cert_request.subject_text(),  # the builder's, not parsed back
+            serial=serial,
+            subject=cert_request.subject_text(),
             sans=describe_sans(cert_request.sans),
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
+            not_before=cert.not_before,
+            not_after=cert.not_after,
             transaction_id=transaction_id,
             requester_fingerprint=requester_fingerprint,
             public_key_sha256=spki_sha256(cert_request.public_key),
-            der=cert_der,
+            der=cert.der,
             issued_at=now,
         )
         return response, record
