@@ -1,4 +1,4 @@
-"""protocol.certificate: build_certificate's own DER encoding is byte for byte what
+"""protocol.certificate: sign_certificate's own DER encoding is byte for byte what
 cryptography's CertificateBuilder makes from the same inputs, for every part it writes."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from hsmscep.policy import crl
-from hsmscep.policy.issuance import IssuancePolicy, Issuer, build_certificate, sign_certificate
+from hsmscep.policy.issuance import IssuancePolicy, Issuer, sign_certificate
 from hsmscep.policy.request import CertRequest
 from hsmscep.policy.template import DEFAULT_TEMPLATE, CertTemplate
 from hsmscep.protocol.certificate import validity_time
@@ -89,7 +89,7 @@ def test_encoded_certificate_matches_the_builder(ca_type: str, subject: str) -> 
         ec.generate_private_key(ec.SECP256R1()).public_key(),
         x509.SubjectAlternativeName([x509.DNSName("device-1.example.com")]),
     )
-    ours = build_certificate(
+    signed = sign_certificate(
         req,
         issuer=issuer,
         issuer_key=ca_key,  # type: ignore[arg-type]  # a software key signs as the HSM's does
@@ -98,6 +98,7 @@ def test_encoded_certificate_matches_the_builder(ca_type: str, subject: str) -> 
         policy=policy,
         template=t,
     )
+    ours = x509.load_der_x509_certificate(signed.der)
     usage = ours.extensions.get_extension_for_class(x509.KeyUsage).value
     theirs = _by_builder(req, issuer, ca_key, policy, t, usage)
     # ECDSA signatures are randomized: the signed part and the algorithm must be equal.
@@ -166,7 +167,7 @@ def test_the_builders_refusals_are_kept() -> None:
     req = CertRequest(x509.Name.from_rfc4514_string("CN=late"), ca_key.public_key(), None)
 
     def build(serial: int, now: datetime) -> x509.Certificate:
-        return build_certificate(
+        signed = sign_certificate(
             req,
             issuer=issuer,
             issuer_key=ca_key,  # type: ignore[arg-type]
@@ -174,6 +175,7 @@ def test_the_builders_refusals_are_kept() -> None:
             now=now,
             policy=IssuancePolicy(challenge=None),
         )
+        return x509.load_der_x509_certificate(signed.der)
 
     with pytest.raises(ValueError, match="not valid after"):
         build(1, datetime(2071, 1, 1, tzinfo=UTC))  # after the CA's notAfter (2070)

@@ -1,5 +1,5 @@
 """Certificate templates: parsing, every rule accepted and refused, subject rewrite, the MS
-template name, webhook overrides, and build_certificate honouring the template. Pure: software
+template name, webhook overrides, and sign_certificate honouring the template. Pure: software
 keys, no HSM, no server."""
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from hsmscep.errors import ConfigError, Rejected
 from hsmscep.policy.issuance import (
     IssuancePolicy,
     Issuer,
-    build_certificate,
     check_csr,
     describe_sans,
+    sign_certificate,
 )
 from hsmscep.policy.names import UPN_OID
 from hsmscep.policy.request import CertRequest
@@ -606,12 +606,12 @@ def test_with_overrides() -> None:
     assert with_overrides(req, sans=exactly).sans == exactly
 
 
-# ---- build_certificate ----------------------------------------------------------------------
+# ---- sign_certificate -----------------------------------------------------------------------
 
 
 def build(req: CertRequest, t: CertTemplate = DEFAULT_TEMPLATE) -> x509.Certificate:
     issuer, key = software_ca()
-    return build_certificate(
+    signed = sign_certificate(
         req,
         issuer=issuer,
         issuer_key=key,  # type: ignore[arg-type]  # a software key signs as the HSM's does
@@ -620,13 +620,14 @@ def build(req: CertRequest, t: CertTemplate = DEFAULT_TEMPLATE) -> x509.Certific
         policy=IssuancePolicy(challenge=None),
         template=t,
     )
+    return x509.load_der_x509_certificate(signed.der)
 
 
 def extension(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> x509.Extension[Any]:
     return cert.extensions.get_extension_for_oid(oid)
 
 
-def test_build_certificate_honours_the_template() -> None:
+def test_sign_certificate_honours_the_template() -> None:
     t = template(
         validity_days=30,
         key_usage=["digitalSignature", "nonRepudiation"],
@@ -668,7 +669,7 @@ def test_request_eku_and_validity_win_over_the_template() -> None:
 
 
 def old_build_certificate(req: CertRequest) -> x509.Certificate:
-    """What build_certificate made before templates existed, spelled out."""
+    """What the certificate builder made before templates existed, spelled out."""
     issuer, key = software_ca()
     usage = dict(
         content_commitment=False,

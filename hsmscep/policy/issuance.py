@@ -156,33 +156,6 @@ class SignedCertificate:
     not_after: datetime
 
 
-def build_certificate(
-    request: CertRequest,
-    *,
-    issuer: Issuer,
-    issuer_key: SigningKey,
-    serial: int,
-    now: datetime,
-    policy: IssuancePolicy,
-    template: CertTemplate = DEFAULT_TEMPLATE,
-) -> x509.Certificate:
-    """Build and sign an end-entity certificate for a checked request, as the template says.
-
-    The request's EKU (a renewal's) and validity (a webhook's) win over the template's; the
-    CA's notAfter bounds the validity.
-    """
-    signed = sign_certificate(
-        request,
-        issuer=issuer,
-        issuer_key=issuer_key,
-        serial=serial,
-        now=now,
-        policy=policy,
-        template=template,
-    )
-    return x509.load_der_x509_certificate(signed.der)
-
-
 def sign_certificate(
     request: CertRequest,
     *,
@@ -193,7 +166,11 @@ def sign_certificate(
     policy: IssuancePolicy,
     template: CertTemplate = DEFAULT_TEMPLATE,
 ) -> SignedCertificate:
-    """build_certificate, as DER and the validity it encoded (the issuing hot path)."""
+    """Build and sign an end-entity certificate for a checked request, as the template says.
+
+    The request's EKU (a renewal's) and validity (a webhook's) win over the template's; the
+    CA's notAfter bounds the validity.
+    """
     validity = request.validity if request.validity is not None else template.validity
     not_after = min(now + validity, issuer.certificate.not_valid_after_utc)
     not_before = now - policy.backdate
