@@ -42,6 +42,7 @@ from bench.servers import (  # noqa: E402
     ServerHandle,
     cert_ders,
     cpu_seconds,
+    exit_on_sigterm,
     free_port,
     host_cpu_seconds,
     peak_rss_hwm,
@@ -727,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         help="GET hsmscep's /metrics every SECONDS during each phase (0: never)",
     )
     args = parser.parse_args(argv)
+    exit_on_sigterm()
     if args.quick:
         args.ceiling_seconds = min(args.ceiling_seconds, 1.0)
 

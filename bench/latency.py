@@ -29,7 +29,7 @@ from typing import Any
 
 from bench import ceiling, p11shim, variants
 from bench.driver import CHALLENGE, RESULTS_DIR, Bench, Series, load_average
-from bench.servers import free_port, start_hsmscep
+from bench.servers import exit_on_sigterm, free_port, start_hsmscep
 from hsmscep.hsm.devtoken import find_softhsm
 
 # Issue 15, point 1: (series, delay ms, against series, against delay ms, at least).
@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="auto")
     parser.add_argument("--keys", type=int, default=64)
     args = parser.parse_args(argv)
+    exit_on_sigterm()
     if args.quick:
         args.delays, args.pools, args.duration, args.warmup = "0,2", "default", 5.0, 1.0
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

@@ -28,6 +28,19 @@ from hsmscep.hsm.devtoken import find_softhsm
 from hsmscep.testing.cacerts import parse_ca_certs
 
 HOST = "127.0.0.1"  # every byte of bench traffic stays on loopback
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so that a bench stopped with `kill` runs its `finally`
+    blocks and stops the servers, the load generator and the PostgreSQL cluster it started
+    (a plain SIGTERM would leave them running and their temp dirs behind)."""
+
+    def terminated(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
+
+
 READY_TIMEOUT = 60.0
 
 
