@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -29,7 +29,12 @@ from hsmscep.policy.template import (
     CertTemplate,
 )
 from hsmscep.protocol import asn1
-from hsmscep.protocol.certificate import constant_extension, encode_certificate, extension
+from hsmscep.protocol.certificate import (
+    constant_extension,
+    encode_certificate,
+    encoded_instant,
+    extension,
+)
 from hsmscep.protocol.codes import FailInfo
 from hsmscep.protocol.keys import SigningKey
 
@@ -209,14 +214,7 @@ def sign_certificate(
         key=issuer_key,
         hash_algorithm=_CERT_HASHES[template.signature_hash](),
     )
-    return SignedCertificate(der, _as_encoded(not_before), _as_encoded(not_after))
-
-
-def _as_encoded(moment: datetime) -> datetime:
-    # What protocol.certificate.validity_time writes: UTC (a naive time taken as UTC), whole
-    # seconds.
-    utc = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-    return utc.replace(microsecond=0)
+    return SignedCertificate(der, encoded_instant(not_before), encoded_instant(not_after))
 
 
 def describe_sans(sans: x509.SubjectAlternativeName | None) -> tuple[str, ...]:

@@ -30,11 +30,11 @@ class Digest:
 
     def compute(self, data: bytes) -> bytes:
         """The digest of `data` (hashlib's named constructor: hashlib.new looks it up anew)."""
-        return HASH_FUNCTIONS[self.name](data).digest()
+        return _HASH_FUNCTIONS[self.name](data).digest()
 
 
 # hashlib's constructors by name; every name of _HASH_CLASSES, each a fixed-output hash.
-HASH_FUNCTIONS: dict[str, Callable[[bytes], hashlib._Hash]] = {
+_HASH_FUNCTIONS: dict[str, Callable[[bytes], hashlib._Hash]] = {
     "sha1": hashlib.sha1,
     "sha224": hashlib.sha224,
     "sha256": hashlib.sha256,

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.padding import AsymmetricPadding
 from cryptography.utils import Buffer
 
-from hsmscep.protocol.algorithms import DIGESTS_BY_NAME, HASH_FUNCTIONS
+from hsmscep.protocol.algorithms import DIGESTS_BY_NAME
 
 RawSign = Callable[[bytes], bytes]
 """RSA: DigestInfo -> PKCS#1 v1.5 signature (CKM_RSA_PKCS). EC: hash -> raw r||s (CKM_ECDSA)."""
@@ -29,9 +29,9 @@ RawDecrypt = Callable[[bytes, padding.OAEP | None], bytes]
 def _digest(data: bytes, algorithm: hashes.HashAlgorithm | utils.Prehashed) -> tuple[str, bytes]:
     if isinstance(algorithm, utils.Prehashed):
         return algorithm._algorithm.name, data
-    named = HASH_FUNCTIONS.get(algorithm.name)  # a certificate's TBS and every CertRep
-    if named is not None:
-        return algorithm.name, named(data).digest()
+    known = DIGESTS_BY_NAME.get(algorithm.name)  # a certificate's TBS and every CertRep
+    if known is not None:
+        return algorithm.name, known.compute(data)
     return algorithm.name, hashlib.new(algorithm.name, data).digest()
 
 

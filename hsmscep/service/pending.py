@@ -16,7 +16,7 @@ from typing import Literal
 
 from hsmscep.errors import DuplicateSerial, DuplicateTransaction, StoreError
 from hsmscep.hsm.pool import SigningPool
-from hsmscep.policy.csr import load_csr
+from hsmscep.policy.csr import read_csr
 from hsmscep.policy.issuance import IssuancePolicy, check_csr, describe_sans
 from hsmscep.policy.profiles import Profile, Profiles
 from hsmscep.policy.template import apply_template
@@ -132,8 +132,9 @@ class PendingApprovals:
             envelope = decode_envelope(request.content)
             _, oaep = decrypt_key(envelope, keys)  # the poll must be encrypted to us too
             # The challenge was checked when the request arrived; it may have changed since.
+            csr, parts = read_csr(stored.csr_der)
             cert_request = apply_template(
-                check_csr(load_csr(stored.csr_der), self._unchallenged), profile.template
+                check_csr(csr, self._unchallenged, parts), profile.template
             )
             response, record = self.replies.issue(
                 request,
