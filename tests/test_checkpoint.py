@@ -46,6 +46,7 @@ def test_checkpointer_copies_the_wal_into_the_file(tmp_path: Path) -> None:
 def test_checkpointer_stops_and_survives_a_missing_directory(tmp_path: Path) -> None:
     checkpointer = WalCheckpointer(str(tmp_path / "gone" / "x.db"), interval=0.01)
     time.sleep(0.1)  # a few failed attempts: logged, never raised out of the thread
+    assert checkpointer._thread.is_alive()  # survived them
     checkpointer.close()
     assert not checkpointer._thread.is_alive()
 
