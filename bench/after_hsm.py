@@ -2,7 +2,7 @@
 
 The part of an enrollment outside the HSM calls costs about twice in the server what a hot
 loop of the same code costs (bench/PROFILE.md). This isolates one cause on one thread: the
-pkiMessage decode (with its RSA verify) timed in thread CPU
+pkiMessage decode (with its RSA verify), timed in thread CPU:
 - hot: decodes back to back, no private-key call between them;
 - after a sign: each decode follows one C_Sign on the token, as each stage of a signing job
   follows a private-key call;
