@@ -22,11 +22,9 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from pkcs11 import KeyType, Mechanism
@@ -34,29 +32,15 @@ from pkcs11 import KeyType, Mechanism
 from hsmscep.hsm import devtoken
 from hsmscep.hsm.library import close_library, open_library
 from hsmscep.protocol.message import decode_pki_message
-from hsmscep.testing.requests import build_pkcs_req
+from hsmscep.testing.requests import build_pkcs_req, self_signed_signer
 
 DISTINCT_REQUESTS = 50  # decoded in turn, so no answer is served from a cache
 
 
-def _ca_certificate() -> x509.Certificate:
-    key = rsa.generate_private_key(65537, 2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "after-hsm bench CA")])
-    now = datetime.now(UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-
-
 def _requests() -> list[bytes]:
-    ca = _ca_certificate()
+    # Any certificate will do to encrypt to: the decode under test never opens the envelope.
+    ca_key = rsa.generate_private_key(65537, 2048)
+    ca = self_signed_signer(ca_key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")]))
     key = rsa.generate_private_key(65537, 2048)
     return [
         build_pkcs_req(
